@@ -1,0 +1,26 @@
+# One-command set-up on a fresh machine: `make demo` and `make test` build .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch is pinned: an unpinned torch pulls a multi-GB build.
+TORCH := torch==2.14.1 torchvision==0.29.1
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: test demo lint clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check nir_loss tests examples
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check nir_loss tests examples
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,25 @@
+"""Non-isotropy Regularization (NIR) for proxy-based deep metric learning, on PML and normflows."""
+
+from .distributed import DistributedLossWrapper
+from .flow import ContextAffineCoupling, ProxyConditionedFlow, soft_clamp, standard_normal_log_prob
+from .losses import NIRRegularizer, ProxyAnchorNIRLoss
+from .nir import OBJECTIVES, NIRTerm, miner_weights, weighted_element_losses
+from .proxies import get_proxies, proxy_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ContextAffineCoupling",
+    "DistributedLossWrapper",
+    "NIRRegularizer",
+    "NIRTerm",
+    "OBJECTIVES",
+    "ProxyAnchorNIRLoss",
+    "ProxyConditionedFlow",
+    "get_proxies",
+    "miner_weights",
+    "proxy_parameters",
+    "soft_clamp",
+    "standard_normal_log_prob",
+    "weighted_element_losses",
+]

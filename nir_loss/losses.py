@@ -1,0 +1,247 @@
+"""pytorch-metric-learning adapters: NIRRegularizer and ProxyAnchorNIRLoss."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction, ProxyAnchorLoss
+from pytorch_metric_learning.utils import common_functions as c_f
+from torch import Tensor, nn
+
+from .flow import ProxyConditionedFlow
+from .nir import NIRTerm, miner_weights, weighted_element_losses
+from .proxies import get_proxies
+from .validation import check_embeddings, check_labels, values_checked
+
+__all__ = ["NIRRegularizer", "ProxyAnchorNIRLoss", "DEFAULT_NIR_WEIGHT", "DEFAULT_OBJECTIVE",
+           "DEFAULT_PROXY_LR_MULT", "DEFAULT_FLOW_LR_MULT"]
+
+# Defaults and the measurements behind them: docs/choosing.md.
+DEFAULT_OBJECTIVE = "nll"
+DEFAULT_NIR_WEIGHT = 0.01
+DEFAULT_PROXY_LR_MULT = 100.0
+DEFAULT_FLOW_LR_MULT = 10.0
+
+
+class _NIRMixin:
+    """What both adapters share; the host supplies ``_class_proxies()`` and PML's machinery.
+
+    (Not named ``*RegularizerMixin``: PML treats such mixins as tensor-only regularizers.)
+    """
+
+    nir: NIRTerm
+
+    def _init_nir(self, embedding_size: int, weight: float, objective: str, detach_proxies: bool,
+                  validate: bool, flow: ProxyConditionedFlow | None, flow_options: Mapping[str, Any]) -> None:
+        self.nir = NIRTerm(embedding_size, objective, detach_proxies, flow, **flow_options)
+        self.nir_weight = float(weight)
+        self.validate = validate
+        self.add_to_recordable_attributes(list_of_names=["nir_weight"], is_stat=False)
+
+    def _class_proxies(self) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def flow(self) -> ProxyConditionedFlow:
+        """The proxy-conditioned normalizing flow."""
+        return self.nir.flow
+
+    def _checked_proxies(self, embeddings: Tensor, labels: Tensor | None, need_labels: bool = True) -> Tensor:
+        proxies = self._class_proxies()
+        check_values = values_checked(self.validate)
+        check_embeddings(embeddings, self.nir.embedding_size, check_values)
+        if need_labels:
+            check_labels(labels, embeddings.shape[0], proxies.shape[0], check_values)
+        return proxies
+
+    def _nir_loss_entry(self, embeddings: Tensor, labels: Tensor, indices_tuple) -> dict:
+        if self.nir_weight == 0 or embeddings.shape[0] == 0:
+            return {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
+        per_sample = self.nir.per_sample_loss(embeddings, self._class_proxies(), labels)
+        weights = miner_weights(indices_tuple, embeddings.shape[0], per_sample.dtype, embeddings.device)
+        return {
+            "losses": self.nir_weight * weighted_element_losses(per_sample, weights),
+            "indices": c_f.torch_arange_from_size(embeddings),
+            "reduction_type": "element",
+            "divisor": embeddings.shape[0],  # for DivisorReducer: the plain mean
+        }
+
+    def log_likelihood(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """log p(x_i | proxy of y_i), shape (B,), float32 (float64 for float64 input).
+
+        Example:
+            >>> loss_fn = ProxyAnchorNIRLoss(num_classes=3, embedding_size=4)
+            >>> loss_fn.log_likelihood(torch.randn(2, 4), torch.tensor([0, 2])).shape
+            torch.Size([2])
+        """
+        proxies = self._checked_proxies(embeddings, labels)
+        return self.nir.log_likelihood(embeddings, proxies, labels.to(embeddings.device))
+
+    def log_likelihood_matrix(self, embeddings: Tensor, chunk_size: int | None = None) -> Tensor:
+        """log p(x_i | proxy_c) for all samples and classes, shape (B, C), in chunked passes.
+
+        ``chunk_size`` samples per pass, each pass evaluating chunk_size x C pairs.
+
+        Example:
+            >>> loss_fn = ProxyAnchorNIRLoss(num_classes=3, embedding_size=4)
+            >>> loss_fn.log_likelihood_matrix(torch.randn(2, 4)).shape
+            torch.Size([2, 3])
+        """
+        proxies = self._checked_proxies(embeddings, None, need_labels=False)
+        return self.nir.log_likelihood_matrix(embeddings, proxies, chunk_size)
+
+    def sample(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draws one embedding from p(x | proxy_y) per label, shape (len(labels), D).
+
+        Example:
+            >>> loss_fn = ProxyAnchorNIRLoss(num_classes=3, embedding_size=4)
+            >>> loss_fn.sample(torch.tensor([0, 0, 1])).shape
+            torch.Size([3, 4])
+        """
+        proxies = self._class_proxies()
+        check_labels(labels, labels.shape[0] if isinstance(labels, Tensor) else -1, proxies.shape[0],
+                     values_checked(self.validate))
+        return self.nir.sample(proxies, labels.to(proxies.device), generator)
+
+    def param_groups(self, lr: float, proxy_lr_mult: float = DEFAULT_PROXY_LR_MULT,
+                     flow_lr_mult: float = DEFAULT_FLOW_LR_MULT) -> list[dict]:
+        """Optimizer groups for the loss's own parameters: proxies at lr x proxy_lr_mult, flow at
+        lr x flow_lr_mult. Add your model's group(s) beside them.
+
+        Example:
+            >>> loss_fn = ProxyAnchorNIRLoss(num_classes=3, embedding_size=4)
+            >>> model = torch.nn.Linear(8, 4)
+            >>> opt = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-4},
+            ...                         *loss_fn.param_groups(1e-4)])
+            >>> [g["lr"] for g in opt.param_groups]
+            [0.0001, 0.01, 0.001]
+        """
+        flow_ids = {id(p) for p in self.nir.parameters()}
+        own = [p for p in self.parameters() if id(p) not in flow_ids]  # type: ignore[attr-defined]
+        groups = [{"params": own, "lr": lr * proxy_lr_mult, "name": "proxies"},
+                  {"params": list(self.nir.parameters()), "lr": lr * flow_lr_mult, "name": "flow"}]
+        return [g for g in groups if g["params"]]
+
+
+class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
+    """Adds Non-isotropy Regularization to any proxy-based PML loss.
+
+    A drop-in replacement for the wrapped loss: ``loss_fn(embeddings, labels, indices_tuple,
+    ref_emb, ref_labels)`` returns ``loss(...) + weight * reduce(NIR term)``. The wrapped loss
+    runs unchanged (its own reducer, miners, regularizers); its value is the ``proxy_loss``
+    sub-loss. The NIR term is the ``nir_loss`` sub-loss: per-sample NLL (``objective="nll"``)
+    or exp(NLL) (``"exp_nll"``), weighted by the miner's per-sample weights if ``indices_tuple``
+    is given, reduced by this module's reducer (default ``MeanReducer``). ``parameters()``
+    include the wrapped loss's and the flow's.
+
+    Args:
+        loss: A PML loss with class proxies (see ``get_proxies``).
+        weight: Weight of the NIR term.
+        objective: ``"nll"`` (paper) or ``"exp_nll"`` (reference code).
+        flow: A ``ProxyConditionedFlow``; else one is built from ``flow_options``.
+        detach_proxies: Keep the NIR gradient away from the proxies.
+        validate: Check label range and finiteness (a host sync on CUDA; off under torch.compile).
+        reducer: PML reducer for the NIR term.
+        collect_stats: PML's collect_stats.
+        **flow_options: ``ProxyConditionedFlow`` options (num_blocks, hidden_features, ...).
+
+    Example:
+        >>> from pytorch_metric_learning.losses import ProxyNCALoss
+        >>> loss_fn = NIRRegularizer(ProxyNCALoss(num_classes=5, embedding_size=8), weight=0.01)
+        >>> emb = torch.nn.functional.normalize(torch.randn(6, 8, requires_grad=True), dim=1)
+        >>> loss = loss_fn(emb, torch.tensor([0, 0, 1, 1, 2, 4]))
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        loss: nn.Module,
+        weight: float = DEFAULT_NIR_WEIGHT,
+        objective: str = DEFAULT_OBJECTIVE,
+        flow: ProxyConditionedFlow | None = None,
+        *,
+        detach_proxies: bool = False,
+        validate: bool = True,
+        reducer=None,
+        collect_stats: bool | None = None,
+        **flow_options,
+    ) -> None:
+        proxies = get_proxies(loss)
+        super().__init__(reducer=reducer, collect_stats=collect_stats)
+        self.loss = loss
+        self._init_nir(proxies.shape[-1], weight, objective, detach_proxies, validate, flow, flow_options)
+
+    def _class_proxies(self) -> Tensor:
+        return get_proxies(self.loss)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        self._checked_proxies(embeddings, labels)
+        if embeddings.shape[0] == 0:
+            return self.zero_losses()
+        proxy_loss = self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return {
+            "proxy_loss": {"losses": proxy_loss, "indices": None, "reduction_type": "already_reduced"},
+            "nir_loss": self._nir_loss_entry(embeddings, labels, indices_tuple),
+        }
+
+    def _sub_loss_names(self):
+        return ["proxy_loss", "nir_loss"]
+
+
+class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
+    """PML's ProxyAnchorLoss with the NIR term built in (``isinstance(.., ProxyAnchorLoss)``).
+
+    Sub-losses ``pos_loss``, ``neg_loss`` (ProxyAnchor's, unchanged) and ``nir_loss`` (the NIR
+    term, weighted by ``nir_weight``); all reduced by ProxyAnchor's default ``DivisorReducer``.
+    With ``nir_weight=0`` the value and gradients are exactly ProxyAnchorLoss's.
+
+    Args:
+        num_classes: Number of classes C.
+        embedding_size: Embedding width D.
+        margin: ProxyAnchor margin.
+        alpha: ProxyAnchor scale.
+        nir_weight: Weight of the NIR term.
+        objective: ``"nll"`` (paper) or ``"exp_nll"`` (reference code).
+        flow: A ``ProxyConditionedFlow``; else one is built from ``flow_options``.
+        flow_options: ``ProxyConditionedFlow`` options.
+        detach_proxies: Keep the NIR gradient away from the proxies.
+        validate: Check label range and finiteness (a host sync on CUDA; off under torch.compile).
+        **kwargs: ProxyAnchorLoss / BaseMetricLossFunction options (reducer, distance, ...).
+
+    Example:
+        >>> loss_fn = ProxyAnchorNIRLoss(num_classes=5, embedding_size=8)
+        >>> emb = torch.nn.functional.normalize(torch.randn(6, 8, requires_grad=True), dim=1)
+        >>> loss_fn(emb, torch.tensor([0, 0, 1, 1, 2, 4])).backward()
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: float = 0.1,
+        alpha: float = 32,
+        nir_weight: float = DEFAULT_NIR_WEIGHT,
+        objective: str = DEFAULT_OBJECTIVE,
+        flow: ProxyConditionedFlow | None = None,
+        *,
+        flow_options: Mapping[str, Any] | None = None,
+        detach_proxies: bool = False,
+        validate: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(num_classes, embedding_size, margin=margin, alpha=alpha, **kwargs)
+        self._init_nir(embedding_size, nir_weight, objective, detach_proxies, validate, flow, flow_options or {})
+
+    def _class_proxies(self) -> Tensor:
+        return self.proxies
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        self._checked_proxies(embeddings, labels)
+        loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        loss_dict["nir_loss"] = self._nir_loss_entry(embeddings, labels, indices_tuple)
+        return loss_dict
+
+    def _sub_loss_names(self):
+        return super()._sub_loss_names() + ["nir_loss"]

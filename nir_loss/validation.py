@@ -1,0 +1,83 @@
+"""Input checks that turn bad input into errors naming the fix."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_embeddings", "check_labels", "values_checked"]
+
+
+def values_checked(validate: bool) -> bool:
+    """Whether value checks (which cost a host sync on CUDA) run: on unless switched off or traced."""
+    return validate and not torch.compiler.is_compiling()
+
+
+def check_embeddings(embeddings: Tensor, embedding_size: int, check_values: bool = True) -> None:
+    """Raises ValueError, naming the fix, for embeddings NIR cannot use.
+
+    With ``check_values`` it also rejects NaN/inf, which costs a host sync on CUDA.
+
+    Example:
+        >>> check_embeddings(torch.zeros(2, 4), embedding_size=4)
+        >>> check_embeddings(torch.zeros(2, 3), embedding_size=4)
+        Traceback (most recent call last):
+        ...
+        ValueError: embeddings have width 3 but the loss was built with embedding_size=4: ...
+    """
+    if not isinstance(embeddings, Tensor):
+        raise ValueError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}.")
+    if embeddings.dim() != 2:
+        raise ValueError(
+            f"embeddings must be 2-D (batch, {embedding_size}); got shape {tuple(embeddings.shape)}. "
+            "Flatten per-sample features first, e.g. embeddings.flatten(1)."
+        )
+    if embeddings.shape[1] != embedding_size:
+        raise ValueError(
+            f"embeddings have width {embeddings.shape[1]} but the loss was built with "
+            f"embedding_size={embedding_size}: make the embedding head output {embedding_size} "
+            f"features, or build the loss with embedding_size={embeddings.shape[1]}."
+        )
+    if not embeddings.is_floating_point():
+        raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}: use embeddings.float().")
+    if check_values and embeddings.numel() and not bool(torch.isfinite(embeddings).all()):
+        raise ValueError(
+            "embeddings contain NaN or inf: check the model's output (learning rate, fp16 "
+            "overflow, a division by a zero norm) before the loss."
+        )
+
+
+def check_labels(labels: Tensor | None, batch_size: int, num_classes: int, check_values: bool = True) -> None:
+    """Raises ValueError, naming the fix, for labels that are not 1-D int64 in [0, num_classes).
+
+    With ``check_values`` it also checks the range, which costs a host sync on CUDA (and
+    prevents a device-side assert later).
+
+    Example:
+        >>> check_labels(torch.tensor([0, 3]), batch_size=2, num_classes=3)
+        Traceback (most recent call last):
+        ...
+        ValueError: labels must lie in [0, 3) (one label per class proxy); got values in [0, 3]. ...
+    """
+    if labels is None:
+        raise ValueError("NIR needs labels: call loss(embeddings, labels) with labels of shape (batch,), int64.")
+    if not isinstance(labels, Tensor):
+        raise ValueError(
+            f"labels must be a torch.Tensor of int64, got {type(labels).__name__}: use torch.as_tensor(labels)."
+        )
+    if labels.dim() != 1 or labels.shape[0] != batch_size:
+        raise ValueError(
+            f"labels must be 1-D with one label per embedding, shape ({batch_size},); "
+            f"got shape {tuple(labels.shape)}. Use labels.view(-1)."
+        )
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 class indices, got {labels.dtype}: use labels.long().")
+    if not check_values or labels.numel() == 0:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) (one label per class proxy); got values in "
+            f"[{low}, {high}]. Map your class ids to 0..C-1 first, or build the loss with "
+            f"num_classes={max(high + 1, num_classes)}."
+        )
