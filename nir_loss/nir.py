@@ -70,13 +70,21 @@ class NIRTerm(nn.Module):
         self.flow = flow
 
     # -- context ------------------------------------------------------------------------
+    def _match_flow(self, x: Tensor) -> torch.dtype:
+        """Moves the flow to the input's device and compute dtype, as PML does with its proxies."""
+        dtype = _compute_dtype(x)
+        p = next(self.flow.parameters(), None)
+        if p is not None and (p.dtype != dtype or p.device != x.device):
+            self.flow.to(device=x.device, dtype=dtype)
+        return dtype
+
     def _proxies(self, proxies: Tensor, dtype: torch.dtype) -> Tensor:
         proxies = proxies.detach() if self.detach_proxies else proxies
         return F.normalize(proxies.to(dtype), dim=-1)
 
     def context(self, embeddings: Tensor, proxies: Tensor, labels: Tensor) -> Tensor:
         """The normalized proxy each sample is conditioned on, (B, D)."""
-        dtype = _compute_dtype(embeddings)
+        dtype = self._match_flow(embeddings)
         rows = self._proxies(proxies.index_select(0, labels), dtype)
         if rows.dim() == 3:  # (B, K, D): the centre of its class nearest to each sample
             sims = torch.einsum("bkd,bd->bk", rows, embeddings.to(dtype))
@@ -101,7 +109,7 @@ class NIRTerm(nn.Module):
         pass). Every pass has the same shape (the last is padded), so compiled or CUDA-graph
         code sees one shape; per-class work (normalization, context projections) runs once.
         """
-        dtype = _compute_dtype(embeddings)
+        dtype = self._match_flow(embeddings)
         x = embeddings.to(dtype)
         num_classes, batch = proxies.shape[0], x.shape[0]
         multi_centre = proxies.dim() == 3
@@ -142,7 +150,7 @@ class NIRTerm(nn.Module):
 
         With K centres per class each draw picks one of its class's centres uniformly.
         """
-        dtype = torch.float64 if proxies.dtype == torch.float64 else torch.float32
+        dtype = self._match_flow(proxies)
         rows = self._proxies(proxies.index_select(0, labels), dtype)
         if rows.dim() == 3:
             k = torch.randint(rows.shape[1], (rows.shape[0],), generator=generator, device="cpu")

