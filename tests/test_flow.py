@@ -42,7 +42,7 @@ def test_log_det_matches_autograd_jacobian(coupling, d):
     c = F.normalize(torch.randn(4, d, dtype=torch.float64), dim=1)
     _, log_det = flow.inverse_and_log_det(x, c)
     for i in range(4):
-        jac = torch.autograd.functional.jacobian(lambda v: flow.inverse(v[None], c[i : i + 1])[0], x[i])
+        jac = torch.autograd.functional.jacobian(lambda v, i=i: flow.inverse(v[None], c[i : i + 1])[0], x[i])
         expected = torch.linalg.slogdet(jac)[1]
         assert abs(float(log_det[i].detach() - expected)) < 1e-10
 

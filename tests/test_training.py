@@ -36,7 +36,8 @@ def test_short_training_on_digits():
     torch.manual_seed(0)
     x_tr, y_tr, x_te, y_te = digits_split()
     model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
-    loss_fn = ProxyAnchorNIRLoss(5, 32, nir_weight=0.01, flow_options=dict(num_blocks=2, num_layers=4, hidden_features=64))
+    flow_options = dict(num_blocks=2, num_layers=4, hidden_features=64)
+    loss_fn = ProxyAnchorNIRLoss(5, 32, nir_weight=0.01, flow_options=flow_options)
     opt = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *loss_fn.param_groups(1e-3)])
     untrained = recall_at_1(model, x_te, y_te)
     nll = []
