@@ -16,11 +16,11 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check nir_loss tests examples
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check nir_loss tests examples
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
