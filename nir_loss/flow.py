@@ -276,6 +276,7 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
                 x = x[:, layer.inv_perm] if density else x[:, layer.perm]
                 continue
             else:
+                assert enc is not None  # encode_context gives every spline layer its context
                 ctx = _gather_rows(enc, context_index).to(dtype)
                 x, ld = (layer.inverse if density else layer.forward)(x, context=ctx)
             log_det = log_det + ld.to(dtype)

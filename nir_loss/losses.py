@@ -32,6 +32,7 @@ class _NIRMixin:
     """
 
     nir: NIRTerm
+    add_to_recordable_attributes: Any  # from PML's ModuleWithRecords
 
     def _init_nir(self, embedding_size: int, weight: float, objective: str, detach_proxies: bool,
                   validate: bool, flow: ProxyConditionedFlow | None, flow_options: Mapping[str, Any]) -> None:
