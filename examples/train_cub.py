@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=40)
     g.add_argument("--batch-size", type=int, default=90)
-    g.add_argument("--m", type=int, default=2, help="samples per class per batch (divides batch size)")
+    # Not "--m": torchrun's parser rejects it as an ambiguous prefix of its own options.
+    g.add_argument("--samples-per-class", dest="m", type=int, default=2,
+                   help="m: samples per class per batch (divides batch size)")
     g.add_argument("--lr", type=float, default=1e-4, help="backbone and head learning rate")
     g.add_argument("--proxy-lr-mult", type=float, default=100.0)
     g.add_argument("--flow-lr-mult", type=float, default=10.0)

@@ -41,3 +41,10 @@ def make_mini_cub(root: Path, num_classes: int = 4, per_class: int = 6, size: in
                          ("train_test_split.txt", split)):
         (cub / fname).write_text("\n".join(lines) + "\n")
     return cub
+
+
+def import_example(name: str):
+    """Imports a module of examples/ (train_cub, demo, dml.*); examples/ is not an installed package."""
+    import importlib
+
+    return importlib.import_module(name)

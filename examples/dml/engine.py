@@ -279,6 +279,8 @@ def fit(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module, train_set: Datas
                 record["eval_s"] = time.time() - t1
             if dist.world_size > 1:
                 torch.distributed.barrier()
+        if dist.world_size > 1:
+            record["loss_param_spread"] = _sync_loss_params(loss_fn, dist)
         history.append(record)
         if dist.is_main:
             r1 = record.get("recall_at_1")
@@ -293,6 +295,8 @@ def fit(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module, train_set: Datas
             msg = f"[{cfg.run_name}] epoch {epoch}/{cfg.epochs} loss {stats['loss']:.4f}"
             msg += f" nll {stats['nll']:.2f}" if stats["nll"] is not None else ""
             msg += f" R@1 {100 * r1:.2f}" if r1 is not None else ""
+            if "loss_param_spread" in record:
+                msg += f" (loss params across ranks: max diff {record['loss_param_spread']:.1e}, re-synced)"
             log(msg)
     final = next((r for r in reversed(history) if "recall_at_1" in r), {})
     if dist.is_main and history:
@@ -301,6 +305,27 @@ def fit(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module, train_set: Datas
             report.plot_history({cfg.run_name: history}, out / "curves.png")
             _plot_projection(cfg, model, loss_fn, train_set, train_labels, test_loader, dist, out / "projection.png")
     return {"history": history, "best": best, "final": final, "epochs_run": epochs_run}
+
+
+def _sync_loss_params(loss_fn: nn.Module, dist: DistInfo) -> float:
+    """Proxies and flow live outside DDP; each rank applies the same update, up to float summation
+    order over the gathered batch. Measures the spread across ranks, then broadcasts rank 0's
+    values so rounding differences cannot accumulate over a long run.
+
+    Raises:
+        RuntimeError: The ranks disagree by more than rounding (a real desynchronization).
+    """
+    params = [p for p in loss_fn.parameters()]
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for p in params])
+        gathered = [torch.empty_like(flat) for _ in range(dist.world_size)]
+        torch.distributed.all_gather(gathered, flat)
+        spread = max(float((g - flat).abs().max()) for g in gathered)
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+    if spread > 1e-3:
+        raise RuntimeError(f"loss parameters differ across ranks by {spread:.3g}: proxies/flow out of sync")
+    return spread
 
 
 def _plot_projection(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module, train_set: Dataset,
