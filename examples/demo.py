@@ -27,7 +27,7 @@ from dml.models import small_cnn_1d, small_cnn_2d  # noqa: E402
 
 # Per-dataset settings: batch = (batch_size / m) classes x m samples.
 DATASETS = {
-    "digits": dict(epochs=8, batch_size=60, m=12, dim=32, lr=1e-3, samples_per_epoch=0),
+    "digits": dict(epochs=10, batch_size=60, m=12, dim=64, lr=1e-3, samples_per_epoch=0),
     "pigcvp": dict(epochs=30, batch_size=48, m=3, dim=64, lr=1e-3, samples_per_epoch=624),
 }
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", choices=sorted(DATASETS))
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; the table shows means")
-    p.add_argument("--epochs", type=int, help="default: per dataset (digits 8, pigcvp 30)")
+    p.add_argument("--epochs", type=int, help="default: per dataset (digits 10, pigcvp 30)")
     p.add_argument("--nir-weight", type=float, default=0.01)
     p.add_argument("--nir-objective", default="nll", choices=["nll", "exp_nll"])
     p.add_argument("--proxy-lr-mult", type=float, default=100.0)

@@ -87,7 +87,7 @@ def plot_projection(train_emb: torch.Tensor, train_labels: torch.Tensor, proxies
     """PCA (2-D) of embeddings: train classes around their proxies, held-out classes around their means.
 
     Held-out classes have no proxies (they are unseen in training), so the right panel marks
-    their class means. One PCA basis, fitted on the plotted train embeddings and proxies.
+    their class means. Each panel has its own PCA basis.
     """
     plt = _plt()
     proxies = proxies.detach().float().cpu()
@@ -96,27 +96,30 @@ def plot_projection(train_emb: torch.Tensor, train_labels: torch.Tensor, proxies
     tr_classes = np.unique(train_labels.numpy())[:max_classes]
     te_classes = np.unique(test_labels.numpy())[:max_classes]
     tr_mask = np.isin(train_labels.numpy(), tr_classes)
-    fit = torch.cat([train_emb[tr_mask], proxies[tr_classes]]).float()
-    mean = fit.mean(0, keepdim=True)
-    _, _, v = torch.linalg.svd(fit - mean, full_matrices=False)
-    basis = v[:2].T
 
-    def proj(x: torch.Tensor) -> np.ndarray:
-        return ((x.float() - mean) @ basis).numpy()
+    def pca(fit: torch.Tensor):
+        """A 2-D PCA projection fitted on ``fit``."""
+        mean = fit.float().mean(0, keepdim=True)
+        basis = torch.linalg.svd(fit.float() - mean, full_matrices=False)[2][:2].T
+        return lambda x: ((x.float() - mean) @ basis).numpy()
+
+    # One basis per panel: held-out classes occupy other directions than the train classes.
+    proj_train = pca(torch.cat([train_emb[tr_mask], proxies[tr_classes]]))
+    proj_test = pca(test_emb[np.isin(test_labels.numpy(), te_classes)])
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     cmap = plt.get_cmap("tab10")
     for i, c in enumerate(tr_classes):
-        p = proj(train_emb[train_labels == int(c)])
+        p = proj_train(train_emb[train_labels == int(c)])
         axes[0].scatter(p[:, 0], p[:, 1], s=8, color=cmap(i % 10), alpha=0.5)
-        q = proj(proxies[int(c)][None])
+        q = proj_train(proxies[int(c)][None])
         axes[0].scatter(q[:, 0], q[:, 1], s=180, marker="*", color=cmap(i % 10), edgecolor="k")
     axes[0].set_title("train classes and their proxies (stars)")
     for i, c in enumerate(te_classes):
         e = test_emb[test_labels == int(c)]
-        p = proj(e)
+        p = proj_test(e)
         axes[1].scatter(p[:, 0], p[:, 1], s=8, color=cmap(i % 10), alpha=0.5)
-        q = proj(torch.nn.functional.normalize(e.mean(0, keepdim=True), dim=1))
+        q = proj_test(torch.nn.functional.normalize(e.mean(0, keepdim=True), dim=1))
         axes[1].scatter(q[:, 0], q[:, 1], s=120, marker="X", color=cmap(i % 10), edgecolor="k")
     axes[1].set_title("held-out classes and their means (X)")
     if title:
