@@ -53,6 +53,14 @@ def test_train_evaluate_checkpoint_resume(cub, tmp_path):
     assert torch.equal(after["trunk.0.weight"], init["trunk.0.weight"])
     assert not torch.equal(after["head.weight"], init["head.weight"])
 
+    # A continuous run leaves warmup: the trunk trains in epoch 2.
+    cont = train_cub.main(["--data", str(cub), "--out", str(tmp_path / "cont"), "--warmup-epochs", "1", *FAST,
+                           "--epochs", "2", "--no-plots", "--max-steps", "1"])
+    assert [r["warmup"] for r in cont["history"]] == [True, False]
+    moved = torch.load(tmp_path / "cont" / "last.pt", weights_only=False)["model"]
+    assert not torch.equal(moved["trunk.0.weight"], init["trunk.0.weight"])
+    assert torch.equal(moved["trunk.1.running_mean"], init["trunk.1.running_mean"])  # frozen BatchNorm
+
     second = train_cub.main([*args, "--epochs", "2", "--resume", str(out / "last.pt")])
     assert second["epochs_run"] == 1
     assert [r["epoch"] for r in second["history"]] == [1, 2]

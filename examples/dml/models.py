@@ -46,8 +46,17 @@ class EmbeddingNet(nn.Module):
         return self
 
     def trunk_parameters(self) -> list[nn.Parameter]:
-        """Trainable trunk parameters (frozen BatchNorm excluded)."""
-        return [p for p in self.trunk.parameters() if p.requires_grad or not self.freeze_bn]
+        """Trunk parameters that train after warmup (frozen BatchNorm excluded).
+
+        Decided by module type, not by requires_grad, so it stays right while warmup has the
+        trunk frozen.
+        """
+        params = []
+        for m in self.trunk.modules():
+            if self.freeze_bn and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                continue
+            params += list(m.parameters(recurse=False))
+        return params
 
     def set_trunk_trainable(self, trainable: bool) -> None:
         """Freezes or unfreezes the trunk (warmup); frozen BatchNorm stays frozen."""
