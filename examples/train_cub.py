@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the dml package besi
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from dml import report  # noqa: E402
-from dml.data import IMAGENET_NORM, LITE_NORM, ImageDataset, image_transforms, read_cub  # noqa: E402
+from dml.data import IMAGENET_NORM, LITE_NORM, ImageDataset, LayoutError, image_transforms, read_cub  # noqa: E402
 from dml.engine import TrainConfig, cleanup_distributed, fit, seed_everything, setup_distributed  # noqa: E402
 from dml.losses import LOSSES, build_loss  # noqa: E402
 from dml.models import efficientnet_lite0_embedder, resnet_embedder  # noqa: E402
@@ -147,4 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LayoutError as e:  # a data problem, not a bug: the message says what is wrong, no traceback
+        sys.exit(f"error: {e}")
