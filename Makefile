@@ -19,6 +19,10 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+# ProxyAnchor vs ProxyAnchor+NIR on held-out classes of sklearn's digits (offline, a minute or two on 2 CPU cores).
+demo: $(STAMP)
+	$(PY) examples/demo.py --dataset digits --seeds 0,1,2 --out runs/demo
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 

