@@ -2,13 +2,24 @@
 
 from .distributed import DistributedLossWrapper
 from .flow import ContextAffineCoupling, ProxyConditionedFlow, soft_clamp, standard_normal_log_prob
-from .losses import NIRRegularizer, ProxyAnchorNIRLoss
+from .losses import (
+    DEFAULT_FLOW_LR_MULT,
+    DEFAULT_NIR_WEIGHT,
+    DEFAULT_OBJECTIVE,
+    DEFAULT_PROXY_LR_MULT,
+    NIRRegularizer,
+    ProxyAnchorNIRLoss,
+)
 from .nir import OBJECTIVES, NIRTerm, miner_weights, weighted_element_losses
 from .proxies import get_proxies, proxy_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_FLOW_LR_MULT",
+    "DEFAULT_NIR_WEIGHT",
+    "DEFAULT_OBJECTIVE",
+    "DEFAULT_PROXY_LR_MULT",
     "ContextAffineCoupling",
     "DistributedLossWrapper",
     "NIRRegularizer",

@@ -44,6 +44,15 @@ class _NIRMixin:
     def _class_proxies(self) -> Tensor:
         raise NotImplementedError
 
+    def get_proxies(self) -> Tensor:
+        """The class proxies the NIR term conditions on: (C, D), or (C, K, D) for K centres per class.
+
+        Example:
+            >>> ProxyAnchorNIRLoss(num_classes=3, embedding_size=4).get_proxies().shape
+            torch.Size([3, 4])
+        """
+        return self._class_proxies()
+
     @property
     def flow(self) -> ProxyConditionedFlow:
         """The proxy-conditioned normalizing flow."""

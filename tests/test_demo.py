@@ -6,7 +6,8 @@ import importlib.util
 import math
 
 import pytest
-from trainer_helpers import import_example
+
+from .trainer_helpers import import_example
 
 demo = import_example("demo")
 

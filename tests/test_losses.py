@@ -50,6 +50,7 @@ def test_each_supported_loss_wrapped(name):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert all(p.grad is not None for p in loss_fn.flow.parameters())
     assert sum(float(p.grad.abs().sum()) for p in loss_fn.flow.parameters()) > 0
+    assert get_proxies(loss_fn) is not None and get_proxies(loss_fn).shape == proxies.shape
     ids = {id(p) for p in loss_fn.parameters()}
     assert {id(p) for p in base.parameters()} <= ids and {id(p) for p in loss_fn.flow.parameters()} <= ids
 

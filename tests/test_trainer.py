@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from trainer_helpers import import_example, make_mini_cub
+
+from .trainer_helpers import import_example, make_mini_cub
 
 train_cub = import_example("train_cub")
 data = import_example("dml.data")

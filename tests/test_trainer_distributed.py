@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from trainer_helpers import EXAMPLES, ROOT, make_mini_cub
+from .trainer_helpers import EXAMPLES, ROOT, make_mini_cub
 
 
 def test_torchrun_two_processes(tmp_path):
