@@ -147,14 +147,14 @@ def check_proxy_loss(
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if _is_nir_loss(loss):
         nir_loss = copy.deepcopy(loss).cpu().float()
+        plain = _without_nir(nir_loss)
+        _check_proxies(plain, name, num_classes, embedding_size)
     else:
+        plain = copy.deepcopy(loss).cpu().float()
+        _check_proxies(plain, name, num_classes, embedding_size)
         options = {"weight": 1.0, **_SMALL_FLOW, **(nir_options or {})}
-        nir_loss = _guarded(
-            f"NIRRegularizer({name}(...))", "see the message above; NIR needs class proxies.",
-            lambda: NIRRegularizer(copy.deepcopy(loss).cpu().float(), **options))
-    plain = _without_nir(nir_loss)
-
-    _check_proxies(plain, name, num_classes, embedding_size)
+        nir_loss = _guarded(f"NIRRegularizer({name}(...), **{options})", "check nir_options.",
+                            lambda: NIRRegularizer(copy.deepcopy(plain), **options))
     _check_own_term(plain, name, num_classes, embedding_size, batch_size, seed)
     _check_nir_gradients(nir_loss, name, num_classes, embedding_size, batch_size, seed)
     if miners:
@@ -162,7 +162,7 @@ def check_proxy_loss(
     _check_reducers(nir_loss, name, num_classes, embedding_size, batch_size, seed)
     for device in devices:
         for dtype in dtypes:
-            _check_dtype_device(nir_loss, name, num_classes, embedding_size, batch_size, seed, dtype,
+            _check_dtype_device(plain, nir_loss, name, num_classes, embedding_size, batch_size, seed, dtype,
                                 torch.device(device))
     _check_state_dict(nir_loss, name, num_classes, embedding_size, batch_size, seed)
 
@@ -258,20 +258,26 @@ def _check_reducers(nir_loss: nn.Module, name: str, num_classes: int, embedding_
         _scalar(value, what)
 
 
-def _check_dtype_device(nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int,
-                        seed: int, dtype: torch.dtype, device: torch.device) -> None:
+def _check_dtype_device(plain: nn.Module, nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int,
+                        batch_size: int, seed: int, dtype: torch.dtype, device: torch.device) -> None:
+    x, labels = _batch(num_classes, embedding_size, batch_size, dtype, device, seed)
+    where = f"on {device} in {dtype}"
+    fix = ("cast the proxies to the embeddings' dtype and device in compute_loss with a differentiable "
+           "proxies.to(embeddings) (no .float(), .data or hard-coded dtype), and compute in the embeddings' dtype.")
+    own = _guarded(f"{name} without NIR {where}", fix,
+                   lambda: copy.deepcopy(plain).to(device=device, dtype=dtype)(x, labels))
+    if not isinstance(own, Tensor) or own.dtype != dtype:
+        raise _fail(f"{name} without NIR returns {getattr(own, 'dtype', type(own).__name__)} for {dtype} embeddings.",
+                    fix)
     moved = _guarded(f"NIR-wrapped {name}.to({device}, {dtype})", "see the message above.",
                      lambda: copy.deepcopy(nir_loss).to(device=device, dtype=dtype))
     proxies = _proxies_of(moved)
     if proxies.device.type != device.type:
         raise _fail(f"after .to({device!s}) {name}'s proxies are on {proxies.device}.",
                     "register them as an nn.Parameter (or buffer) so Module.to() moves them.")
-    x, labels = _batch(num_classes, embedding_size, batch_size, dtype, device, seed)
-    what = f"NIR-wrapped {name} on {device} in {dtype}"
-    value = _scalar(_guarded(what, "cast the proxies to the embeddings' dtype and device in compute_loss "
-                                   "(proxies.to(embeddings)), as PML's proxy losses do.",
-                             lambda: moved(x, labels)), what)
-    _guarded(f"backward of {what}", "see the message above.", value.backward)
+    what = f"NIR-wrapped {name} {where}"
+    value = _scalar(_guarded(what, fix, lambda: moved(x, labels)), what)
+    _guarded(f"backward of {what}", fix, value.backward)
     if x.grad is None or x.grad.dtype != dtype or x.grad.device.type != device.type:
         raise _fail(f"{what}: the embeddings' gradient is missing or has the wrong dtype/device.",
                     "do not detach or move the embeddings inside the loss.")
