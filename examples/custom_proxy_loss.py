@@ -23,6 +23,7 @@ from nir_loss import NIRRegularizer
 from nir_loss.testing import check_flow, check_proxy_loss
 
 
+# --8<-- [start:loss]
 class CosineProxyLoss(BaseMetricLossFunction):
     """Cross-entropy over scaled cosine similarities between embeddings and class proxies.
 
@@ -48,6 +49,7 @@ class CosineProxyLoss(BaseMetricLossFunction):
         losses = losses * lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)
         return {"loss": {"losses": losses, "indices": c_f.torch_arange_from_size(embeddings),
                          "reduction_type": "element"}}
+# --8<-- [end:loss]
 
 
 def build_loss(num_classes: int, embedding_size: int, **flow_options) -> NIRRegularizer:
