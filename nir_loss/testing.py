@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import normflows as nf
 import torch
@@ -57,7 +58,7 @@ def _without_nir(nir_loss: nn.Module) -> nn.Module:
     """The loss's own term, without NIR, sharing nothing with ``nir_loss``."""
     if isinstance(nir_loss, NIRRegularizer):
         return copy.deepcopy(nir_loss.loss)
-    plain = copy.deepcopy(nir_loss)
+    plain: Any = copy.deepcopy(nir_loss)
     plain.nir_weight = 0.0
     return plain
 
@@ -218,7 +219,7 @@ def _check_nir_gradients(nir_loss: nn.Module, name: str, num_classes: int, embed
     if x.grad is None or not bool(x.grad.abs().sum() > 0):
         raise _fail(f"NIR-wrapped {name} gives no gradient to the embeddings.",
                     "compute the loss from the embeddings passed in, without detaching them.")
-    flow = nir_loss.nir.flow
+    flow: nn.Module = cast(NIRTerm, nir_loss.nir).flow
     missing = [n for n, p in flow.named_parameters() if p.requires_grad and p.grad is None]
     if missing:
         raise _fail(f"flow parameters get no gradient from the NIR term: {missing[:5]}.",
@@ -240,9 +241,9 @@ def _check_miners(nir_loss: nn.Module, name: str, num_classes: int, embedding_si
             f"NIR-wrapped {name}(embeddings, labels, indices_tuple) with {kind}",
             "accept indices_tuple in compute_loss (e.g. lmu.convert_to_weights(indices_tuple, labels, dtype)); if "
             "your loss rejects miners by design, call check_proxy_loss(..., miners=False).",
-            lambda mined=indices_tuple: nir_loss(x, labels, mined))
+            functools.partial(nir_loss, x, labels, indices_tuple))
         _scalar(value, f"NIR-wrapped {name} with {kind}")
-        _guarded(f"backward with {kind}", "see the message above.", lambda v=value: torch.autograd.grad(v, x))
+        _guarded(f"backward with {kind}", "see the message above.", functools.partial(torch.autograd.grad, value, x))
 
 
 def _check_reducers(nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int,
@@ -250,11 +251,12 @@ def _check_reducers(nir_loss: nn.Module, name: str, num_classes: int, embedding_
     x, labels = _batch(num_classes, embedding_size, batch_size, torch.float32, torch.device("cpu"), seed)
     for reducer in (pml_reducers.MeanReducer(), pml_reducers.SumReducer(), pml_reducers.AvgNonZeroReducer(),
                     pml_reducers.ThresholdReducer(low=0.0)):
-        with_reducer = copy.deepcopy(nir_loss)
+        with_reducer: Any = copy.deepcopy(nir_loss)
         with_reducer.set_reducer(reducer)
         what = f"NIR-wrapped {name} with reducer={type(reducer).__name__}()"
-        value = _guarded(what, "return sub-losses with a PML reduction_type (element, pos_pair, neg_pair, triplet "
-                               "or already_reduced) and the matching indices.", lambda m=with_reducer: m(x, labels))
+        fix = ("return sub-losses with a PML reduction_type (element, pos_pair, neg_pair, triplet or "
+               "already_reduced) and the matching indices.")
+        value = _guarded(what, fix, functools.partial(with_reducer, x, labels))
         _scalar(value, what)
 
 
@@ -312,10 +314,11 @@ def _check_state_dict(nir_loss: nn.Module, name: str, num_classes: int, embeddin
 
 def _flow_steps(flow: nn.Module) -> tuple[Callable[..., tuple[Tensor, Tensor]], Callable[..., tuple[Tensor, Tensor]]]:
     """(density x -> (z, log|det dz/dx|), sampling z -> (x, log|det dx/dz|)) of a flow or layer."""
+    f: Any = flow
     if hasattr(flow, "inverse_and_log_det") and hasattr(flow, "forward_and_log_det"):
-        return flow.inverse_and_log_det, flow.forward_and_log_det
+        return f.inverse_and_log_det, f.forward_and_log_det
     if isinstance(flow, nf.flows.Flow):  # a single normflows layer: forward is z -> x
-        return flow.inverse, flow.forward
+        return f.inverse, f.forward
     raise _fail(f"{type(flow).__name__} is not a flow: it has neither inverse_and_log_det/forward_and_log_det "
                 "nor normflows.flows.Flow's inverse/forward.",
                 "pass a ProxyConditionedFlow, a normflows (Conditional)NormalizingFlow or a normflows Flow layer.")
@@ -423,8 +426,8 @@ def check_flow(
     ctx_req = None if ctx is None else ctx.clone().requires_grad_(True)
     z, log_det = run(density, x_req, ctx_req)
     log_prob = -0.5 * z.square().sum(-1) + log_det
-    params = [p for p in flow.parameters() if p.requires_grad]
-    inputs = [x_req] + ([] if ctx_req is None else [ctx_req])
+    params: list[Tensor] = [p for p in flow.parameters() if p.requires_grad]
+    inputs: list[Tensor] = [x_req] + ([] if ctx_req is None else [ctx_req])
     grads = torch.autograd.grad(log_prob.sum(), inputs + params, allow_unused=True)
     names = [n for n, p in flow.named_parameters() if p.requires_grad]
     unused = [n for n, gr in zip(names, grads[len(inputs):]) if gr is None]
