@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test demo lint clean
+.PHONY: test demo lint clean docs wheel-check
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +16,25 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check nir_loss tests examples
+	$(PY) -m ruff check nir_loss tests examples scripts docs
+	$(PY) -m mypy
 	$(PY) -m pytest -q
+	$(MAKE) docs wheel-check
+
+# The documentation site, built strictly (any warning fails) into site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+# Release readiness: sdist + wheel, PyPI metadata check, and the wheel alone (in a fresh venv)
+# importing and running the quick start.
+wheel-check: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+	$(PY) scripts/check_wheel.py dist/*.whl
 
 lint: $(STAMP)
-	$(PY) -m ruff check nir_loss tests examples
+	$(PY) -m ruff check nir_loss tests examples scripts docs
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info
