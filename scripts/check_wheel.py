@@ -20,7 +20,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import zipfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
