@@ -207,10 +207,11 @@ def test_check_flow_exercises_identity_initialized_flows():
 
 # -- the example -------------------------------------------------------------------------------
 
-def test_custom_proxy_loss_example():
+def test_custom_proxy_loss_example(monkeypatch, capsys):
     example = _load_example()
-    loss_fn = example.build_loss(4, 8, **SMALL)
-    check_proxy_loss(loss_fn, num_classes=4, embedding_size=8)
-    check_flow(loss_fn.flow)
-    first, last = example.train(steps=40)
+    monkeypatch.setattr("sys.argv", ["custom_proxy_loss.py", "--steps", "40"])
+    example.main()  # runs check_proxy_loss and check_flow on the example's loss, then trains it
+    out = capsys.readouterr().out
+    assert "check_proxy_loss and check_flow passed" in out
+    first, last = map(float, re.search(r"loss (\S+) -> (\S+) after 40 steps", out).groups())
     assert last < first
