@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test demo lint clean
+.PHONY: test demo lint clean docs wheel-check
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,21 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q
+	$(MAKE) docs wheel-check
+
+# The documentation site, built strictly (any warning fails) into site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+# Release readiness: sdist + wheel, PyPI metadata check, and the wheel alone (in a fresh venv)
+# importing and running the quick start.
+wheel-check: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+	$(PY) scripts/check_wheel.py dist/*.whl
 
 # ProxyAnchor vs ProxyAnchor+NIR on held-out classes of sklearn's digits (offline, a minute or two on 2 CPU cores).
 demo: $(STAMP)
@@ -27,4 +41,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info

@@ -20,9 +20,13 @@ __all__ = ["NIRRegularizer", "ProxyAnchorNIRLoss", "DEFAULT_NIR_WEIGHT", "DEFAUL
 
 # Defaults and the measurements behind them: docs/choosing.md.
 DEFAULT_OBJECTIVE = "nll"
+"""Default objective: the paper's ``L_proxy + weight * mean(NLL)``."""
 DEFAULT_NIR_WEIGHT = 0.01
+"""Default weight of the NIR term."""
 DEFAULT_PROXY_LR_MULT = 100.0
+"""Default learning-rate multiplier of the proxies in ``param_groups``."""
 DEFAULT_FLOW_LR_MULT = 10.0
+"""Default learning-rate multiplier of the flow in ``param_groups``."""
 
 
 class _NIRMixin:
