@@ -337,12 +337,51 @@ def section_cuda(args, device, timer, out):
     out["cuda"] = res
 
 
+def section_profile(args, device, timer, out):
+    print("\n== 6. torch.profiler top ops: NIR term vs FrEIA flow, fwd+bwd, B=90 D=128 C=100 ==")
+    _, nir, _, x0, labels, _ = make_losses(90, 128, 100, device)
+    inn = build_freia_flow(128).to(device)
+    proxies = nir.proxies
+
+    def ours():
+        nir.nir.per_sample_loss(F.normalize(x0, dim=1), proxies, labels).mean().backward()
+
+    def freia():
+        (-freia_log_likelihood(inn, F.normalize(x0, dim=1), proxies, labels)).mean().backward()
+    res = {}
+    fns = {"nir": ours, "freia": freia}
+    acc: dict[str, dict[str, list[float]]] = {k: {} for k in fns}
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    iters = 10
+    for _ in range(iters):  # alternate one profiled iteration of each: machine noise hits both
+        for name, fn in fns.items():
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                fn()
+            for e in prof.key_averages():
+                t = acc[name].setdefault(e.key, [0.0, 0])
+                t[0] += e.self_cpu_time_total
+                t[1] += e.count
+    for name in fns:
+        items = sorted(acc[name].items(), key=lambda kv: -kv[1][0])
+        total = sum(v[0] for _, v in items)
+        rows = [{"op": k, "self_ms_per_iter": v[0] / 1e3 / iters, "calls_per_iter": v[1] / iters,
+                 "share": v[0] / total} for k, v in items[:12]]
+        res[name] = {"self_ms_per_iter": total / 1e3 / iters, "top": rows,
+                     "ops_per_iter": sum(v[1] for _, v in items) / iters}
+        print(f"{name}: {total/1e3/iters:.1f} ms/iter self CPU (profiled), {res[name]['ops_per_iter']:.0f} op calls/iter")
+        for r in rows:
+            print(f"   {r['op'][:48]:48} {r['self_ms_per_iter']:7.2f} ms {r['share']:6.1%} {r['calls_per_iter']:6.0f} calls")
+    out["profile"] = res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sections", default="loss,matrix,roofline,resnet,cuda")
+    p.add_argument("--sections", default="loss,matrix,roofline,resnet,cuda,profile")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     a.batches, a.dims, a.classes = [90, 180], [128, 512], [100, 11318]
@@ -366,7 +405,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     sections = a.sections.split(",")
     for name, fn in [("loss", section_loss), ("matrix", section_matrix), ("roofline", section_roofline),
-                     ("resnet", section_resnet), ("cuda", section_cuda)]:
+                     ("resnet", section_resnet), ("cuda", section_cuda), ("profile", section_profile)]:
         if name in sections:
             fn(a, device, timer, out)
     out["meta"]["total_seconds"] = time.perf_counter() - t0
