@@ -113,12 +113,17 @@ def peak_memory(fn, device: torch.device) -> int:
 
 
 # -- models ---------------------------------------------------------------------------------
-def flow_flops_per_row(D: int, hidden: int = 128, layers: int = 8, blocks: int = 5) -> float:
-    """Multiply-adds x 2 of one forward pass of the flow for one (sample, context) row."""
+def flow_flops_per_row(D: int, hidden: int = 128, layers: int = 8, blocks: int = 5,
+                       context: bool = True) -> float:
+    """Multiply-adds x 2 of one forward pass of the flow for one (sample, context) row.
+
+    ``context=False`` leaves out the context projection (D x hidden per coupling), which the
+    B x C matrix computes once per class rather than once per row.
+    """
     total = 0
     for n_t in (round(D / 2), D - round(D / 2)):
         n_c = D - n_t
-        total += (n_c + D) * hidden + (layers - 2) * hidden * hidden + hidden * 2 * n_t
+        total += (n_c + (D if context else 0)) * hidden + (layers - 2) * hidden * hidden + hidden * 2 * n_t
     return 2.0 * blocks * total
 
 
@@ -198,7 +203,7 @@ def section_matrix(args, device, timer, out):
         for ch in chunks:
             s = t[ch]["median_s"]
             r = {"D": D, "B": B, "C": C, "chunk": ch, "rows_per_pass": ch * C, "s": s,
-                 "rows_per_s": B * C / s, "flop_per_s": B * C * flow_flops_per_row(D) / s}
+                 "rows_per_s": B * C / s, "flop_per_s": B * C * flow_flops_per_row(D, context=False) / s}
             rows.append(r)
             print(f"{D:>4} {B:>4} {C:>5} {ch:>6} {ch*C:>9} | {s*1e3:8.1f} {r['rows_per_s']:10.0f} {r['flop_per_s']/1e9:8.1f}",
                   flush=True)
