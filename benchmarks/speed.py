@@ -388,6 +388,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sections", default="loss,matrix,roofline,resnet,cuda,profile")
     p.add_argument("--out", default=None)
+    p.add_argument("--step-reps", dest="step_reps_arg", type=int, default=None, help="repeats of the ResNet50 step (default 5, quick 3)")
     a = p.parse_args(argv)
     a.batches, a.dims, a.classes = [90, 180], [128, 512], [100, 11318]
     a.reps, a.step_reps, a.step_batch, a.image_size = 11, 5, 90, 64
@@ -396,6 +397,8 @@ def main(argv=None):
     if a.quick:
         a.classes, a.reps, a.step_reps, a.step_batch, a.image_size = [100, 11318], 5, 3, 32, 32
         a.matrix_rows = [500, 1000, 2000, 4000]
+    if a.step_reps_arg is not None:
+        a.step_reps = a.step_reps_arg
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     timer = Timer(device)
