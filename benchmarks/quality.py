@@ -213,26 +213,28 @@ def plot(runs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     datasets = list(dict.fromkeys(r["dataset"] for r in runs))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
+    fig, axes = plt.subplots(2, len(datasets), figsize=(5.5 * len(datasets), 7.5), squeeze=False)
+    for col, ds in enumerate(datasets):
         arms = dict.fromkeys((r["arm"], r["proxy_lr_mult"], r["flow_lr_mult"]) for r in runs if r["dataset"] == ds)
-        for arm, pm, fm in arms:
-            rs = [r for r in runs if (r["dataset"], r["arm"], r["proxy_lr_mult"], r["flow_lr_mult"]) == (ds, arm, pm, fm)
-                  and not r["nonfinite"]]
-            if not rs:
-                continue
-            epochs = [c[0] for c in rs[0]["curve"]]
-            vals = np.array([[c[1] for c in r["curve"]] for r in rs])
-            m, s = vals.mean(0), vals.std(0)
-            label = arm if len(arms) <= 4 else f"{arm} ({pm:g},{fm:g})"
-            ax.plot(epochs, m, label=label)
-            ax.fill_between(epochs, m - s, m + s, alpha=0.15)
-        ax.set_title(f"{ds}: held-out classes, mean ± std over seeds")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("R@1")
-        ax.legend(fontsize=7)
+        for row, (metric, name) in enumerate(((1, "R@1"), (2, "MAP@R"))):
+            ax = axes[row][col]
+            for arm, pm, fm in arms:
+                rs = [r for r in runs if (r["dataset"], r["arm"], r["proxy_lr_mult"], r["flow_lr_mult"]) == (ds, arm, pm, fm)
+                      and not r["nonfinite"]]
+                if not rs:
+                    continue
+                epochs = [c[0] for c in rs[0]["curve"]]
+                vals = np.array([[c[metric] for c in r["curve"]] for r in rs])
+                m, sd = vals.mean(0), vals.std(0)
+                label = arm if len({(p, f) for _, p, f in arms}) == 1 else f"{arm} (lr x{pm:g},{fm:g})"
+                ax.plot(epochs, m, label=label)
+                ax.fill_between(epochs, m - sd, m + sd, alpha=0.12)
+            ax.set_title(f"{ds}: held-out classes, {name}, mean ± std over {len(rs)} seeds", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(name)
+            ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main(argv=None):
@@ -249,7 +251,11 @@ def main(argv=None):
                    help="PigCVP, 3 seeds, pa + nll:{0.001,0.01,0.1,1} + exp_nll:{1,10,133}, lr mults 100,10 and 10,1")
     p.add_argument("--quick", action="store_true", help="2 seeds, few epochs: a smoke run")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality[_sweep].json)")
+    p.add_argument("--replot", default=None, help="only redraw the PNG of an existing results JSON")
     a = p.parse_args(argv)
+    if a.replot:
+        plot(json.loads(Path(a.replot).read_text())["runs"], Path(a.replot).with_suffix(".png"))
+        return
     if a.sweep:
         a.datasets, a.arms = ("pigcvp" if a.datasets == "digits,pigcvp" else a.datasets), \
             "pa,nll:0.001,nll:0.01,nll:0.1,nll:1,exp_nll:1,exp_nll:10,exp_nll:133"
