@@ -35,6 +35,13 @@ def speed(d):
                 row["fraction_of_peak"] = best["flop_per_s"] / rf["peak_flop_per_s"]
     print(f"### Speed (`{' '.join(['speed.py', *m['argv']])}`: {m['total_seconds']:.0f} s wall, "
           f"{m['threads']} torch thread, {m['time_base']})\n")
+    if not d.get("loss"):
+        for r in d.get("resnet_step", []):
+            print(f"ResNet50 step, {r['batch']} images of {r['image_size']} px, D=128, C=100, medians of "
+                  f"{m['argv']}: ProxyAnchor {r['pa_step']*1e3:.0f} ms, ProxyAnchor+NIR {r['nir_step']*1e3:.0f} ms, "
+                  f"NIR term alone {r['nir_term']*1e3:.1f} ms = **{r['nir_term_share']:.1%}** of the step; step "
+                  f"difference {r['nir_share_of_step']:.1%}.\n")
+        return
     print("| B | D | C | PA ms | PA+NIR ms | PA+FrEIA ms | NIR/PA | FrEIA/PA | NIR/FrEIA | NIR term / FrEIA term "
           "| saved MB PA / NIR / FrEIA |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -81,11 +88,30 @@ def quality(d, title):
     print()
 
 
+def profile(d):
+    print("| rank | NIR term: op | ms/iter | calls | share | FrEIA: op | ms/iter | calls | share |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    a, b = d["profile"]["nir"], d["profile"]["freia"]
+    for i, (x, y) in enumerate(zip(a["top"], b["top"])):
+        print(f"| {i+1} | {x['op'][:45]} | {x['self_ms_per_iter']:.2f} | {x['calls_per_iter']:.0f} | {x['share']:.0%} | "
+              f"{y['op'][:45]} | {y['self_ms_per_iter']:.2f} | {y['calls_per_iter']:.0f} | {y['share']:.0%} |")
+    print(f"| total | {a['ops_per_iter']:.0f} op calls | {a['self_ms_per_iter']:.1f} | | | {b['ops_per_iter']:.0f} op calls | "
+          f"{b['self_ms_per_iter']:.1f} | | |\n")
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["speed", "quality", "sweep"]
+    which = sys.argv[1:] or ["speed", "resnet", "profile", "quality", "sweep", "digits", "narrow"]
     if "speed" in which and load("speed.json"):
         speed(load("speed.json"))
+    if "resnet" in which and load("speed_resnet.json"):
+        speed(load("speed_resnet.json"))
+    if "profile" in which and load("profile.json"):
+        profile(load("profile.json"))
     if "quality" in which and load("quality.json"):
         quality(load("quality.json"), "Quality, default run")
     if "sweep" in which and load("quality_sweep.json"):
-        quality(load("quality_sweep.json"), "Sweep")
+        quality(load("quality_sweep.json"), "Sweep, PigCVP")
+    if "digits" in which and load("quality_sweep_digits.json"):
+        quality(load("quality_sweep_digits.json"), "Sweep, digits (small weights)")
+    if "narrow" in which and load("quality_sweep_pig_narrow.json"):
+        quality(load("quality_sweep_pig_narrow.json"), "Sweep, PigCVP around nll 0.01, 5 seeds")
