@@ -100,7 +100,7 @@ def profile(d):
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["speed", "resnet", "profile", "quality", "sweep", "digits", "narrow"]
+    which = sys.argv[1:] or ["speed", "resnet", "profile", "quality", "sweep", "digits", "narrow", "d512"]
     if "speed" in which and load("speed.json"):
         speed(load("speed.json"))
     if "resnet" in which and load("speed_resnet.json"):
@@ -115,3 +115,5 @@ if __name__ == "__main__":
         quality(load("quality_sweep_digits.json"), "Sweep, digits (small weights)")
     if "narrow" in which and load("quality_sweep_pig_narrow.json"):
         quality(load("quality_sweep_pig_narrow.json"), "Sweep, PigCVP around nll 0.01, 5 seeds")
+    if "d512" in which and load("quality_sweep_pig_d512.json"):
+        quality(load("quality_sweep_pig_d512.json"), "Sweep, PigCVP at D = 512")
