@@ -136,8 +136,10 @@ def make_losses(B: int, D: int, C: int, device: torch.device, seed: int = 0):
     inn = build_freia_flow(D).to(device)
 
     def freia_loss(emb, labels):
+        # ProxyAnchor first, then the flow: the order ProxyAnchorNIRLoss runs them in.
+        proxy_loss = pa_fr(emb, labels)
         nll = -freia_log_likelihood(inn, emb, pa_fr.proxies, labels)
-        return pa_fr(emb, labels) + 0.01 * nll.mean()
+        return proxy_loss + 0.01 * nll.mean()
 
     x0 = torch.randn(B, D, device=device, requires_grad=True)
     labels = torch.randint(0, C, (B,), device=device)
