@@ -1,3 +1,4 @@
+# ruff: noqa: B023, E401, E402, E501, E701, E702, B007, UP031  (a short diagnostic script)
 """Why exp_nll is inert and nll grows: the NIR term and its embedding gradient over training (digits).
 
     python benchmarks/nir_dynamics.py     # about 30 s on 1 CPU thread
@@ -6,12 +7,17 @@ Trains the digits MLP for 200 steps with ProxyAnchorNIRLoss (exp_nll w=133, nll 
 prints, every 50 steps, the NIR per-sample term, the mean log-det of the flow, and the mean
 per-sample gradient norm on the embeddings of (weight x NIR term) vs the ProxyAnchor term.
 """
-import sys, torch
+import sys
 from pathlib import Path
+
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1])); sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(1)
 import quality as q
+
 from nir_loss import ProxyAnchorNIRLoss
+
 xtr, ytr, xte, yte = q.load_digits_split()
 for obj, w in (("exp_nll", 133.0), ("nll", 0.01)):
     torch.manual_seed(0); model = q.MLP(64, 128)

@@ -1,3 +1,4 @@
+# ruff: noqa: B023, E501  (closures are called within their loop iteration; wide tables)
 """Held-out-class retrieval quality: ProxyAnchor vs ProxyAnchor + NIR on real offline data.
 
 Datasets (no download): scikit-learn digits (8x8, classes 0-4 train / 5-9 test, MLP) and UCR

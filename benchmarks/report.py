@@ -1,3 +1,4 @@
+# ruff: noqa: B023, E501  (closures are called within their loop iteration; wide tables)
 """Prints the markdown tables of docs/benchmarks.md from benchmarks/results/*.json.
 
     python benchmarks/report.py > /tmp/tables.md

@@ -1,3 +1,4 @@
+# ruff: noqa: B023, E501  (closures are called within their loop iteration; wide tables)
 """Speed and memory of ProxyAnchor + NIR, side by side with plain ProxyAnchor and a FrEIA flow.
 
     python benchmarks/speed.py            # default grid, CPU: about 10 minutes on 2 shared cores
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import statistics

@@ -1,3 +1,4 @@
+# ruff: noqa: B023, E401, E402, E501, E701, E702, B007, UP031  (a short diagnostic script)
 """At D=512, B=90: NIR term alone vs FrEIA flow alone vs full losses, at C=100 and C=11318.
 
     python benchmarks/speed_cdep.py      # about 1 minute; thread CPU time, 1 thread, medians of 8
@@ -5,12 +6,19 @@
 Columns: term = NIRTerm.per_sample_loss fwd+bwd; freia = the FrEIA flow NLL fwd+bwd; full_nir =
 ProxyAnchorNIRLoss fwd+bwd; nir_w0 = the same with nir_weight=0 (plain ProxyAnchor).
 """
-import sys, time, statistics, torch
+import statistics
+import sys
+import time
 from pathlib import Path
+
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1])); torch.set_num_threads(1)
 import torch.nn.functional as F
-from nir_loss import ProxyAnchorNIRLoss
+
 from benchmarks.freia_ref import build_freia_flow, freia_log_likelihood
+from nir_loss import ProxyAnchorNIRLoss
+
 D, B = 512, 90
 for C in (100, 11318):
     torch.manual_seed(0)

@@ -1,3 +1,4 @@
+# ruff: noqa: B023, E401, E402, E501, E701, E702, B007, UP031  (a short diagnostic script)
 """User vs system CPU time and page faults per loss call at B=90, D=512, C=11318 (CPU).
 
     python benchmarks/speed_pagefaults.py
@@ -6,11 +7,18 @@
 glibc hands large blocks (ProxyAnchor's B x C tensors) back to the OS after each call and
 page-faults them in again on the next one; with the thresholds raised the faults disappear.
 """
-import sys, resource, statistics, torch
+import resource
+import statistics
+import sys
 from pathlib import Path
+
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1])); torch.set_num_threads(1)
 import torch.nn.functional as F
+
 from benchmarks.speed import make_losses, zero_grads
+
 pa, nir, freia_loss, x0, labels, mods = make_losses(90, 512, 11318, torch.device("cpu"))
 fns = {"pa": pa, "nir": nir, "freia": freia_loss}
 res = {k: [] for k in fns}

@@ -1,3 +1,4 @@
+# ruff: noqa: B023, E501  (closures are called within their loop iteration; wide tables)
 """Re-measures single cells of speed.py's loss grid with more repeats (noisy cells on a shared CPU).
 
     python benchmarks/speed_recheck.py --cells 90,512,11318 180,512,11318 --reps 21
