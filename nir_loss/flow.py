@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import normflows as nf
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["ContextAffineCoupling", "ProxyConditionedFlow", "soft_clamp"]
@@ -45,15 +46,28 @@ class _ConditionedParamMap(nn.Module):
         self.mlp = nf.nets.MLP([hidden] * (num_layers - 1) + [2 * out_features], init_zeros=identity_init)
         self.clamp = clamp
 
-    def forward(self, inputs: tuple[Tensor, Tensor | None, Tensor | None]) -> Tensor:
-        x_cond, encoded, index = inputs
-        h = self.input_layer(x_cond)
+    def shift_and_log_scale(self, x_cond: Tensor, encoded: Tensor | None,
+                            index: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The affine parameters ``(shift, soft-clamped log-scale)``, each (N, out_features)."""
+        h = F.linear(x_cond, self.input_layer.weight, self.input_layer.bias)
         if encoded is not None:
-            h = h + _gather_rows(encoded, index).to(h.dtype)
-        param = self.mlp(torch.relu(h))
+            h = h.add_(_gather_rows(encoded, index).to(h.dtype))
+        h = torch.relu_(h)
+        # The normflows MLP, run layer by layer so its (leaky slope 0) ReLUs work in place.
+        for layer in self.mlp.net:
+            if isinstance(layer, nn.Linear):
+                h = F.linear(h, layer.weight, layer.bias)
+            elif isinstance(layer, nn.LeakyReLU) and layer.negative_slope == 0.0:
+                h = torch.relu_(h)
+            else:
+                h = layer(h)
         # Keep the affine map in the input's precision (float32 under autocast).
-        param = param.to(x_cond.dtype).unflatten(-1, (-1, 2))
-        shift, log_scale = param[..., 0], soft_clamp(param[..., 1], self.clamp)
+        param = h.to(x_cond.dtype)
+        return param[:, 0::2], soft_clamp(param[:, 1::2], self.clamp)
+
+    def forward(self, inputs: tuple[Tensor, Tensor | None, Tensor | None]) -> Tensor:
+        """Interleaved ``(shift, log-scale)`` channels, as normflows' ``AffineCoupling`` reads them."""
+        shift, log_scale = self.shift_and_log_scale(*inputs)
         return torch.stack([shift, log_scale], dim=-1).flatten(-2)
 
 
@@ -121,11 +135,15 @@ class ContextAffineCoupling(nf.flows.Flow):
         if self.context_layer is not None and encoded is None:
             raise ValueError("This coupling is conditional: pass context=(N, context_features).")
         x_t, x_c = x[:, self.transformed], x[:, self.conditioner]
-        step = self.coupling.forward if density else self.coupling.inverse
-        (_, y_t), log_det = step([(x_c, encoded, index), x_t])
-        y = torch.empty_like(x)
-        y[:, self.transformed], y[:, self.conditioner] = y_t, x_c
-        return y, log_det
+        # What the stock AffineCoupling(scale_map="exp") computes from the interleaved param map
+        # (self.coupling.forward / .inverse), without interleaving and re-slicing the parameters.
+        shift, log_scale = self.coupling.param_map.shift_and_log_scale(x_c, encoded, index)
+        if density:
+            y_t, log_det = torch.addcmul(shift, x_t, torch.exp(log_scale)), log_scale.sum(1)
+        else:
+            y_t, log_det = (x_t - shift) * torch.exp(-log_scale), -log_scale.sum(1)
+        parts = (y_t, x_c) if self.transformed.start == 0 else (x_c, y_t)
+        return torch.cat(parts, dim=1), log_det
 
     def inverse(self, z: Tensor, context: Tensor | None = None, *, encoded: Tensor | None = None,
                 context_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -273,7 +291,7 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
                 x, ld = step(x, encoded=enc, context_index=context_index)
             elif isinstance(layer, nf.flows.Permute):
                 # Volume preserving: its log-det is exactly 0.
-                x = x[:, layer.inv_perm] if density else x[:, layer.perm]
+                x = x.index_select(1, layer.inv_perm if density else layer.perm)
                 continue
             else:
                 assert enc is not None  # encode_context gives every spline layer its context

@@ -13,8 +13,11 @@ from .flow import ProxyConditionedFlow, standard_normal_log_prob
 __all__ = ["OBJECTIVES", "NIRTerm", "miner_weights", "weighted_element_losses"]
 
 OBJECTIVES = ("nll", "exp_nll")
-# Rows (sample x class pairs) per pass of the B x C matrix; 2k-4.5k were fastest on CPU.
+# Rows (sample x class pairs) per pass of the B x C matrix. On CPU (1 thread) passes of 256-1024
+# rows ran 10-30% faster than 4096 (activations stay in cache; benchmarks/speed.py section 2);
+# accelerators keep the larger pass.
 _MATRIX_ROWS = 4096
+_MATRIX_ROWS_CPU = 1024
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -105,9 +108,10 @@ class NIRTerm(nn.Module):
     def log_likelihood_matrix(self, embeddings: Tensor, proxies: Tensor, chunk_size: int | None = None) -> Tensor:
         """log p(x_i | proxy_c) for every sample and class, shape (B, C).
 
-        Runs in passes of ``chunk_size`` samples x C classes (default: about 4096 pairs per
-        pass). Every pass has the same shape (the last is padded), so compiled or CUDA-graph
-        code sees one shape; per-class work (normalization, context projections) runs once.
+        Runs in passes of ``chunk_size`` samples x C classes (default: about 1024 pairs per pass
+        on CPU, 4096 elsewhere). Every pass has the same shape (the last is padded), so compiled
+        or CUDA-graph code sees one shape; per-class work (normalization, context projections)
+        runs once.
         """
         dtype = self._match_flow(embeddings)
         x = embeddings.to(dtype)
@@ -116,7 +120,8 @@ class NIRTerm(nn.Module):
         centres = self._proxies(proxies, dtype).flatten(0, -2)  # (C or C*K, D)
         encoded = self.flow.encode_context(centres)
         if chunk_size is None:
-            chunk_size = max(1, _MATRIX_ROWS // num_classes)
+            rows = _MATRIX_ROWS_CPU if x.device.type == "cpu" else _MATRIX_ROWS
+            chunk_size = max(1, rows // num_classes)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
         chunk_size = min(chunk_size, max(batch, 1))

@@ -1,0 +1,120 @@
+# ruff: noqa: B023, E501  (closures are called within their loop iteration; wide tables)
+"""Prints the markdown tables of docs/benchmarks.md from benchmarks/results/*.json.
+
+    python benchmarks/report.py > /tmp/tables.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load(name):
+    p = RESULTS / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def speed(d):
+    from speed import flow_flops_per_row
+    m = d["meta"]
+    # Matrix FLOPs without the per-class context projection (results written before that fix
+    # counted it per row): recompute from the measured rows/s.
+    for r in d.get("matrix", []):
+        r["flop_per_s"] = r["rows_per_s"] * flow_flops_per_row(r["D"], context=False)
+    rf = d.get("roofline")
+    if rf:
+        for row in rf["rows"]:
+            if row["pass"].startswith("matrix"):
+                best = max((r for r in d["matrix"] if r["D"] == row["D"]), key=lambda r: r["flop_per_s"])
+                row["flop_per_s"] = best["flop_per_s"]
+                row["fraction_of_peak"] = best["flop_per_s"] / rf["peak_flop_per_s"]
+    print(f"### Speed (`{' '.join(['speed.py', *m['argv']])}`: {m['total_seconds']:.0f} s wall, "
+          f"{m['threads']} torch thread, {m['time_base']})\n")
+    if not d.get("loss"):
+        for r in d.get("resnet_step", []):
+            print(f"ResNet50 step, {r['batch']} images of {r['image_size']} px, D=128, C=100, medians of "
+                  f"{m['argv']}: ProxyAnchor {r['pa_step']*1e3:.0f} ms, ProxyAnchor+NIR {r['nir_step']*1e3:.0f} ms, "
+                  f"NIR term alone {r['nir_term']*1e3:.1f} ms = **{r['nir_term_share']:.1%}** of the step; step "
+                  f"difference {r['nir_share_of_step']:.1%}.\n")
+        return
+    print("| B | D | C | PA ms | PA+NIR ms | PA+FrEIA ms | NIR/PA | FrEIA/PA | NIR/FrEIA | NIR term / FrEIA term "
+          "| saved MB PA / NIR / FrEIA |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in d.get("loss", []):
+        term = f"{r['nir_term_over_freia_term']:.2f}" if r["C"] <= 1000 else "(PA-dominated)"
+        print(f"| {r['B']} | {r['D']} | {r['C']} | {r['pa_s']*1e3:.1f} | {r['nir_s']*1e3:.1f} | {r['freia_s']*1e3:.1f} | "
+              f"{r['nir_over_pa']:.2f} | {r['freia_over_pa']:.2f} | **{r['nir_over_freia']:.2f}** | {term} | "
+              f"{r['pa_peak_bytes']/2**20:.1f} / {r['nir_peak_bytes']/2**20:.1f} / {r['freia_peak_bytes']/2**20:.1f} |")
+    print("\n| D | B x C | chunk (samples) | rows/pass | rows/s | GFLOP/s |")
+    print("|---|---|---|---|---|---|")
+    for r in d.get("matrix", []):
+        print(f"| {r['D']} | {r['B']} x {r['C']} | {r['chunk']} | {r['rows_per_pass']} | {r['rows_per_s']:.0f} | "
+              f"{r['flop_per_s']/1e9:.1f} |")
+    rf = d.get("roofline")
+    if rf:
+        print("\nMeasured dense matmul: " + ", ".join(f"{k}: {v/1e9:.0f} GFLOP/s" for k, v in rf["matmul_flop_per_s"].items()))
+        print("\n| pass | D | B | achieved GFLOP/s | fraction of best matmul |")
+        print("|---|---|---|---|---|")
+        for r in rf["rows"]:
+            print(f"| {r['pass']} | {r['D']} | {r.get('B', '')} | {r['flop_per_s']/1e9:.1f} | {r['fraction_of_peak']:.0%} |")
+    for r in d.get("resnet_step", []):
+        print(f"\nResNet50 step (B={r['batch']}, {r['image_size']} px, D=128, C=100): ProxyAnchor "
+              f"{r['pa_step']*1e3:.0f} ms, ProxyAnchor+NIR {r['nir_step']*1e3:.0f} ms; NIR term alone "
+              f"{r['nir_term']*1e3:.1f} ms = **{r['nir_term_share']:.1%}** of the NIR step; step difference "
+              f"{r['nir_share_of_step']:.1%} (includes the flow's optimizer update, and noise).")
+    print()
+
+
+def quality(d, title):
+    m = d["meta"]
+    print(f"### {title} (`quality.py {' '.join(m['argv'])}`: {m['total_seconds']/60:.1f} min wall, "
+          f"{m['threads']} torch thread, base lr {m['lr']}, D={m['dim']})\n")
+    print("| data | lr x (proxy, flow) | arm | seeds | R@1 mean ± std | ΔR@1 vs PA (paired) | W/L | MAP@R mean ± std "
+          "| ΔMAP@R vs PA (paired) | W/L | s/run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in d["summary"]:
+        d1 = "—" if r["arm"] == "pa" else f"{r['d_r1']:+.4f} ± {r['d_r1_std']:.4f}"
+        d2 = "—" if r["arm"] == "pa" else f"{r['d_mapr']:+.4f} ± {r['d_mapr_std']:.4f}"
+        wl1 = "" if r["arm"] == "pa" else f"{r['wins_r1']}/{r['losses_r1']}"
+        wl2 = "" if r["arm"] == "pa" else f"{r['wins_mapr']}/{r['losses_mapr']}"
+        print(f"| {r['dataset']} | {r['proxy_lr_mult']:g}, {r['flow_lr_mult']:g} | {r['arm']} | {r['n']} | "
+              f"{r['r1']:.4f} ± {r['r1_std']:.4f} | {d1} | {wl1} | {r['mapr']:.4f} ± {r['mapr_std']:.4f} | {d2} | {wl2} | "
+              f"{r['seconds']:.0f} |")
+    print()
+
+
+def profile(d):
+    print("| rank | NIR term: op | ms/iter | calls | share | FrEIA: op | ms/iter | calls | share |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    a, b = d["profile"]["nir"], d["profile"]["freia"]
+    for i, (x, y) in enumerate(zip(a["top"], b["top"])):
+        print(f"| {i+1} | {x['op'][:45]} | {x['self_ms_per_iter']:.2f} | {x['calls_per_iter']:.0f} | {x['share']:.0%} | "
+              f"{y['op'][:45]} | {y['self_ms_per_iter']:.2f} | {y['calls_per_iter']:.0f} | {y['share']:.0%} |")
+    print(f"| total | {a['ops_per_iter']:.0f} op calls | {a['self_ms_per_iter']:.1f} | | | {b['ops_per_iter']:.0f} op calls | "
+          f"{b['self_ms_per_iter']:.1f} | | |\n")
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:] or ["speed", "resnet", "profile", "quality", "sweep", "digits", "narrow", "d512"]
+    if "speed" in which and load("speed.json"):
+        speed(load("speed.json"))
+    if "resnet" in which and load("speed_resnet.json"):
+        speed(load("speed_resnet.json"))
+    if "profile" in which and load("profile.json"):
+        profile(load("profile.json"))
+    if "quality" in which and load("quality.json"):
+        quality(load("quality.json"), "Quality, default run")
+    if "sweep" in which and load("quality_sweep.json"):
+        quality(load("quality_sweep.json"), "Sweep, PigCVP")
+    if "digits" in which and load("quality_sweep_digits.json"):
+        quality(load("quality_sweep_digits.json"), "Sweep, digits (small weights)")
+    if "narrow" in which and load("quality_sweep_pig_narrow.json"):
+        quality(load("quality_sweep_pig_narrow.json"), "Sweep, PigCVP around nll 0.01, 5 seeds")
+    if "d512" in which and load("quality_sweep_pig_d512.json"):
+        quality(load("quality_sweep_pig_d512.json"), "Sweep, PigCVP at D = 512")

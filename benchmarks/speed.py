@@ -1,0 +1,441 @@
+# ruff: noqa: B023, E501  (closures are called within their loop iteration; wide tables)
+"""Speed and memory of ProxyAnchor + NIR, side by side with plain ProxyAnchor and a FrEIA flow.
+
+    python benchmarks/speed.py            # default grid, CPU: about 10 minutes on 2 shared cores
+    python benchmarks/speed.py --quick    # a smaller grid and fewer repeats (about 2 minutes)
+
+Sections (each a table on stdout; everything also in benchmarks/results/speed[_quick].json):
+1. loss forward+backward time and peak memory: PML ProxyAnchorLoss alone, nir_loss
+   ProxyAnchorNIRLoss, and ProxyAnchorLoss + the same flow written in FrEIA (benchmarks/freia_ref.py),
+   at B in {90, 180}, D in {128, 512}, C in {100, 11318}; ratios to PA alone and NIR/FrEIA.
+2. ``log_likelihood_matrix`` throughput (sample x class rows per second) vs chunk size.
+3. roofline: the flow's achieved FLOP/s (matrix pass, no grad; labelled pass, fwd+bwd) vs this
+   machine's measured dense matmul FLOP/s.
+4. a full training step of a ResNet50 (torchvision, random init, small images) with ProxyAnchor
+   vs ProxyAnchor + NIR: NIR's share of the step.
+5. CUDA only (skipped without CUDA): CUDA-event timings, ``torch.cuda.set_sync_debug_mode("error")``
+   around the loss, bf16 autocast, ``torch.compile`` and CUDA-graph variants of the loss.
+
+On CPU, times are the CPU time of the calling thread (``time.thread_time``) with exactly one
+intra-op thread (``--threads``, default 1): on a shared machine that is far less noisy than wall
+time, which is recorded too. Arms are interleaved within each repeat; medians are reported.
+Peak memory on CPU comes from the torch profiler's allocation events (bytes allocated by torch
+above the level at the start of the call); on CUDA from ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import ProxyAnchorLoss
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.freia_ref import build_freia_flow, freia_log_likelihood  # noqa: E402
+from nir_loss import ProxyAnchorNIRLoss  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# -- timing helpers -------------------------------------------------------------------------
+class Timer:
+    """CPU: thread CPU time and wall time. CUDA: CUDA events (and wall)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> tuple[float, float]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            w = time.perf_counter()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3, time.perf_counter() - w
+        c, w = time.thread_time(), time.perf_counter()
+        fn()
+        return time.thread_time() - c, time.perf_counter() - w
+
+
+def interleaved(fns: dict, reps: int, timer: Timer, warmup: int = 2) -> dict:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    walls = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t, w = timer(fn)
+            times[k].append(t)
+            walls[k].append(w)
+    return {k: {"median_s": statistics.median(times[k]), "wall_median_s": statistics.median(walls[k]),
+                "min_s": min(times[k]), "reps": reps} for k in fns}
+
+
+def peak_memory(fn, device: torch.device) -> int:
+    """CUDA: peak bytes allocated during fn() above the level at its start (max_memory_allocated).
+
+    CPU has no allocator statistics (and the profiler's per-op memory events miss temporaries
+    freed inside an op), so on CPU this returns the bytes of the distinct tensors autograd saves
+    for backward during fn(): the activation memory, deterministic and the part that grows with
+    B, C and the flow. It excludes parameters, gradients and freed temporaries.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+# -- models ---------------------------------------------------------------------------------
+def flow_flops_per_row(D: int, hidden: int = 128, layers: int = 8, blocks: int = 5,
+                       context: bool = True) -> float:
+    """Multiply-adds x 2 of one forward pass of the flow for one (sample, context) row.
+
+    ``context=False`` leaves out the context projection (D x hidden per coupling), which the
+    B x C matrix computes once per class rather than once per row.
+    """
+    total = 0
+    for n_t in (round(D / 2), D - round(D / 2)):
+        n_c = D - n_t
+        total += (n_c + (D if context else 0)) * hidden + (layers - 2) * hidden * hidden + hidden * 2 * n_t
+    return 2.0 * blocks * total
+
+
+def make_losses(B: int, D: int, C: int, device: torch.device, seed: int = 0):
+    torch.manual_seed(seed)
+    pa = ProxyAnchorLoss(C, D, margin=0.1, alpha=32).to(device)
+    nir = ProxyAnchorNIRLoss(C, D, margin=0.1, alpha=32, nir_weight=0.01, validate=False,
+                             flow_options={"identity_init": False}).to(device)
+    pa_fr = ProxyAnchorLoss(C, D, margin=0.1, alpha=32).to(device)
+    inn = build_freia_flow(D).to(device)
+
+    def freia_loss(emb, labels):
+        # ProxyAnchor first, then the flow: the order ProxyAnchorNIRLoss runs them in.
+        proxy_loss = pa_fr(emb, labels)
+        nll = -freia_log_likelihood(inn, emb, pa_fr.proxies, labels)
+        return proxy_loss + 0.01 * nll.mean()
+
+    x0 = torch.randn(B, D, device=device, requires_grad=True)
+    labels = torch.randint(0, C, (B,), device=device)
+    return pa, nir, freia_loss, x0, labels, [pa, nir, pa_fr, inn]
+
+
+def zero_grads(mods, x0):
+    for m in mods:
+        for p in m.parameters():
+            p.grad = None
+    x0.grad = None
+
+
+def section_loss(args, device, timer, out):
+    print("\n== 1. loss forward+backward: ProxyAnchor (PA) vs PA+NIR (nir_loss) vs PA+FrEIA flow ==")
+    print(f"{'B':>4} {'D':>4} {'C':>6} | {'PA ms':>8} {'NIR ms':>8} {'FrEIA ms':>8} | {'NIR/PA':>7} {'FrEIA/PA':>8} "
+          f"{'NIR/FrEIA':>9} | {'PA MB':>7} {'NIR MB':>7} {'FrEIA MB':>8}  (MB: " + ("peak allocated" if device.type == "cuda" else "saved for backward") + ")")
+    rows = []
+    for C in args.classes:
+        for D in args.dims:
+            for B in args.batches:
+                pa, nir, freia_loss, x0, labels, mods = make_losses(B, D, C, device)
+
+                def run(loss_fn):
+                    def f():
+                        zero_grads(mods, x0)
+                        loss_fn(F.normalize(x0, dim=1), labels).backward()
+                    return f
+                fns = {"pa": run(pa), "nir": run(nir), "freia": run(freia_loss)}
+                t = interleaved(fns, args.reps, timer)
+                mem = {k: peak_memory(f, device) for k, f in fns.items()}
+                r = {"B": B, "D": D, "C": C, **{f"{k}_s": v["median_s"] for k, v in t.items()},
+                     **{f"{k}_wall_s": v["wall_median_s"] for k, v in t.items()},
+                     **{f"{k}_peak_bytes": v for k, v in mem.items()}}
+                r["nir_over_pa"] = r["nir_s"] / r["pa_s"]
+                r["freia_over_pa"] = r["freia_s"] / r["pa_s"]
+                r["nir_over_freia"] = r["nir_s"] / r["freia_s"]
+                r["nir_term_over_freia_term"] = (r["nir_s"] - r["pa_s"]) / max(r["freia_s"] - r["pa_s"], 1e-12)
+                rows.append(r)
+                print(f"{B:>4} {D:>4} {C:>6} | {r['pa_s']*1e3:8.2f} {r['nir_s']*1e3:8.2f} {r['freia_s']*1e3:8.2f} | "
+                      f"{r['nir_over_pa']:7.2f} {r['freia_over_pa']:8.2f} {r['nir_over_freia']:9.3f} | "
+                      f"{mem['pa']/2**20:7.1f} {mem['nir']/2**20:7.1f} {mem['freia']/2**20:8.1f}", flush=True)
+    out["loss"] = rows
+
+
+def section_matrix(args, device, timer, out):
+    print("\n== 2. log_likelihood_matrix throughput (no grad) vs chunk size ==")
+    print(f"{'D':>4} {'B':>4} {'C':>5} {'chunk':>6} {'rows/pass':>9} | {'ms':>8} {'rows/s':>10} {'GFLOP/s':>8}")
+    rows = []
+    B, C = args.matrix_batch, args.matrix_classes
+    for D in args.dims:
+        torch.manual_seed(0)
+        loss_fn = ProxyAnchorNIRLoss(C, D, validate=False, flow_options={"identity_init": False}).to(device)
+        x = F.normalize(torch.randn(B, D, device=device), dim=1)
+        chunks = sorted({max(1, r // C) for r in args.matrix_rows})
+        fns = {}
+        for ch in chunks:
+            def f(ch=ch):
+                with torch.no_grad():
+                    loss_fn.log_likelihood_matrix(x, chunk_size=ch)
+            fns[ch] = f
+        t = interleaved(fns, max(3, args.reps // 2), timer, warmup=1)
+        for ch in chunks:
+            s = t[ch]["median_s"]
+            r = {"D": D, "B": B, "C": C, "chunk": ch, "rows_per_pass": ch * C, "s": s,
+                 "rows_per_s": B * C / s, "flop_per_s": B * C * flow_flops_per_row(D, context=False) / s}
+            rows.append(r)
+            print(f"{D:>4} {B:>4} {C:>5} {ch:>6} {ch*C:>9} | {s*1e3:8.1f} {r['rows_per_s']:10.0f} {r['flop_per_s']/1e9:8.1f}",
+                  flush=True)
+    out["matrix"] = rows
+
+
+def section_roofline(args, device, timer, out):
+    print("\n== 3. roofline: achieved flow FLOP/s vs measured dense matmul FLOP/s ==")
+    peaks = {}
+    for (m, k, n) in [(4096, 128, 128), (4096, 512, 128), (90, 128, 128), (4096, 1024, 1024)]:
+        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+        t = interleaved({"mm": lambda: a @ b}, max(5, args.reps), timer, warmup=3)["mm"]["median_s"]
+        peaks[f"{m}x{k}x{n}"] = 2 * m * k * n / t
+        print(f"matmul {m}x{k} @ {k}x{n}: {2*m*k*n/t/1e9:8.1f} GFLOP/s")
+    peak = max(peaks.values())
+    best = {}
+    for r in out.get("matrix", []):
+        if r["flop_per_s"] > best.get(r["D"], {"flop_per_s": 0})["flop_per_s"]:
+            best[r["D"]] = r
+    rows = []
+    for D, r in best.items():
+        frac = r["flop_per_s"] / peak
+        rows.append({"pass": "matrix (no grad)", "D": D, "flop_per_s": r["flop_per_s"], "fraction_of_peak": frac})
+        print(f"B x C matrix, D={D}, chunk {r['chunk']}: {r['flop_per_s']/1e9:6.1f} GFLOP/s = {frac:.0%} of peak matmul")
+    for r in out.get("loss", []):
+        if r["C"] == min(args.classes):
+            flops = 3 * r["B"] * flow_flops_per_row(r["D"])  # forward + backward ~ 3x forward
+            s = max(r["nir_s"] - r["pa_s"], 1e-12)
+            rows.append({"pass": "labelled fwd+bwd", "D": r["D"], "B": r["B"], "flop_per_s": flops / s,
+                         "fraction_of_peak": flops / s / peak})
+            print(f"labelled NIR term fwd+bwd, B={r['B']} D={r['D']}: {flops/s/1e9:6.1f} GFLOP/s = {flops/s/peak:.0%} of peak")
+    out["roofline"] = {"matmul_flop_per_s": peaks, "peak_flop_per_s": peak, "rows": rows}
+
+
+def section_resnet(args, device, timer, out):
+    print(f"\n== 4. ResNet50 training step, B={args.step_batch}, {args.image_size}px, D=128, C=100 ==")
+    import torchvision
+    rows = []
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None)
+    model.fc = torch.nn.Linear(model.fc.in_features, 128)
+    model = model.to(device).train()
+    C = 100
+    pa = ProxyAnchorLoss(C, 128).to(device)
+    nir = ProxyAnchorNIRLoss(C, 128, validate=False, flow_options={"identity_init": False}).to(device)
+    images = torch.randn(args.step_batch, 3, args.image_size, args.image_size, device=device)
+    labels = torch.randint(0, C, (args.step_batch,), device=device)
+    params = list(model.parameters())
+    opt_pa = torch.optim.Adam([{"params": params}, {"params": pa.parameters(), "lr": 1e-2}], lr=1e-4)
+    opt_nir = torch.optim.Adam([{"params": params}, *nir.param_groups(1e-4)], lr=1e-4)
+
+    def step(loss_fn, opt):
+        def f():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(F.normalize(model(images), dim=1), labels).backward()
+            opt.step()
+        return f
+    emb = F.normalize(torch.randn(args.step_batch, 128, device=device), dim=1).requires_grad_()
+
+    def nir_term_only():
+        nir.nir.per_sample_loss(emb, nir.proxies, labels).mean().backward()
+    t = interleaved({"pa_step": step(pa, opt_pa), "nir_step": step(nir, opt_nir), "nir_term": nir_term_only},
+                    args.step_reps, timer, warmup=1)
+    r = {k: v["median_s"] for k, v in t.items()}
+    r["nir_share_of_step"] = (r["nir_step"] - r["pa_step"]) / r["nir_step"]
+    r["nir_term_share"] = r["nir_term"] / r["nir_step"]
+    r.update(batch=args.step_batch, image_size=args.image_size)
+    rows.append(r)
+    print(f"PA step {r['pa_step']*1e3:.0f} ms, PA+NIR step {r['nir_step']*1e3:.0f} ms, NIR term alone "
+          f"{r['nir_term']*1e3:.1f} ms: NIR share {r['nir_share_of_step']:.1%} (step difference), "
+          f"{r['nir_term_share']:.1%} (term alone / step)")
+    out["resnet_step"] = rows
+
+
+def section_cuda(args, device, timer, out):
+    if device.type != "cuda":
+        print("\n== 5. CUDA variants: skipped (no CUDA device) ==")
+        out["cuda"] = "skipped: no CUDA"
+        return
+    print("\n== 5. CUDA variants (CUDA-event timings) ==")
+    res = {}
+    B, D, C = 180, 512, 11318
+    pa, nir, freia_loss, x0, labels, mods = make_losses(B, D, C, device)
+
+    def fb(loss_fn, autocast=False):
+        def f():
+            zero_grads(mods, x0)
+            ctx = torch.autocast("cuda", torch.bfloat16) if autocast else contextlib.nullcontext()
+            with ctx:
+                loss = loss_fn(F.normalize(x0, dim=1), labels)
+            loss.backward()
+        return f
+    # No host sync inside the NIR term (validate=False): prove it. PML's ProxyAnchorLoss itself
+    # syncs (torch.where on a mask), so the full loss is checked separately and only recorded.
+    emb_sync = F.normalize(torch.randn(B, D, device=device), dim=1).requires_grad_()
+
+    def term_fb(autocast=False):
+        ctx = torch.autocast("cuda", torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            loss = nir.nir.per_sample_loss(emb_sync, nir.proxies, labels).mean()
+        loss.backward()
+    for name, fn in (("nir_term_sync_free", lambda: term_fb()), ("nir_term_bf16_sync_free", lambda: term_fb(True)),
+                     ("full_loss_sync_free", fb(nir))):
+        fn()  # warm-up outside the debug mode
+        torch.cuda.synchronize()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            fn()
+            res[name] = True
+        except RuntimeError as e:
+            res[name] = f"host sync: {str(e).splitlines()[0][:200]}"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        print(f"{name}: {res[name]}")
+    fns = {"pa": fb(pa), "nir": fb(nir), "freia": fb(freia_loss), "nir_bf16": fb(nir, autocast=True)}
+    try:
+        compiled_nir = torch.compile(nir)
+        fb(compiled_nir)()  # compiles lazily: fail here, not inside the timing loop
+        fns["nir_compiled"] = fb(compiled_nir)
+    except Exception as e:  # noqa: BLE001
+        res["compile_error"] = repr(e)[:300]
+        print(f"torch.compile: {res['compile_error']}")
+    t = interleaved(fns, args.reps, timer, warmup=3)
+    for k, v in t.items():
+        res[f"{k}_s"] = v["median_s"]
+        print(f"{k:14} {v['median_s']*1e3:8.3f} ms")
+    # CUDA graph of the NIR term's forward+backward (static shapes, static inputs).
+    try:
+        emb = F.normalize(torch.randn(B, D, device=device), dim=1).requires_grad_()
+        term = nir.nir
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                term.per_sample_loss(emb, nir.proxies, labels).mean().backward()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            term.per_sample_loss(emb, nir.proxies, labels).mean().backward()
+        eager = interleaved({"term_eager": lambda: term.per_sample_loss(emb, nir.proxies, labels).mean().backward(),
+                             "term_graph": g.replay}, args.reps, timer, warmup=2)
+        for k, v in eager.items():
+            res[f"{k}_s"] = v["median_s"]
+            print(f"{k:14} {v['median_s']*1e3:8.3f} ms")
+    except Exception as e:  # noqa: BLE001
+        res["cuda_graph_error"] = repr(e)
+        print(f"CUDA graph: {e!r}")
+    out["cuda"] = res
+
+
+def section_profile(args, device, timer, out):
+    print("\n== 6. torch.profiler top ops: NIR term vs FrEIA flow, fwd+bwd, B=90 D=128 C=100 ==")
+    _, nir, _, x0, labels, _ = make_losses(90, 128, 100, device)
+    inn = build_freia_flow(128).to(device)
+    proxies = nir.proxies
+
+    def ours():
+        nir.nir.per_sample_loss(F.normalize(x0, dim=1), proxies, labels).mean().backward()
+
+    def freia():
+        (-freia_log_likelihood(inn, F.normalize(x0, dim=1), proxies, labels)).mean().backward()
+    res = {}
+    fns = {"nir": ours, "freia": freia}
+    acc: dict[str, dict[str, list[float]]] = {k: {} for k in fns}
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    iters = 10
+    for _ in range(iters):  # alternate one profiled iteration of each: machine noise hits both
+        for name, fn in fns.items():
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                fn()
+            for e in prof.key_averages():
+                t = acc[name].setdefault(e.key, [0.0, 0])
+                t[0] += e.self_cpu_time_total
+                t[1] += e.count
+    for name in fns:
+        items = sorted(acc[name].items(), key=lambda kv: -kv[1][0])
+        total = sum(v[0] for _, v in items)
+        rows = [{"op": k, "self_ms_per_iter": v[0] / 1e3 / iters, "calls_per_iter": v[1] / iters,
+                 "share": v[0] / total} for k, v in items[:12]]
+        res[name] = {"self_ms_per_iter": total / 1e3 / iters, "top": rows,
+                     "ops_per_iter": sum(v[1] for _, v in items) / iters}
+        print(f"{name}: {total/1e3/iters:.1f} ms/iter self CPU (profiled), {res[name]['ops_per_iter']:.0f} op calls/iter")
+        for r in rows:
+            print(f"   {r['op'][:48]:48} {r['self_ms_per_iter']:7.2f} ms {r['share']:6.1%} {r['calls_per_iter']:6.0f} calls")
+    out["profile"] = res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sections", default="loss,matrix,roofline,resnet,cuda,profile")
+    p.add_argument("--out", default=None)
+    p.add_argument("--step-reps", dest="step_reps_arg", type=int, default=None, help="repeats of the ResNet50 step (default 5, quick 3)")
+    a = p.parse_args(argv)
+    a.batches, a.dims, a.classes = [90, 180], [128, 512], [100, 11318]
+    a.reps, a.step_reps, a.step_batch, a.image_size = 11, 5, 90, 64
+    a.matrix_batch, a.matrix_classes = 90, 100
+    a.matrix_rows = [100, 300, 500, 1000, 2000, 4000, 9000]
+    if a.quick:
+        a.classes, a.reps, a.step_reps, a.step_batch, a.image_size = [100, 11318], 5, 3, 32, 32
+        a.matrix_rows = [500, 1000, 2000, 4000]
+    if a.step_reps_arg is not None:
+        a.step_reps = a.step_reps_arg
+    torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    timer = Timer(device)
+    meta = {"argv": sys.argv[1:], "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": str(device), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "processor": platform.processor(),
+            "cuda_name": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "time_base": "CUDA events" if device.type == "cuda" else "thread CPU time (time.thread_time)"}
+    print(f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
+          f"{os.cpu_count()} cpus; times: {meta['time_base']}, medians of {a.reps} interleaved repeats")
+    out = {"meta": meta}
+    t0 = time.perf_counter()
+    sections = a.sections.split(",")
+    for name, fn in [("loss", section_loss), ("matrix", section_matrix), ("roofline", section_roofline),
+                     ("resnet", section_resnet), ("cuda", section_cuda), ("profile", section_profile)]:
+        if name in sections:
+            fn(a, device, timer, out)
+    out["meta"]["total_seconds"] = time.perf_counter() - t0
+    path = Path(a.out) if a.out else RESULTS / ("speed_quick.json" if a.quick else "speed.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"\nwrote {path}; total {out['meta']['total_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
