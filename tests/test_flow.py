@@ -214,3 +214,19 @@ def test_bad_arguments():
         ProxyConditionedFlow(4, coupling="nope")
     with pytest.raises(ValueError, match="context"):
         ProxyConditionedFlow(4).log_prob(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("transform_first", [True, False])
+def test_fused_coupling_equals_the_stock_normflows_affine_coupling(transform_first):
+    """The fast path computes exactly what normflows' AffineCoupling does with the same subnet."""
+    layer = ContextAffineCoupling(7, context_features=5, hidden_features=16, num_layers=3,
+                                  transform_first=transform_first, identity_init=False).double()
+    x, c = torch.randn(9, 7, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    encoded = layer.encode_context(c)
+    x_t, x_c = x[:, layer.transformed], x[:, layer.conditioner]
+    for density, stock in ((True, layer.coupling.forward), (False, layer.coupling.inverse)):
+        (_, y_t), stock_log_det = stock([(x_c, encoded, None), x_t])
+        y, log_det = (layer.inverse if density else layer.forward)(x, context=c)
+        torch.testing.assert_close(y[:, layer.transformed], y_t, atol=1e-14, rtol=0)
+        torch.testing.assert_close(y[:, layer.conditioner], x_c, atol=0, rtol=0)
+        torch.testing.assert_close(log_det, stock_log_det, atol=1e-14, rtol=0)
