@@ -143,7 +143,13 @@ class NIRTerm(nn.Module):
 
     # -- objective and sampling -----------------------------------------------------------
     def per_sample_loss(self, embeddings: Tensor, proxies: Tensor, labels: Tensor) -> Tensor:
-        """The objective's per-sample term, (B,): NLL, or exp(NLL - (D/2) log(2 pi))."""
+        """The objective's per-sample term, (B,): NLL, or exp(NLL - (D/2) log(2 pi)).
+
+        Example:
+            >>> term = NIRTerm(2, objective="exp_nll", num_blocks=1, hidden_features=8, num_layers=2)
+            >>> term.per_sample_loss(torch.tensor([[0.6, 0.8]]), torch.eye(2), torch.tensor([1]))
+            tensor([1.6487], grad_fn=<ExpBackward0>)
+        """
         z, log_det = self.latent(embeddings, proxies, labels)
         energy = 0.5 * z.square().sum(-1) - log_det  # NLL without the constant
         if self.objective == "exp_nll":
