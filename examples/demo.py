@@ -25,6 +25,8 @@ from dml.evaluation import compute_metrics  # noqa: E402
 from dml.losses import build_loss  # noqa: E402
 from dml.models import small_cnn_1d, small_cnn_2d  # noqa: E402
 
+import nir_loss  # noqa: E402
+
 # Per-dataset settings: batch = (batch_size / m) classes x m samples.
 DATASETS = {
     "digits": dict(epochs=10, batch_size=60, m=12, dim=64, lr=1e-3, samples_per_epoch=0),
@@ -38,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; the table shows means")
     p.add_argument("--epochs", type=int, help="default: per dataset (digits 10, pigcvp 30)")
-    p.add_argument("--nir-weight", type=float, default=0.01)
-    p.add_argument("--nir-objective", default="nll", choices=["nll", "exp_nll"])
-    p.add_argument("--proxy-lr-mult", type=float, default=100.0)
-    p.add_argument("--flow-lr-mult", type=float, default=10.0)
+    p.add_argument("--nir-weight", type=float, default=nir_loss.DEFAULT_NIR_WEIGHT)
+    p.add_argument("--nir-objective", default=nir_loss.DEFAULT_OBJECTIVE, choices=list(nir_loss.OBJECTIVES))
+    p.add_argument("--proxy-lr-mult", type=float, default=nir_loss.DEFAULT_PROXY_LR_MULT)
+    p.add_argument("--flow-lr-mult", type=float, default=nir_loss.DEFAULT_FLOW_LR_MULT)
     p.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (smoke tests)")
     p.add_argument("--flow-blocks", type=int, default=5)
     p.add_argument("--flow-hidden", type=int, default=128)

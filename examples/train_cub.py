@@ -23,6 +23,8 @@ from dml.engine import TrainConfig, cleanup_distributed, fit, seed_everything, s
 from dml.losses import LOSSES, build_loss  # noqa: E402
 from dml.models import efficientnet_lite0_embedder, resnet_embedder  # noqa: E402
 
+import nir_loss  # noqa: E402
+
 # The reference runs (Roth et al., CVPR 2022, CUB200, ResNet50, 128-d). Epochs and the step
 # schedule are this example's choice; everything else follows the reference code's settings.
 _REFERENCE = dict(arch="resnet50", dim=128, batch_size=90, m=2, lr=1e-5, proxy_lr_mult=4000.0, flow_lr_mult=50.0,
@@ -51,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("loss")
     g.add_argument("--loss", default="proxyanchor", choices=LOSSES)
     g.add_argument("--nir", default="on", choices=["on", "off"], help="off = the plain PML loss (baseline)")
-    g.add_argument("--nir-objective", default="nll", choices=["nll", "exp_nll"])
-    g.add_argument("--nir-weight", type=float, default=0.01)
+    g.add_argument("--nir-objective", default=nir_loss.DEFAULT_OBJECTIVE, choices=list(nir_loss.OBJECTIVES))
+    g.add_argument("--nir-weight", type=float, default=nir_loss.DEFAULT_NIR_WEIGHT)
     g.add_argument("--alpha", type=float, default=32.0, help="ProxyAnchor scale")
     g.add_argument("--margin", type=float, default=0.1, help="ProxyAnchor margin")
     g.add_argument("--flow-blocks", type=int, default=5)
@@ -65,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples-per-class", dest="m", type=int, default=2,
                    help="m: samples per class per batch (divides batch size)")
     g.add_argument("--lr", type=float, default=1e-4, help="backbone and head learning rate")
-    g.add_argument("--proxy-lr-mult", type=float, default=100.0)
-    g.add_argument("--flow-lr-mult", type=float, default=10.0)
+    g.add_argument("--proxy-lr-mult", type=float, default=nir_loss.DEFAULT_PROXY_LR_MULT)
+    g.add_argument("--flow-lr-mult", type=float, default=nir_loss.DEFAULT_FLOW_LR_MULT)
     g.add_argument("--weight-decay", type=float, default=4e-4, help="backbone only")
     g.add_argument("--warmup-epochs", type=int, default=1, help="epochs with the trunk frozen")
     g.add_argument("--lr-steps", default="", help="comma-separated epochs at which lr *= lr-gamma")

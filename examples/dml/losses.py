@@ -10,8 +10,9 @@ import nir_loss
 LOSSES = ("proxyanchor", "proxynca", "softtriple", "normsoftmax", "arcface")
 
 
-def build_loss(name: str, num_classes: int, embedding_size: int, nir: bool = True, nir_weight: float = 0.01,
-               objective: str = "nll", margin: float = 0.1, alpha: float = 32.0,
+def build_loss(name: str, num_classes: int, embedding_size: int, nir: bool = True,
+               nir_weight: float = nir_loss.DEFAULT_NIR_WEIGHT, objective: str = nir_loss.DEFAULT_OBJECTIVE,
+               margin: float = 0.1, alpha: float = 32.0,
                flow_options: dict | None = None) -> nn.Module:
     """A PML proxy loss; with ``nir`` the NIR term is added (ProxyAnchorNIRLoss or NIRRegularizer).
 
