@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; the table shows means")
     p.add_argument("--epochs", type=int, help="default: per dataset (digits 10, pigcvp 30)")
-    p.add_argument("--nir-weight", type=float, default=nir_loss.DEFAULT_NIR_WEIGHT)
+    p.add_argument("--nir-weight", type=float, default=None,
+                   help="default: nir_loss.default_nir_weight(dim, objective), 1.28/dim for nll")
     p.add_argument("--nir-objective", default=nir_loss.DEFAULT_OBJECTIVE, choices=list(nir_loss.OBJECTIVES))
     p.add_argument("--proxy-lr-mult", type=float, default=nir_loss.DEFAULT_PROXY_LR_MULT)
     p.add_argument("--flow-lr-mult", type=float, default=nir_loss.DEFAULT_FLOW_LR_MULT)
@@ -96,7 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     out = Path(args.out) / args.dataset
     out.mkdir(parents=True, exist_ok=True)
-    print(f"demo on {args.dataset}: ProxyAnchor vs ProxyAnchor+NIR (weight {args.nir_weight}, "
+    if args.nir_weight is None:
+        args.nir_weight = nir_loss.default_nir_weight(DATASETS[args.dataset]["dim"], args.nir_objective)
+    print(f"demo on {args.dataset}: ProxyAnchor vs ProxyAnchor+NIR (weight {args.nir_weight:g}, "
           f"{args.nir_objective}), held-out classes, seeds {seeds}", flush=True)
     _, test, _, _ = load(args.dataset)
     rows = {"input (untrained)": compute_metrics(test.x.flatten(1), test.labels)}

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", default="proxyanchor", choices=LOSSES)
     g.add_argument("--nir", default="on", choices=["on", "off"], help="off = the plain PML loss (baseline)")
     g.add_argument("--nir-objective", default=nir_loss.DEFAULT_OBJECTIVE, choices=list(nir_loss.OBJECTIVES))
-    g.add_argument("--nir-weight", type=float, default=nir_loss.DEFAULT_NIR_WEIGHT)
+    g.add_argument("--nir-weight", type=float, default=None,
+                   help="default: nir_loss.default_nir_weight(dim, objective), 1.28/dim for nll")
     g.add_argument("--alpha", type=float, default=32.0, help="ProxyAnchor scale")
     g.add_argument("--margin", type=float, default=0.1, help="ProxyAnchor margin")
     g.add_argument("--flow-blocks", type=int, default=5)

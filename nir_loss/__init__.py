@@ -4,11 +4,11 @@ from .distributed import DistributedLossWrapper
 from .flow import ContextAffineCoupling, ProxyConditionedFlow, soft_clamp, standard_normal_log_prob
 from .losses import (
     DEFAULT_FLOW_LR_MULT,
-    DEFAULT_NIR_WEIGHT,
     DEFAULT_OBJECTIVE,
     DEFAULT_PROXY_LR_MULT,
     NIRRegularizer,
     ProxyAnchorNIRLoss,
+    default_nir_weight,
 )
 from .nir import OBJECTIVES, NIRTerm, miner_weights, weighted_element_losses
 from .proxies import get_proxies, proxy_parameters
@@ -17,7 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_FLOW_LR_MULT",
-    "DEFAULT_NIR_WEIGHT",
     "DEFAULT_OBJECTIVE",
     "DEFAULT_PROXY_LR_MULT",
     "ContextAffineCoupling",
@@ -27,6 +26,7 @@ __all__ = [
     "OBJECTIVES",
     "ProxyAnchorNIRLoss",
     "ProxyConditionedFlow",
+    "default_nir_weight",
     "get_proxies",
     "miner_weights",
     "proxy_parameters",

@@ -15,14 +15,28 @@ from .nir import NIRTerm, miner_weights, weighted_element_losses
 from .proxies import get_proxies
 from .validation import check_embeddings, check_labels, values_checked
 
-__all__ = ["NIRRegularizer", "ProxyAnchorNIRLoss", "DEFAULT_NIR_WEIGHT", "DEFAULT_OBJECTIVE",
+__all__ = ["NIRRegularizer", "ProxyAnchorNIRLoss", "default_nir_weight", "DEFAULT_OBJECTIVE",
            "DEFAULT_PROXY_LR_MULT", "DEFAULT_FLOW_LR_MULT"]
 
 # Defaults and the measurements behind them: docs/choosing.md.
 DEFAULT_OBJECTIVE = "nll"
 """Default objective: the paper's ``L_proxy + weight * mean(NLL)``."""
-DEFAULT_NIR_WEIGHT = 0.01
-"""Default weight of the NIR term."""
+_NLL_WEIGHT_TIMES_DIM = 1.28  # 0.01 at D = 128
+_EXP_NLL_WEIGHT = 1 / 0.0075  # the reference run's CUB setting
+
+
+def default_nir_weight(embedding_size: int, objective: str = DEFAULT_OBJECTIVE) -> float:
+    """The NIR weight used when none is given.
+
+    ``"nll"``: 1.28 / D (0.01 at D = 128, 0.0025 at D = 512). The NLL sums over the D
+    dimensions, and a fixed 0.01 that helped at D = 128 hurt at D = 512 while 1.28 / D did not
+    (docs/choosing.md). ``"exp_nll"``: 1 / 0.0075, the reference code's CUB setting.
+
+    Example:
+        >>> default_nir_weight(128), default_nir_weight(512), round(default_nir_weight(128, "exp_nll"), 1)
+        (0.01, 0.0025, 133.3)
+    """
+    return _EXP_NLL_WEIGHT if objective == "exp_nll" else _NLL_WEIGHT_TIMES_DIM / embedding_size
 DEFAULT_PROXY_LR_MULT = 100.0
 """Default learning-rate multiplier of the proxies in ``param_groups``."""
 DEFAULT_FLOW_LR_MULT = 10.0
@@ -38,10 +52,10 @@ class _NIRMixin:
     nir: NIRTerm
     add_to_recordable_attributes: Any  # from PML's ModuleWithRecords
 
-    def _init_nir(self, embedding_size: int, weight: float, objective: str, detach_proxies: bool,
+    def _init_nir(self, embedding_size: int, weight: float | None, objective: str, detach_proxies: bool,
                   validate: bool, flow: ProxyConditionedFlow | None, flow_options: Mapping[str, Any]) -> None:
         self.nir = NIRTerm(embedding_size, objective, detach_proxies, flow, **flow_options)
-        self.nir_weight = float(weight)
+        self.nir_weight = default_nir_weight(embedding_size, objective) if weight is None else float(weight)
         self.validate = validate
         self.add_to_recordable_attributes(list_of_names=["nir_weight"], is_stat=False)
 
@@ -152,7 +166,7 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
 
     Args:
         loss: A PML loss with class proxies (see ``get_proxies``).
-        weight: Weight of the NIR term.
+        weight: Weight of the NIR term; None: ``default_nir_weight(D, objective)``.
         objective: ``"nll"`` (paper) or ``"exp_nll"`` (reference code).
         flow: A ``ProxyConditionedFlow``; else one is built from ``flow_options``.
         detach_proxies: Keep the NIR gradient away from the proxies.
@@ -172,7 +186,7 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
     def __init__(
         self,
         loss: nn.Module,
-        weight: float = DEFAULT_NIR_WEIGHT,
+        weight: float | None = None,
         objective: str = DEFAULT_OBJECTIVE,
         flow: ProxyConditionedFlow | None = None,
         *,
@@ -216,7 +230,7 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         embedding_size: Embedding width D.
         margin: ProxyAnchor margin.
         alpha: ProxyAnchor scale.
-        nir_weight: Weight of the NIR term.
+        nir_weight: Weight of the NIR term; None: ``default_nir_weight(D, objective)``.
         objective: ``"nll"`` (paper) or ``"exp_nll"`` (reference code).
         flow: A ``ProxyConditionedFlow``; else one is built from ``flow_options``.
         flow_options: ``ProxyConditionedFlow`` options.
@@ -236,7 +250,7 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         embedding_size: int,
         margin: float = 0.1,
         alpha: float = 32,
-        nir_weight: float = DEFAULT_NIR_WEIGHT,
+        nir_weight: float | None = None,
         objective: str = DEFAULT_OBJECTIVE,
         flow: ProxyConditionedFlow | None = None,
         *,

@@ -284,3 +284,13 @@ def test_training_steps_change_proxies_and_flow():
     after = loss_fn.state_dict()
     changed = [k for k in after if after[k].is_floating_point() and not torch.equal(after[k], before[k])]
     assert "proxies" in changed and any(k.startswith("nir.flow") for k in changed)
+
+
+def test_default_weight_scales_with_embedding_width():
+    from nir_loss import default_nir_weight
+
+    assert ProxyAnchorNIRLoss(C, 128).nir_weight == pytest.approx(0.01)
+    assert NIRRegularizer(losses.ProxyNCALoss(C, 512)).nir_weight == pytest.approx(0.0025)
+    assert NIRRegularizer(losses.ProxyNCALoss(C, D), objective="exp_nll").nir_weight == pytest.approx(1 / 0.0075)
+    assert ProxyAnchorNIRLoss(C, D, nir_weight=0.3).nir_weight == 0.3
+    assert default_nir_weight(64) == pytest.approx(0.02)

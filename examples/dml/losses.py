@@ -11,7 +11,7 @@ LOSSES = ("proxyanchor", "proxynca", "softtriple", "normsoftmax", "arcface")
 
 
 def build_loss(name: str, num_classes: int, embedding_size: int, nir: bool = True,
-               nir_weight: float = nir_loss.DEFAULT_NIR_WEIGHT, objective: str = nir_loss.DEFAULT_OBJECTIVE,
+               nir_weight: float | None = None, objective: str = nir_loss.DEFAULT_OBJECTIVE,
                margin: float = 0.1, alpha: float = 32.0,
                flow_options: dict | None = None) -> nn.Module:
     """A PML proxy loss; with ``nir`` the NIR term is added (ProxyAnchorNIRLoss or NIRRegularizer).
@@ -21,7 +21,7 @@ def build_loss(name: str, num_classes: int, embedding_size: int, nir: bool = Tru
         num_classes: Training classes C.
         embedding_size: Embedding width D.
         nir: Add Non-isotropy Regularization.
-        nir_weight: Weight of the NIR term.
+        nir_weight: Weight of the NIR term (None: the library's default for D and the objective).
         objective: ``"nll"`` or ``"exp_nll"``.
         margin: ProxyAnchor margin.
         alpha: ProxyAnchor scale.
