@@ -67,11 +67,12 @@ def plot_history(histories: dict[str, list[dict]], path: Path) -> None:
     panels = [("loss", "train loss"), ("nll", "train NLL"), ("recall_at_1", "R@1"),
               ("mean_average_precision_at_r", "MAP@R"), ("NMI", "NMI")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    colors = {name: f"C{i}" for i, name in enumerate(histories)}  # one color per run in every panel
     for ax, (key, title) in zip(axes, panels):
         for name, hist in histories.items():
             pts = [(r["epoch"], r[key]) for r in hist if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+                ax.plot(*zip(*pts), marker="o", ms=3, label=name, color=colors[name])
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
