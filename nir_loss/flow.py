@@ -76,8 +76,10 @@ class ContextAffineCoupling(nf.flows.Flow):
 
     One half of the features (``transformed``) is scaled and shifted by a subnet of the other
     half and the context; the log-scale is soft-clamped to ``clamp`` (FrEIA's atan clamp). The
-    affine map itself is normflows' stock ``AffineCoupling``. In the density direction
-    (``inverse``, x -> z) it computes ``x_t * exp(s) + t`` like FrEIA's GLOW block.
+    affine map is that of normflows' stock ``AffineCoupling`` (kept as ``self.coupling``, whose
+    ``param_map`` is the subnet); the hot path computes it directly, without interleaving the
+    parameters, and a test pins the two equal. In the density direction (``inverse``, x -> z)
+    it computes ``x_t * exp(s) + t`` like FrEIA's GLOW block.
 
     The subnet's first layer is split into an input part and a context part, so the context
     projection (``encode_context``) can be computed once per distinct context (per class) and
