@@ -11,7 +11,7 @@ from .losses import (
     default_nir_weight,
 )
 from .nir import OBJECTIVES, NIRTerm, miner_weights, weighted_element_losses
-from .proxies import get_proxies, proxy_parameters
+from .proxies import get_proxies
 
 __version__ = "0.1.0"
 
@@ -29,7 +29,6 @@ __all__ = [
     "default_nir_weight",
     "get_proxies",
     "miner_weights",
-    "proxy_parameters",
     "soft_clamp",
     "standard_normal_log_prob",
     "weighted_element_losses",

@@ -21,6 +21,10 @@ __all__ = ["NIRRegularizer", "ProxyAnchorNIRLoss", "default_nir_weight", "DEFAUL
 # Defaults and the measurements behind them: docs/choosing.md.
 DEFAULT_OBJECTIVE = "nll"
 """Default objective: the paper's ``L_proxy + weight * mean(NLL)``."""
+DEFAULT_PROXY_LR_MULT = 100.0
+"""Default learning-rate multiplier of the proxies in ``param_groups``."""
+DEFAULT_FLOW_LR_MULT = 10.0
+"""Default learning-rate multiplier of the flow in ``param_groups``."""
 _NLL_WEIGHT_TIMES_DIM = 1.28  # 0.01 at D = 128
 _EXP_NLL_WEIGHT = 1 / 0.0075  # the reference run's CUB setting
 
@@ -37,10 +41,6 @@ def default_nir_weight(embedding_size: int, objective: str = DEFAULT_OBJECTIVE) 
         (0.01, 0.0025, 133.3)
     """
     return _EXP_NLL_WEIGHT if objective == "exp_nll" else _NLL_WEIGHT_TIMES_DIM / embedding_size
-DEFAULT_PROXY_LR_MULT = 100.0
-"""Default learning-rate multiplier of the proxies in ``param_groups``."""
-DEFAULT_FLOW_LR_MULT = 10.0
-"""Default learning-rate multiplier of the flow in ``param_groups``."""
 
 
 class _NIRMixin:

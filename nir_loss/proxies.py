@@ -5,7 +5,7 @@ from __future__ import annotations
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor, nn
 
-__all__ = ["get_proxies", "proxy_parameters"]
+__all__ = ["get_proxies"]
 
 # Losses whose class representatives are the columns of a (D, C) matrix, by attribute name.
 _COLUMN_PROXIES: tuple[tuple[type, str], ...] = (
@@ -73,14 +73,3 @@ def _check_shape(loss: nn.Module, proxies: object) -> None:
             "(C, D), or (C, K, D) for K centres per class."
         )
 
-
-def proxy_parameters(loss: nn.Module) -> list[nn.Parameter]:
-    """The parameters of a loss that hold its proxies (all of the loss's own parameters).
-
-    Example:
-        >>> from pytorch_metric_learning.losses import ProxyAnchorLoss
-        >>> [p.shape for p in proxy_parameters(ProxyAnchorLoss(10, 4))]
-        [torch.Size([10, 4])]
-    """
-    get_proxies(loss)  # raises the helpful TypeError for losses without proxies
-    return [p for p in loss.parameters()]
