@@ -15,6 +15,9 @@ Sections (each a table on stdout; everything also in benchmarks/results/speed[_q
    vs ProxyAnchor + NIR: NIR's share of the step.
 5. CUDA only (skipped without CUDA): CUDA-event timings, ``torch.cuda.set_sync_debug_mode("error")``
    around the loss, bf16 autocast, ``torch.compile`` and CUDA-graph variants of the loss.
+6. torch.profiler top ops of the NIR term vs the FrEIA flow (B=90, D=128).
+7. ``torch.compile`` (inductor) vs eager, on any device: the NIR term and the FrEIA flow, each
+   eager and compiled, fwd+bwd at B in {90, 180}, D in {128, 512}, C=100; ratios to FrEIA eager.
 
 On CPU, times are the CPU time of the calling thread (``time.thread_time``) with exactly one
 intra-op thread (``--threads``, default 1): on a shared machine that is far less noisy than wall
@@ -356,6 +359,72 @@ def section_cuda(args, device, timer, out):
     out["cuda"] = res
 
 
+def section_compiled(args, device, timer, out):
+    print("\n== 7. torch.compile (inductor) vs eager: NIR term and FrEIA flow, fwd+bwd, C=100 ==")
+    print(f"{'B':>4} {'D':>4} | {'NIR':>8} {'NIR cmp':>8} {'FrEIA':>8} {'FrEIA cmp':>9} | "
+          f"{'NIR/FrEIA':>9} {'NIRcmp/FrEIA':>12} {'FrEIAcmp/FrEIA':>14} {'NIRcmp/FrEIAcmp':>15} | compile s (NIR, FrEIA)")
+    rows = []
+    C = 100
+    for D, B in args.compiled_grid:
+        _, nir, _, x0, labels, mods = make_losses(B, D, C, device)
+        inn = build_freia_flow(D).to(device)
+        mods = [*mods, inn]
+        proxies = nir.proxies
+
+        def freia_nll(emb, proxies, labels):
+            return -freia_log_likelihood(inn, emb, proxies, labels)
+        variants = {"nir": nir.nir.per_sample_loss, "freia": freia_nll}
+        # dynamic=False: one static-shape graph per (B, D), as a training loop with a fixed
+        # batch size gets (automatic dynamic shapes would switch on after the second shape).
+        variants["nir_compiled"] = torch.compile(nir.nir.per_sample_loss, dynamic=False)
+        variants["freia_compiled"] = torch.compile(freia_nll, dynamic=False)
+
+        def run(fn):
+            def f():
+                zero_grads(mods, x0)
+                fn(F.normalize(x0, dim=1), proxies, labels).mean().backward()
+            return f
+        fns = {k: run(v) for k, v in variants.items()}
+        compile_s = {}
+        for k in ("nir_compiled", "freia_compiled"):
+            w = time.perf_counter()
+            fns[k]()  # compiles (forward and backward graphs)
+            compile_s[k] = time.perf_counter() - w
+        t = interleaved(fns, args.reps, timer, warmup=3)
+        r = {"B": B, "D": D, "C": C, **{f"{k}_s": v["median_s"] for k, v in t.items()},
+             **{f"{k}_compile_s": v for k, v in compile_s.items()}}
+        r["nir_over_freia"] = r["nir_s"] / r["freia_s"]
+        r["nir_compiled_over_freia"] = r["nir_compiled_s"] / r["freia_s"]
+        r["freia_compiled_over_freia"] = r["freia_compiled_s"] / r["freia_s"]
+        r["nir_compiled_over_freia_compiled"] = r["nir_compiled_s"] / r["freia_compiled_s"]
+        rows.append(r)
+        print(f"{B:>4} {D:>4} | {r['nir_s']*1e3:8.2f} {r['nir_compiled_s']*1e3:8.2f} {r['freia_s']*1e3:8.2f} "
+              f"{r['freia_compiled_s']*1e3:9.2f} | {r['nir_over_freia']:9.3f} {r['nir_compiled_over_freia']:12.3f} "
+              f"{r['freia_compiled_over_freia']:14.3f} {r['nir_compiled_over_freia_compiled']:15.3f} | "
+              f"{compile_s['nir_compiled']:.0f}, {compile_s['freia_compiled']:.0f}", flush=True)
+    # What a user writes: torch.compile(loss_fn) of the whole PML loss (PML's reducers break the
+    # graph into several pieces; the flow stays in one).
+    D, B = args.compiled_grid[0]
+    _, nir, _, x0, labels, mods = make_losses(B, D, C, device)
+    compiled_loss = torch.compile(nir)
+
+    def full(fn):
+        def f():
+            zero_grads(mods, x0)
+            fn(F.normalize(x0, dim=1), labels).backward()
+        return f
+    w = time.perf_counter()
+    full(compiled_loss)()
+    compile_s = time.perf_counter() - w
+    t = interleaved({"loss": full(nir), "loss_compiled": full(compiled_loss)}, args.reps, timer, warmup=3)
+    whole = {"B": B, "D": D, "C": C, "loss_s": t["loss"]["median_s"], "loss_compiled_s": t["loss_compiled"]["median_s"],
+             "compile_s": compile_s}
+    whole["compiled_over_eager"] = whole["loss_compiled_s"] / whole["loss_s"]
+    print(f"whole ProxyAnchorNIRLoss, B={B} D={D}: eager {whole['loss_s']*1e3:.2f} ms, torch.compile(loss) "
+          f"{whole['loss_compiled_s']*1e3:.2f} ms ({whole['compiled_over_eager']:.3f}x; compile {compile_s:.0f} s)")
+    out["compiled"] = {"term": rows, "whole_loss": whole}
+
+
 def section_profile(args, device, timer, out):
     print("\n== 6. torch.profiler top ops: NIR term vs FrEIA flow, fwd+bwd, B=90 D=128 C=100 ==")
     _, nir, _, x0, labels, _ = make_losses(90, 128, 100, device)
@@ -400,7 +469,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sections", default="loss,matrix,roofline,resnet,cuda,profile")
+    p.add_argument("--sections", default="loss,matrix,roofline,resnet,cuda,profile,compiled")
     p.add_argument("--out", default=None)
     p.add_argument("--step-reps", dest="step_reps_arg", type=int, default=None, help="repeats of the ResNet50 step (default 5, quick 3)")
     a = p.parse_args(argv)
@@ -408,9 +477,11 @@ def main(argv=None):
     a.reps, a.step_reps, a.step_batch, a.image_size = 11, 5, 90, 64
     a.matrix_batch, a.matrix_classes = 90, 100
     a.matrix_rows = [100, 300, 500, 1000, 2000, 4000, 9000]
+    a.compiled_grid = [(D, B) for D in a.dims for B in a.batches]
     if a.quick:
         a.classes, a.reps, a.step_reps, a.step_batch, a.image_size = [100, 11318], 5, 3, 32, 32
         a.matrix_rows = [500, 1000, 2000, 4000]
+        a.compiled_grid = [(128, 90)]
     if a.step_reps_arg is not None:
         a.step_reps = a.step_reps_arg
     torch.set_num_threads(a.threads)
@@ -427,7 +498,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     sections = a.sections.split(",")
     for name, fn in [("loss", section_loss), ("matrix", section_matrix), ("roofline", section_roofline),
-                     ("resnet", section_resnet), ("cuda", section_cuda), ("profile", section_profile)]:
+                     ("resnet", section_resnet), ("cuda", section_cuda), ("profile", section_profile),
+                     ("compiled", section_compiled)]:
         if name in sections:
             fn(a, device, timer, out)
     out["meta"]["total_seconds"] = time.perf_counter() - t0

@@ -31,7 +31,15 @@ def _gather_rows(t: Tensor, index: Tensor | None) -> Tensor:
 
 
 class _ConditionedParamMap(nn.Module):
-    """Subnet of a coupling: (x_cond, encoded context) -> interleaved (shift, log-scale)."""
+    """Subnet of a coupling: (x_cond, encoded context) -> (shift, log-scale).
+
+    The last layer's outputs are ``[shift | raw log-scale]`` halves. Contiguous halves let
+    ``torch.compile`` vectorize the affine map (interleaved columns cost about 15% of the
+    compiled NIR term on CPU). State dicts of version 1 (nir-loss 0.1.0, interleaved like
+    normflows' ``AffineCoupling``) are converted when loaded.
+    """
+
+    _version = 2
 
     def __init__(
         self, in_features: int, out_features: int, hidden: int, num_layers: int,
@@ -62,13 +70,23 @@ class _ConditionedParamMap(nn.Module):
             else:
                 h = layer(h)
         # Keep the affine map in the input's precision (float32 under autocast).
-        param = h.to(x_cond.dtype)
-        return param[:, 0::2], soft_clamp(param[:, 1::2], self.clamp)
+        shift, raw = h.to(x_cond.dtype).chunk(2, dim=1)
+        return shift, soft_clamp(raw, self.clamp)
 
     def forward(self, inputs: tuple[Tensor, Tensor | None, Tensor | None]) -> Tensor:
         """Interleaved ``(shift, log-scale)`` channels, as normflows' ``AffineCoupling`` reads them."""
         shift, log_scale = self.shift_and_log_scale(*inputs)
         return torch.stack([shift, log_scale], dim=-1).flatten(-2)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        # Version 1 interleaved (shift, log-scale) rows in the last layer; reorder to halves.
+        # A state dict without metadata is taken as current (version 2).
+        if local_metadata.get("version", self._version) < 2:
+            last = f"{prefix}mlp.net.{len(self.mlp.net) - 1}."
+            for key in (last + "weight", last + "bias"):
+                if key in state_dict:
+                    state_dict[key] = torch.cat([state_dict[key][0::2], state_dict[key][1::2]])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
 
 class ContextAffineCoupling(nf.flows.Flow):

@@ -30,7 +30,8 @@ def flow_nll(flow, x, context):
         h = h + context @ layer.context_layer.weight.t()
         for lin in [m for m in param_map.mlp.modules() if isinstance(m, torch.nn.Linear)]:
             h = torch.relu(h) @ lin.weight.t() + lin.bias
-        shift, raw = h[:, 0::2], h[:, 1::2]
+        n_t = h.shape[1] // 2
+        shift, raw = h[:, :n_t], h[:, n_t:]  # the last layer's rows: [shift | log-scale]
         s = param_map.clamp * 0.636 * torch.atan(raw)  # FrEIA's "ATAN" soft clamp
         x = x.clone()
         x[:, layer.transformed] = x_t * torch.exp(s) + shift

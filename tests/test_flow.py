@@ -197,9 +197,41 @@ def test_state_dict_deepcopy_pickle_round_trip():
     buffer = io.BytesIO()
     torch.save(flow, buffer)
     buffer.seek(0)
-    for clone in (other, copy.deepcopy(flow), pickle.loads(pickle.dumps(flow)),
+    state_buffer = io.BytesIO()
+    torch.save(flow.state_dict(), state_buffer)  # keeps the modules' state-dict versions
+    state_buffer.seek(0)
+    from_file = make_flow(5, seed=9)
+    from_file.load_state_dict(torch.load(state_buffer, weights_only=True))
+    for clone in (other, from_file, copy.deepcopy(flow), pickle.loads(pickle.dumps(flow)),
                   torch.load(buffer, weights_only=False)):
         torch.testing.assert_close(clone.log_prob(x, c), expected)
+
+
+def _as_version_1(flow, state):
+    """``state`` as nir-loss 0.1.0 saved it: each subnet's last layer interleaved (shift, log-scale)."""
+    for name, module in flow.named_modules():
+        if name.endswith("param_map"):
+            last = f"{name}.mlp.net.{len(module.mlp.net) - 1}."
+            for key in (last + "weight", last + "bias"):
+                shift, raw = state[key].chunk(2)
+                state[key] = torch.stack([shift, raw], 1).flatten(0, 1)
+            state._metadata[name]["version"] = 1
+    return state
+
+
+def test_version_1_state_dicts_are_converted_on_load():
+    flow = make_flow(6)
+    x, c = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    old_state = _as_version_1(flow, flow.state_dict())
+    loaded = make_flow(6, seed=9)
+    loaded.load_state_dict(old_state)
+    torch.testing.assert_close(loaded.log_prob(x, c), flow.log_prob(x, c))
+    # The same rows read as version 2 are a different flow: the conversion is what makes it match.
+    for meta in old_state._metadata.values():
+        meta.pop("version", None)
+    unconverted = make_flow(6, seed=9)
+    unconverted.load_state_dict(old_state)
+    assert not torch.allclose(unconverted.log_prob(x, c), flow.log_prob(x, c))
 
 
 def test_compiles_fullgraph():
