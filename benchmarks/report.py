@@ -90,24 +90,50 @@ def quality(d, title):
 
 
 def profile(d):
-    print("| rank | NIR term: op | ms/iter | calls | share | FrEIA: op | ms/iter | calls | share |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    a, b = d["profile"]["nir"], d["profile"]["freia"]
-    for i, (x, y) in enumerate(zip(a["top"], b["top"])):
-        print(f"| {i+1} | {x['op'][:45]} | {x['self_ms_per_iter']:.2f} | {x['calls_per_iter']:.0f} | {x['share']:.0%} | "
-              f"{y['op'][:45]} | {y['self_ms_per_iter']:.2f} | {y['calls_per_iter']:.0f} | {y['share']:.0%} |")
-    print(f"| total | {a['ops_per_iter']:.0f} op calls | {a['self_ms_per_iter']:.1f} | | | {b['ops_per_iter']:.0f} op calls | "
-          f"{b['self_ms_per_iter']:.1f} | | |\n")
+    prof = d["profile"]
+    for ours, theirs in (("nir", "freia"), ("nir_compiled", "freia_compiled")):
+        if ours not in prof:
+            continue
+        a, b = prof[ours], prof[theirs]
+        print(f"| rank | {ours}: op | ms/iter | calls | share | {theirs}: op | ms/iter | calls | share |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for i, (x, y) in enumerate(zip(a["top"], b["top"])):
+            print(f"| {i+1} | {x['op'][:45]} | {x['self_ms_per_iter']:.2f} | {x['calls_per_iter']:.0f} | {x['share']:.0%} | "
+                  f"{y['op'][:45]} | {y['self_ms_per_iter']:.2f} | {y['calls_per_iter']:.0f} | {y['share']:.0%} |")
+        gemm = (f" (GEMMs {a['gemm_share']:.0%})", f" (GEMMs {b['gemm_share']:.0%})") if "gemm_share" in a else ("", "")
+        print(f"| total | {a['ops_per_iter']:.0f} op calls{gemm[0]} | {a['self_ms_per_iter']:.1f} | | | "
+              f"{b['ops_per_iter']:.0f} op calls{gemm[1]} | {b['self_ms_per_iter']:.1f} | | |\n")
+
+
+def compiled(d):
+    c = d.get("compiled")
+    if not c:
+        return
+    print("| B | D | NIR eager ms | NIR compiled ms | FrEIA eager ms | FrEIA compiled ms | NIR / FrEIA | "
+          "NIR compiled / FrEIA | FrEIA compiled / FrEIA | NIR compiled / FrEIA compiled | GEMMs alone / FrEIA | "
+          "compile s (NIR, FrEIA) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in c["term"]:
+        print(f"| {r['B']} | {r['D']} | {r['nir_s']*1e3:.1f} | {r['nir_compiled_s']*1e3:.1f} | {r['freia_s']*1e3:.1f} | "
+              f"{r['freia_compiled_s']*1e3:.1f} | {r['nir_over_freia']:.2f} | **{r['nir_compiled_over_freia']:.2f}** | "
+              f"{r['freia_compiled_over_freia']:.2f} | {r['nir_compiled_over_freia_compiled']:.2f} | "
+              f"{r['gemm_floor_over_freia']:.2f} | {r['nir_compiled_compile_s']:.0f}, {r['freia_compiled_compile_s']:.0f} |")
+    w = c["whole_loss"]
+    print(f"\nWhole loss, `torch.compile(ProxyAnchorNIRLoss(...))`, B={w['B']} D={w['D']} C={w['C']}: eager "
+          f"{w['loss_s']*1e3:.1f} ms, compiled {w['loss_compiled_s']*1e3:.1f} ms = **{w['compiled_over_eager']:.2f}x** "
+          f"(first call {w['compile_s']:.0f} s).\n")
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["speed", "resnet", "profile", "quality", "sweep", "digits", "narrow", "d512"]
+    which = sys.argv[1:] or ["speed", "resnet", "profile", "compiled", "quality", "sweep", "digits", "narrow", "d512"]
     if "speed" in which and load("speed.json"):
         speed(load("speed.json"))
     if "resnet" in which and load("speed_resnet.json"):
         speed(load("speed_resnet.json"))
-    if "profile" in which and load("profile.json"):
-        profile(load("profile.json"))
+    if "profile" in which and load("speed.json") and "profile" in load("speed.json"):
+        profile(load("speed.json"))
+    if "compiled" in which and load("speed.json"):
+        compiled(load("speed.json"))
     if "quality" in which and load("quality.json"):
         quality(load("quality.json"), "Quality, default run")
     if "sweep" in which and load("quality_sweep.json"):

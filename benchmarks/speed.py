@@ -15,9 +15,11 @@ Sections (each a table on stdout; everything also in benchmarks/results/speed[_q
    vs ProxyAnchor + NIR: NIR's share of the step.
 5. CUDA only (skipped without CUDA): CUDA-event timings, ``torch.cuda.set_sync_debug_mode("error")``
    around the loss, bf16 autocast, ``torch.compile`` and CUDA-graph variants of the loss.
-6. torch.profiler top ops of the NIR term vs the FrEIA flow (B=90, D=128).
+6. torch.profiler top ops of the NIR term vs the FrEIA flow (B=90, D=128), eager and (with
+   section 7 selected) compiled.
 7. ``torch.compile`` (inductor) vs eager, on any device: the NIR term and the FrEIA flow, each
-   eager and compiled, fwd+bwd at B in {90, 180}, D in {128, 512}, C=100; ratios to FrEIA eager.
+   eager and compiled, fwd+bwd at B in {90, 180}, D in {128, 512}, C=100; ratios to FrEIA eager;
+   and the same GEMMs run alone (the floor that no fusion of the other ops can go below).
 
 On CPU, times are the CPU time of the calling thread (``time.thread_time``) with exactly one
 intra-op thread (``--threads``, default 1): on a shared machine that is far less noisy than wall
@@ -359,6 +361,27 @@ def section_cuda(args, device, timer, out):
     out["cuda"] = res
 
 
+def gemm_floor_fn(B: int, D: int, device: torch.device, hidden: int = 128, layers: int = 8, blocks: int = 5):
+    """Only the GEMMs of the NIR term's forward+backward, same shapes, nothing else.
+
+    Per linear layer: the forward product and the two backward ones (input and weight gradient),
+    for every layer of every coupling, the context projections included.
+    """
+    shapes = []
+    for _ in range(blocks):
+        for n_t in (round(D / 2), D - round(D / 2)):
+            shapes += [(D - n_t, hidden), (D, hidden)] + [(hidden, hidden)] * (layers - 2) + [(hidden, 2 * n_t)]
+    mats = [(torch.randn(o, i, device=device), torch.randn(B, i, device=device), torch.randn(B, o, device=device))
+            for i, o in shapes]
+
+    def f():
+        for w, x, g in mats:
+            torch.mm(x, w.t())
+            torch.mm(g, w)
+            torch.mm(g.t(), x)
+    return f
+
+
 def section_compiled(args, device, timer, out):
     print("\n== 7. torch.compile (inductor) vs eager: NIR term and FrEIA flow, fwd+bwd, C=100 ==")
     print(f"{'B':>4} {'D':>4} | {'NIR':>8} {'NIR cmp':>8} {'FrEIA':>8} {'FrEIA cmp':>9} | "
@@ -385,6 +408,7 @@ def section_compiled(args, device, timer, out):
                 fn(F.normalize(x0, dim=1), proxies, labels).mean().backward()
             return f
         fns = {k: run(v) for k, v in variants.items()}
+        fns["gemm_floor"] = gemm_floor_fn(B, D, device)
         compile_s = {}
         for k in ("nir_compiled", "freia_compiled"):
             w = time.perf_counter()
@@ -392,8 +416,10 @@ def section_compiled(args, device, timer, out):
             compile_s[k] = time.perf_counter() - w
         t = interleaved(fns, args.reps, timer, warmup=3)
         r = {"B": B, "D": D, "C": C, **{f"{k}_s": v["median_s"] for k, v in t.items()},
+             **{f"{k}_wall_s": v["wall_median_s"] for k, v in t.items()},
              **{f"{k}_compile_s": v for k, v in compile_s.items()}}
         r["nir_over_freia"] = r["nir_s"] / r["freia_s"]
+        r["gemm_floor_over_freia"] = r["gemm_floor_s"] / r["freia_s"]
         r["nir_compiled_over_freia"] = r["nir_compiled_s"] / r["freia_s"]
         r["freia_compiled_over_freia"] = r["freia_compiled_s"] / r["freia_s"]
         r["nir_compiled_over_freia_compiled"] = r["nir_compiled_s"] / r["freia_compiled_s"]
@@ -401,7 +427,8 @@ def section_compiled(args, device, timer, out):
         print(f"{B:>4} {D:>4} | {r['nir_s']*1e3:8.2f} {r['nir_compiled_s']*1e3:8.2f} {r['freia_s']*1e3:8.2f} "
               f"{r['freia_compiled_s']*1e3:9.2f} | {r['nir_over_freia']:9.3f} {r['nir_compiled_over_freia']:12.3f} "
               f"{r['freia_compiled_over_freia']:14.3f} {r['nir_compiled_over_freia_compiled']:15.3f} | "
-              f"{compile_s['nir_compiled']:.0f}, {compile_s['freia_compiled']:.0f}", flush=True)
+              f"{compile_s['nir_compiled']:.0f}, {compile_s['freia_compiled']:.0f} | GEMMs alone "
+              f"{r['gemm_floor_s']*1e3:.2f} ms = {r['gemm_floor_over_freia']:.3f} of FrEIA", flush=True)
     # What a user writes: torch.compile(loss_fn) of the whole PML loss (PML's reducers break the
     # graph into several pieces; the flow stays in one).
     D, B = args.compiled_grid[0]
@@ -438,6 +465,14 @@ def section_profile(args, device, timer, out):
         (-freia_log_likelihood(inn, F.normalize(x0, dim=1), proxies, labels)).mean().backward()
     res = {}
     fns = {"nir": ours, "freia": freia}
+    if "compiled" in args.sections.split(","):
+        nir_c = torch.compile(nir.nir.per_sample_loss, dynamic=False)
+
+        def freia_nll(emb, proxies, labels):
+            return -freia_log_likelihood(inn, emb, proxies, labels)
+        freia_c = torch.compile(freia_nll, dynamic=False)
+        fns["nir_compiled"] = lambda: nir_c(F.normalize(x0, dim=1), proxies, labels).mean().backward()
+        fns["freia_compiled"] = lambda: freia_c(F.normalize(x0, dim=1), proxies, labels).mean().backward()
     acc: dict[str, dict[str, list[float]]] = {k: {} for k in fns}
     for fn in fns.values():
         for _ in range(3):
@@ -456,9 +491,11 @@ def section_profile(args, device, timer, out):
         total = sum(v[0] for _, v in items)
         rows = [{"op": k, "self_ms_per_iter": v[0] / 1e3 / iters, "calls_per_iter": v[1] / iters,
                  "share": v[0] / total} for k, v in items[:12]]
+        gemm = sum(v[0] for k, v in items if k in ("aten::mm", "aten::addmm"))
         res[name] = {"self_ms_per_iter": total / 1e3 / iters, "top": rows,
-                     "ops_per_iter": sum(v[1] for _, v in items) / iters}
-        print(f"{name}: {total/1e3/iters:.1f} ms/iter self CPU (profiled), {res[name]['ops_per_iter']:.0f} op calls/iter")
+                     "ops_per_iter": sum(v[1] for _, v in items) / iters, "gemm_share": gemm / total}
+        print(f"{name}: {total/1e3/iters:.1f} ms/iter self CPU (profiled), {res[name]['ops_per_iter']:.0f} op calls/iter, "
+              f"GEMMs {gemm / total:.0%}")
         for r in rows:
             print(f"   {r['op'][:48]:48} {r['self_ms_per_iter']:7.2f} ms {r['share']:6.1%} {r['calls_per_iter']:6.0f} calls")
     out["profile"] = res

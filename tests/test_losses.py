@@ -272,6 +272,21 @@ def test_log_likelihood_compiles_fullgraph():
     torch.testing.assert_close(compiled(x, y), loss_fn.log_likelihood(x, y))
 
 
+def test_whole_loss_compiles_with_inductor():
+    """``torch.compile(loss_fn)``, the speed recipe in the docs, gives the eager loss and gradients."""
+    loss_fn = ProxyAnchorNIRLoss(C, D, validate=False, flow_options=FLOW)
+    compiled = torch.compile(loss_fn)
+    x, y = batch(requires_grad=False)
+    grads = []
+    for fn in (loss_fn, compiled):
+        emb = F.normalize(x, dim=1).requires_grad_()
+        loss = fn(emb, y)
+        grads.append(torch.autograd.grad(loss, [emb, *loss_fn.parameters()]))
+        grads[-1] = (loss.detach(), *grads[-1])
+    for eager, comp in zip(*grads):
+        torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+
+
 def test_training_steps_change_proxies_and_flow():
     loss_fn = ProxyAnchorNIRLoss(C, D, nir_weight=1.0, flow_options=FLOW)
     opt = torch.optim.Adam(loss_fn.param_groups(1e-3))
