@@ -13,7 +13,7 @@ from .losses import (
 from .nir import OBJECTIVES, NIRTerm, miner_weights, weighted_element_losses
 from .proxies import get_proxies
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DEFAULT_FLOW_LR_MULT",
