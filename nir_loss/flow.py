@@ -34,9 +34,9 @@ class _ConditionedParamMap(nn.Module):
     """Subnet of a coupling: (x_cond, encoded context) -> (shift, log-scale).
 
     The last layer's outputs are ``[shift | raw log-scale]`` halves. Contiguous halves let
-    ``torch.compile`` vectorize the affine map (interleaved columns cost about 15% of the
-    compiled NIR term on CPU). State dicts of version 1 (nir-loss 0.1.0, interleaved like
-    normflows' ``AffineCoupling``) are converted when loaded.
+    ``torch.compile`` vectorize the affine map (interleaved columns made the compiled NIR term
+    12-42% slower on CPU, ``benchmarks/speed_layout.py``). State dicts of version 1 (nir-loss
+    0.1.0, interleaved like normflows' ``AffineCoupling``) are converted when loaded.
     """
 
     _version = 2
