@@ -138,6 +138,8 @@ class ContextAffineCoupling(nf.flows.Flow):
         self.features = features
         self.transformed = slice(0, split) if transform_first else slice(split, features)
         self.conditioner = slice(split, features) if transform_first else slice(0, split)
+        self.transform_first = transform_first
+        self._split_sizes = (split, features - split)
         n_t = split if transform_first else features - split
         self.context_layer = (
             None if context_features is None else nn.Linear(context_features, hidden_features, bias=False)
@@ -154,7 +156,9 @@ class ContextAffineCoupling(nf.flows.Flow):
     def _transform(self, x: Tensor, encoded: Tensor | None, index: Tensor | None, density: bool):
         if self.context_layer is not None and encoded is None:
             raise ValueError("This coupling is conditional: pass context=(N, context_features).")
-        x_t, x_c = x[:, self.transformed], x[:, self.conditioner]
+        # One split, not two slices: its backward is one cat instead of two zero-filled copies.
+        first, second = x.split(self._split_sizes, dim=1)
+        x_t, x_c = (first, second) if self.transform_first else (second, first)
         # What the stock AffineCoupling(scale_map="exp") computes from the interleaved param map
         # (self.coupling.forward / .inverse), without interleaving and re-slicing the parameters.
         shift, log_scale = self.coupling.param_map.shift_and_log_scale(x_c, encoded, index)
@@ -162,7 +166,7 @@ class ContextAffineCoupling(nf.flows.Flow):
             y_t, log_det = torch.addcmul(shift, x_t, torch.exp(log_scale)), log_scale.sum(1)
         else:
             y_t, log_det = (x_t - shift) * torch.exp(-log_scale), -log_scale.sum(1)
-        parts = (y_t, x_c) if self.transformed.start == 0 else (x_c, y_t)
+        parts = (y_t, x_c) if self.transform_first else (x_c, y_t)
         return torch.cat(parts, dim=1), log_det
 
     def inverse(self, z: Tensor, context: Tensor | None = None, *, encoded: Tensor | None = None,
