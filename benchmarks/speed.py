@@ -1,8 +1,8 @@
 # ruff: noqa: B023, E501  (closures are called within their loop iteration; wide tables)
 """Speed and memory of ProxyAnchor + NIR, side by side with plain ProxyAnchor and a FrEIA flow.
 
-    python benchmarks/speed.py            # default grid, CPU: about 10 minutes on 2 shared cores
-    python benchmarks/speed.py --quick    # a smaller grid and fewer repeats (about 2 minutes)
+    python benchmarks/speed.py            # default grid, CPU: about 7 minutes on 2 cores
+    python benchmarks/speed.py --quick    # a smaller grid and fewer repeats (about 3 minutes)
 
 Sections (each a table on stdout; everything also in benchmarks/results/speed[_quick].json):
 1. loss forward+backward time and peak memory: PML ProxyAnchorLoss alone, nir_loss
