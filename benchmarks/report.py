@@ -72,20 +72,28 @@ def speed(d):
 
 
 def quality(d, title):
+    import statistics
     m = d["meta"]
     print(f"### {title} (`quality.py {' '.join(m['argv'])}`: {m['total_seconds']/60:.1f} min wall, "
           f"{m['threads']} torch thread, base lr {m['lr']}, D={m['dim']})\n")
+    # Paired per-seed differences, for the median (robust to a single collapsed seed).
+    by_key = {}
+    for r in d["runs"]:
+        by_key.setdefault((r["dataset"], r["proxy_lr_mult"], r["flow_lr_mult"], r["seed"]), {})[r["arm"]] = r
     print("| data | lr x (proxy, flow) | arm | seeds | R@1 mean ± std | ΔR@1 vs PA (paired) | W/L | MAP@R mean ± std "
-          "| ΔMAP@R vs PA (paired) | W/L | s/run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ΔMAP@R vs PA (paired) | median ΔMAP@R | W/L | s/run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in d["summary"]:
+        diffs = [a[r["arm"]]["mapr"] - a["pa"]["mapr"] for (ds, pm, fm, _), a in by_key.items()
+                 if (ds, pm, fm) == (r["dataset"], r["proxy_lr_mult"], r["flow_lr_mult"]) and "pa" in a and r["arm"] in a]
+        med = "—" if r["arm"] == "pa" or not diffs else f"{statistics.median(diffs):+.4f}"
         d1 = "—" if r["arm"] == "pa" else f"{r['d_r1']:+.4f} ± {r['d_r1_std']:.4f}"
         d2 = "—" if r["arm"] == "pa" else f"{r['d_mapr']:+.4f} ± {r['d_mapr_std']:.4f}"
         wl1 = "" if r["arm"] == "pa" else f"{r['wins_r1']}/{r['losses_r1']}"
         wl2 = "" if r["arm"] == "pa" else f"{r['wins_mapr']}/{r['losses_mapr']}"
         print(f"| {r['dataset']} | {r['proxy_lr_mult']:g}, {r['flow_lr_mult']:g} | {r['arm']} | {r['n']} | "
-              f"{r['r1']:.4f} ± {r['r1_std']:.4f} | {d1} | {wl1} | {r['mapr']:.4f} ± {r['mapr_std']:.4f} | {d2} | {wl2} | "
-              f"{r['seconds']:.0f} |")
+              f"{r['r1']:.4f} ± {r['r1_std']:.4f} | {d1} | {wl1} | {r['mapr']:.4f} ± {r['mapr_std']:.4f} | {d2} | {med} | "
+              f"{wl2} | {r['seconds']:.0f} |")
     print()
 
 
@@ -125,7 +133,8 @@ def compiled(d):
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["speed", "resnet", "profile", "compiled", "quality", "sweep", "digits", "narrow", "d512"]
+    which = sys.argv[1:] or ["speed", "resnet", "profile", "compiled", "quality", "quality010", "seeds15", "sweep",
+                             "digits", "narrow", "d512", "d512scaled"]
     if "speed" in which and load("speed.json"):
         speed(load("speed.json"))
     if "resnet" in which and load("speed_resnet.json"):
@@ -135,7 +144,15 @@ if __name__ == "__main__":
     if "compiled" in which and load("speed.json"):
         compiled(load("speed.json"))
     if "quality" in which and load("quality.json"):
-        quality(load("quality.json"), "Quality, default run")
+        quality(load("quality.json"), "Quality, default run (0.2.0)")
+    if "quality010" in which and load("quality_0.1.0.json"):
+        quality(load("quality_0.1.0.json"), "Quality, default run on 0.1.0 (same command, same seeds)")
+    if "seeds15" in which:
+        for name in ("quality_pig_15seeds.json", "quality_pig_15seeds_w0.005.json", "quality_pig_15seeds_w0.003.json"):
+            if load(name):
+                quality(load(name), f"PigCVP, 15 seeds (0.2.0), {name}")
+    if "d512scaled" in which and load("quality_sweep_pig_d512_scaled.json"):
+        quality(load("quality_sweep_pig_d512_scaled.json"), "PigCVP at D = 512, weight 1.28 / D (0.2.0)")
     if "sweep" in which and load("quality_sweep.json"):
         quality(load("quality_sweep.json"), "Sweep, PigCVP")
     if "digits" in which and load("quality_sweep_digits.json"):
