@@ -134,7 +134,7 @@ def compiled(d):
 
 if __name__ == "__main__":
     which = sys.argv[1:] or ["speed", "resnet", "profile", "compiled", "quality", "quality010", "seeds15", "sweep",
-                             "digits", "narrow", "d512", "d512scaled"]
+                             "digits", "narrow", "d512", "d512scaled", "d512seeds15"]
     if "speed" in which and load("speed.json"):
         speed(load("speed.json"))
     if "resnet" in which and load("speed_resnet.json"):
@@ -153,6 +153,8 @@ if __name__ == "__main__":
                 quality(load(name), f"PigCVP, 15 seeds (0.2.0), {name}")
     if "d512scaled" in which and load("quality_sweep_pig_d512_scaled.json"):
         quality(load("quality_sweep_pig_d512_scaled.json"), "PigCVP at D = 512, weight 1.28 / D (0.2.0)")
+    if "d512seeds15" in which and load("quality_pig_d512_15seeds.json"):
+        quality(load("quality_pig_d512_15seeds.json"), "PigCVP at D = 512, weight 1.28 / D, 15 seeds (0.2.0)")
     if "sweep" in which and load("quality_sweep.json"):
         quality(load("quality_sweep.json"), "Sweep, PigCVP")
     if "digits" in which and load("quality_sweep_digits.json"):
