@@ -20,7 +20,15 @@ def load(name):
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def speed(d):
+def command(argv, name):
+    """The recorded argv, with ``--out`` naming the committed results file (runs wrote to /tmp first)."""
+    argv = list(argv)
+    if "--out" in argv:
+        argv[argv.index("--out") + 1] = f"benchmarks/results/{name}"
+    return " ".join(argv)
+
+
+def speed(d, name="speed.json"):
     from speed import flow_flops_per_row
     m = d["meta"]
     # Matrix FLOPs without the per-class context projection (results written before that fix
@@ -34,7 +42,7 @@ def speed(d):
                 best = max((r for r in d["matrix"] if r["D"] == row["D"]), key=lambda r: r["flop_per_s"])
                 row["flop_per_s"] = best["flop_per_s"]
                 row["fraction_of_peak"] = best["flop_per_s"] / rf["peak_flop_per_s"]
-    print(f"### Speed (`{' '.join(['speed.py', *m['argv']])}`: {m['total_seconds']:.0f} s wall, "
+    print(f"### Speed (`speed.py {command(m['argv'], name)}`: {m['total_seconds']:.0f} s wall, "
           f"{m['threads']} torch thread, {m['time_base']})\n")
     if not d.get("loss"):
         for r in d.get("resnet_step", []):
@@ -71,10 +79,10 @@ def speed(d):
     print()
 
 
-def quality(d, title):
+def quality(d, title, name=""):
     import statistics
     m = d["meta"]
-    print(f"### {title} (`quality.py {' '.join(m['argv'])}`: {m['total_seconds']/60:.1f} min wall, "
+    print(f"### {title} (`quality.py {command(m['argv'], name)}`: {m['total_seconds']/60:.1f} min wall, "
           f"{m['threads']} torch thread, base lr {m['lr']}, D={m['dim']})\n")
     # Paired per-seed differences, for the median (robust to a single collapsed seed).
     by_key = {}
@@ -132,34 +140,32 @@ def compiled(d):
           f"(first call {w['compile_s']:.0f} s).\n")
 
 
+# (selector, results file, heading) of each quality table on docs/benchmarks.md, in page order.
+QUALITY_TABLES = [
+    ("quality", "quality.json", "Quality, default run (0.2.0)"),
+    ("quality010", "quality_0.1.0.json", "Quality, default run on 0.1.0 (same command, same seeds)"),
+    ("seeds15", "quality_pig_15seeds.json", "PigCVP, 15 seeds, weight 0.01 (0.2.0)"),
+    ("seeds15", "quality_pig_15seeds_w0.005.json", "PigCVP, 15 seeds, weight 0.005 (0.2.0)"),
+    ("seeds15", "quality_pig_15seeds_w0.003.json", "PigCVP, 15 seeds, weight 0.003 (0.2.0)"),
+    ("sweep", "quality_sweep.json", "Sweep, PigCVP, 0.1.0"),
+    ("digits", "quality_sweep_digits.json", "Sweep, digits (small weights), 0.1.0"),
+    ("narrow", "quality_sweep_pig_narrow.json", "Sweep, PigCVP around nll 0.01, 5 seeds, 0.1.0"),
+    ("d512", "quality_sweep_pig_d512.json", "Sweep, PigCVP at D = 512, 0.1.0"),
+    ("d512scaled", "quality_sweep_pig_d512_scaled.json", "PigCVP at D = 512, weight 1.28 / D (0.2.0)"),
+    ("d512seeds15", "quality_pig_d512_15seeds.json", "PigCVP at D = 512, weight 1.28 / D, 15 seeds (0.2.0)"),
+]
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["speed", "resnet", "profile", "compiled", "quality", "quality010", "seeds15", "sweep",
-                             "digits", "narrow", "d512", "d512scaled", "d512seeds15"]
+    which = sys.argv[1:] or ["speed", "resnet", "profile", "compiled", *dict.fromkeys(k for k, _, _ in QUALITY_TABLES)]
     if "speed" in which and load("speed.json"):
         speed(load("speed.json"))
     if "resnet" in which and load("speed_resnet.json"):
-        speed(load("speed_resnet.json"))
+        speed(load("speed_resnet.json"), "speed_resnet.json")
     if "profile" in which and load("speed.json") and "profile" in load("speed.json"):
         profile(load("speed.json"))
     if "compiled" in which and load("speed.json"):
         compiled(load("speed.json"))
-    if "quality" in which and load("quality.json"):
-        quality(load("quality.json"), "Quality, default run (0.2.0)")
-    if "quality010" in which and load("quality_0.1.0.json"):
-        quality(load("quality_0.1.0.json"), "Quality, default run on 0.1.0 (same command, same seeds)")
-    if "seeds15" in which:
-        for name in ("quality_pig_15seeds.json", "quality_pig_15seeds_w0.005.json", "quality_pig_15seeds_w0.003.json"):
-            if load(name):
-                quality(load(name), f"PigCVP, 15 seeds (0.2.0), {name}")
-    if "d512scaled" in which and load("quality_sweep_pig_d512_scaled.json"):
-        quality(load("quality_sweep_pig_d512_scaled.json"), "PigCVP at D = 512, weight 1.28 / D (0.2.0)")
-    if "d512seeds15" in which and load("quality_pig_d512_15seeds.json"):
-        quality(load("quality_pig_d512_15seeds.json"), "PigCVP at D = 512, weight 1.28 / D, 15 seeds (0.2.0)")
-    if "sweep" in which and load("quality_sweep.json"):
-        quality(load("quality_sweep.json"), "Sweep, PigCVP")
-    if "digits" in which and load("quality_sweep_digits.json"):
-        quality(load("quality_sweep_digits.json"), "Sweep, digits (small weights)")
-    if "narrow" in which and load("quality_sweep_pig_narrow.json"):
-        quality(load("quality_sweep_pig_narrow.json"), "Sweep, PigCVP around nll 0.01, 5 seeds")
-    if "d512" in which and load("quality_sweep_pig_d512.json"):
-        quality(load("quality_sweep_pig_d512.json"), "Sweep, PigCVP at D = 512")
+    for key, name, title in QUALITY_TABLES:
+        if key in which and load(name):
+            quality(load(name), title, name)

@@ -160,6 +160,27 @@ def zero_grads(mods, x0):
     x0.grad = None
 
 
+def term_variants(nir, inn, compiled: bool) -> dict:
+    """Per-sample NLLs ``(emb, proxies, labels) -> (B,)``: the NIR term and the FrEIA flow, eager and,
+    if asked, compiled (dynamic=False: one static-shape graph per (B, D), as a training loop with a
+    fixed batch size gets; automatic dynamic shapes would switch on after the second shape)."""
+    def freia_nll(emb, proxies, labels):
+        return -freia_log_likelihood(inn, emb, proxies, labels)
+    out = {"nir": nir.nir.per_sample_loss, "freia": freia_nll}
+    if compiled:
+        out["nir_compiled"] = torch.compile(nir.nir.per_sample_loss, dynamic=False)
+        out["freia_compiled"] = torch.compile(freia_nll, dynamic=False)
+    return out
+
+
+def term_step(fn, mods, x0, proxies, labels):
+    """One forward+backward of a per-sample NLL, gradients set to None first (as zero_grad() leaves them)."""
+    def f():
+        zero_grads(mods, x0)
+        fn(F.normalize(x0, dim=1), proxies, labels).mean().backward()
+    return f
+
+
 def section_loss(args, device, timer, out):
     print("\n== 1. loss forward+backward: ProxyAnchor (PA) vs PA+NIR (nir_loss) vs PA+FrEIA flow ==")
     print(f"{'B':>4} {'D':>4} {'C':>6} | {'PA ms':>8} {'NIR ms':>8} {'FrEIA ms':>8} | {'NIR/PA':>7} {'FrEIA/PA':>8} "
@@ -398,22 +419,7 @@ def section_compiled(args, device, timer, out):
         _, nir, _, x0, labels, mods = make_losses(B, D, C, device)
         inn = build_freia_flow(D).to(device)
         mods = [*mods, inn]
-        proxies = nir.proxies
-
-        def freia_nll(emb, proxies, labels):
-            return -freia_log_likelihood(inn, emb, proxies, labels)
-        variants = {"nir": nir.nir.per_sample_loss, "freia": freia_nll}
-        # dynamic=False: one static-shape graph per (B, D), as a training loop with a fixed
-        # batch size gets (automatic dynamic shapes would switch on after the second shape).
-        variants["nir_compiled"] = torch.compile(nir.nir.per_sample_loss, dynamic=False)
-        variants["freia_compiled"] = torch.compile(freia_nll, dynamic=False)
-
-        def run(fn):
-            def f():
-                zero_grads(mods, x0)
-                fn(F.normalize(x0, dim=1), proxies, labels).mean().backward()
-            return f
-        fns = {k: run(v) for k, v in variants.items()}
+        fns = {k: term_step(v, mods, x0, nir.proxies, labels) for k, v in term_variants(nir, inn, True).items()}
         fns["gemm_floor"] = gemm_floor_fn(B, D, device)
         compile_s = {}
         for k in ("nir_compiled", "freia_compiled"):
@@ -462,32 +468,9 @@ def section_profile(args, device, timer, out):
     print("\n== 6. torch.profiler top ops: NIR term vs FrEIA flow, fwd+bwd, B=90 D=128 C=100 ==")
     _, nir, _, x0, labels, _ = make_losses(90, 128, 100, device)
     inn = build_freia_flow(128).to(device)
-    proxies = nir.proxies
-
-    mods = [nir, inn]
-
-    def ours():
-        zero_grads(mods, x0)  # as optimizer.zero_grad(set_to_none=True) leaves them
-        nir.nir.per_sample_loss(F.normalize(x0, dim=1), proxies, labels).mean().backward()
-
-    def freia():
-        zero_grads(mods, x0)
-        (-freia_log_likelihood(inn, F.normalize(x0, dim=1), proxies, labels)).mean().backward()
+    variants = term_variants(nir, inn, compiled="compiled" in args.sections.split(","))
+    fns = {k: term_step(v, [nir, inn], x0, nir.proxies, labels) for k, v in variants.items()}
     res = {}
-    fns = {"nir": ours, "freia": freia}
-    if "compiled" in args.sections.split(","):
-        nir_c = torch.compile(nir.nir.per_sample_loss, dynamic=False)
-
-        def freia_nll(emb, proxies, labels):
-            return -freia_log_likelihood(inn, emb, proxies, labels)
-        freia_c = torch.compile(freia_nll, dynamic=False)
-        def compiled_run(fn):
-            def f():
-                zero_grads(mods, x0)
-                fn(F.normalize(x0, dim=1), proxies, labels).mean().backward()
-            return f
-        fns["nir_compiled"] = compiled_run(nir_c)
-        fns["freia_compiled"] = compiled_run(freia_c)
     acc: dict[str, dict[str, list[float]]] = {k: {} for k in fns}
     for fn in fns.values():
         for _ in range(3):
