@@ -10,7 +10,15 @@ from .losses import (
     ProxyAnchorNIRLoss,
     default_nir_weight,
 )
-from .nir import OBJECTIVES, NIRTerm, miner_weights, weighted_element_losses
+from .nir import (
+    OBJECTIVES,
+    NIRTerm,
+    default_guard_radius,
+    default_noise_std,
+    guarded_energy,
+    miner_weights,
+    weighted_element_losses,
+)
 from .proxies import get_proxies
 
 __version__ = "0.2.0"
@@ -26,8 +34,11 @@ __all__ = [
     "OBJECTIVES",
     "ProxyAnchorNIRLoss",
     "ProxyConditionedFlow",
+    "default_guard_radius",
     "default_nir_weight",
+    "default_noise_std",
     "get_proxies",
+    "guarded_energy",
     "miner_weights",
     "soft_clamp",
     "standard_normal_log_prob",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,11 +54,17 @@ class _NIRMixin:
     add_to_recordable_attributes: Any  # from PML's ModuleWithRecords
 
     def _init_nir(self, embedding_size: int, weight: float | None, objective: str, detach_proxies: bool,
-                  validate: bool, flow: ProxyConditionedFlow | None, flow_options: Mapping[str, Any]) -> None:
-        self.nir = NIRTerm(embedding_size, objective, detach_proxies, flow, **flow_options)
+                  validate: bool, flow: ProxyConditionedFlow | None, flow_options: Mapping[str, Any],
+                  noise_std: float | None, guard_radius: float | None) -> None:
+        self.nir = NIRTerm(embedding_size, objective, detach_proxies, flow, noise_std=noise_std,
+                           guard_radius=guard_radius, **flow_options)
         self.nir_weight = default_nir_weight(embedding_size, objective) if weight is None else float(weight)
         self.validate = validate
-        self.add_to_recordable_attributes(list_of_names=["nir_weight"], is_stat=False)
+        # Detached device tensors set by every call: reading them is the caller's (only) sync.
+        self.nir_nll_mean: Tensor | float = math.nan
+        self.nir_nll_max: Tensor | float = math.nan
+        self.add_to_recordable_attributes(list_of_names=["nir_weight", "nir_nll_mean", "nir_nll_max"],
+                                          is_stat=False)
 
     def _class_proxies(self) -> Tensor:
         raise NotImplementedError
@@ -87,7 +94,9 @@ class _NIRMixin:
     def _nir_loss_entry(self, embeddings: Tensor, labels: Tensor, indices_tuple) -> dict:
         if self.nir_weight == 0 or embeddings.shape[0] == 0:
             return {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
-        per_sample = self.nir.per_sample_loss(embeddings, self._class_proxies(), labels)
+        per_sample, nll = self.nir.loss_and_nll(embeddings, self._class_proxies(), labels)
+        nll = nll.detach()
+        self.nir_nll_mean, self.nir_nll_max = nll.mean(), nll.max()
         weights = miner_weights(indices_tuple, embeddings.shape[0], per_sample.dtype, embeddings.device)
         return {
             "losses": self.nir_weight * weighted_element_losses(per_sample, weights),
@@ -170,6 +179,9 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         objective: ``"nll"`` (paper) or ``"exp_nll"`` (reference code).
         flow: A ``ProxyConditionedFlow``; else one is built from ``flow_options``.
         detach_proxies: Keep the NIR gradient away from the proxies.
+        noise_std: Training noise on the flow's input; None: ``default_noise_std(D)``; 0: none.
+        guard_radius: Latent norm where the NLL's tail guard starts; None:
+            ``default_guard_radius(D)``; ``math.inf``: no guard.
         validate: Check label range and finiteness (a host sync on CUDA; off under torch.compile).
         reducer: PML reducer for the NIR term.
         collect_stats: PML's collect_stats.
@@ -191,6 +203,8 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         flow: ProxyConditionedFlow | None = None,
         *,
         detach_proxies: bool = False,
+        noise_std: float | None = None,
+        guard_radius: float | None = None,
         validate: bool = True,
         reducer=None,
         collect_stats: bool | None = None,
@@ -199,7 +213,8 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         proxies = get_proxies(loss)
         super().__init__(reducer=reducer, collect_stats=collect_stats)
         self.loss = loss
-        self._init_nir(proxies.shape[-1], weight, objective, detach_proxies, validate, flow, flow_options)
+        self._init_nir(proxies.shape[-1], weight, objective, detach_proxies, validate, flow, flow_options,
+                       noise_std, guard_radius)
 
     def _class_proxies(self) -> Tensor:
         return get_proxies(self.loss)
@@ -235,6 +250,9 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         flow: A ``ProxyConditionedFlow``; else one is built from ``flow_options``.
         flow_options: ``ProxyConditionedFlow`` options.
         detach_proxies: Keep the NIR gradient away from the proxies.
+        noise_std: Training noise on the flow's input; None: ``default_noise_std(D)``; 0: none.
+        guard_radius: Latent norm where the NLL's tail guard starts; None:
+            ``default_guard_radius(D)``; ``math.inf``: no guard.
         validate: Check label range and finiteness (a host sync on CUDA; off under torch.compile).
         **kwargs: ProxyAnchorLoss / BaseMetricLossFunction options (reducer, distance, ...).
 
@@ -256,11 +274,14 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         *,
         flow_options: Mapping[str, Any] | None = None,
         detach_proxies: bool = False,
+        noise_std: float | None = None,
+        guard_radius: float | None = None,
         validate: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(num_classes, embedding_size, margin=margin, alpha=alpha, **kwargs)
-        self._init_nir(embedding_size, nir_weight, objective, detach_proxies, validate, flow, flow_options or {})
+        self._init_nir(embedding_size, nir_weight, objective, detach_proxies, validate, flow, flow_options or {},
+                       noise_std, guard_radius)
 
     def _class_proxies(self) -> Tensor:
         return self.proxies

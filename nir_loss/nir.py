@@ -10,9 +10,16 @@ from torch import Tensor, nn
 
 from .flow import ProxyConditionedFlow, standard_normal_log_prob
 
-__all__ = ["OBJECTIVES", "NIRTerm", "miner_weights", "weighted_element_losses"]
+__all__ = ["OBJECTIVES", "NIRTerm", "default_guard_radius", "default_noise_std", "guarded_energy",
+           "miner_weights", "weighted_element_losses"]
 
 OBJECTIVES = ("nll", "exp_nll")
+# Training noise: its norm, as a fraction of the unit-norm embedding, is the same at every D.
+_NOISE_NORM = 0.34  # noise_std 0.03 at D = 128
+# Latent radius of the tail guard, in units of the typical latent norm sqrt(D).
+_GUARD_RADIUS_TIMES_SQRT_DIM = 2.0
+# exp_nll: exp(e) above this energy continues linearly (float32 exp overflows at 88.7).
+_EXP_LINEAR_ABOVE = 30.0
 # Rows (sample x class pairs) per pass of the B x C matrix. On CPU (1 thread) passes of 256-1024
 # rows ran 10-30% faster than 4096 (activations stay in cache; benchmarks/speed.py section 2);
 # accelerators keep the larger pass.
@@ -24,6 +31,58 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def default_noise_std(embedding_size: int) -> float:
+    """Std of the Gaussian noise added to the flow's input in training: 0.34 / sqrt(D).
+
+    The noise vector's norm is then about 0.34 at every D, a third of the unit-norm embedding's
+    radius. It keeps the flow from sharpening below that scale: the training NLL is bounded
+    below by (D/2) log(2 pi e noise_std^2) (docs/concepts.md).
+
+    Example:
+        >>> default_noise_std(128)
+        0.03005...
+    """
+    return _NOISE_NORM / math.sqrt(embedding_size)
+
+
+def default_guard_radius(embedding_size: int) -> float:
+    """Latent norm above which the tail guard makes the NLL grow linearly: 2 sqrt(D).
+
+    A standard normal latent has norm about sqrt(D); 2 sqrt(D) is far in its tail
+    (P(||z||^2 > 4D) < 1e-5 for D >= 16), so the guard leaves in-distribution samples alone.
+
+    Example:
+        >>> default_guard_radius(64)
+        16.0
+    """
+    return _GUARD_RADIUS_TIMES_SQRT_DIM * math.sqrt(embedding_size)
+
+
+def guarded_energy(z: Tensor, radius: float) -> Tensor:
+    """0.5 ||z||^2 per row, continued linearly in ||z|| beyond ``radius`` (a Huber loss on the norm).
+
+    Value and gradient are continuous at ``radius``; outside it the gradient with respect to z
+    has norm ``radius``, so one far-off sample cannot dominate a batch's gradient.
+    ``radius=math.inf`` gives 0.5 ||z||^2 exactly.
+
+    Example:
+        >>> guarded_energy(torch.tensor([[3.0, 4.0], [0.6, 0.8]]), radius=2.0)
+        tensor([8.0000, 0.5000])
+    """
+    sq = z.square().sum(-1)
+    if math.isinf(radius):
+        return 0.5 * sq
+    # clamp_min keeps the unused branch's sqrt (and its gradient) finite inside the radius.
+    outside = radius * sq.clamp_min(radius * radius).sqrt() - 0.5 * radius * radius
+    return torch.where(sq <= radius * radius, 0.5 * sq, outside)
+
+
+def _guarded_exp(energy: Tensor) -> Tensor:
+    """exp(energy), continued linearly above ``_EXP_LINEAR_ABOVE`` (continuous value and slope)."""
+    capped = energy.clamp_max(_EXP_LINEAR_ABOVE)
+    return torch.exp(capped) * (1 + (energy - capped))
+
+
 class NIRTerm(nn.Module):
     """Non-isotropy regularization: a proxy-conditioned flow and what is computed with it.
 
@@ -33,12 +92,22 @@ class NIRTerm(nn.Module):
     cosine) to the sample. All log-likelihoods are float32 (float64 for float64 input) and
     exact, including the -(D/2) log(2 pi) constant.
 
+    The training term (``per_sample_loss``) differs from the exact likelihood in two ways,
+    both switchable: in training mode Gaussian noise of std ``noise_std`` is added to the
+    flow's input (fresh each call, like dropout; off in ``eval()`` mode), and the quadratic
+    part 0.5 ||z||^2 of the NLL grows linearly beyond the latent norm ``guard_radius``
+    (``guarded_energy``). ``noise_std=0`` and ``guard_radius=math.inf`` give the plain NLL.
+
     Args:
         embedding_size: Embedding width D.
         objective: ``"nll"`` (the paper: mean NLL) or ``"exp_nll"`` (the reference code: mean
             of exp(NLL without the (D/2) log(2 pi) constant)).
         detach_proxies: Stop the NIR term's gradient from reaching the proxies.
         flow: A ``ProxyConditionedFlow`` to use; else one is built from ``flow_options``.
+        noise_std: Std of the training noise on the flow's input; None:
+            ``default_noise_std(D)``; 0: none.
+        guard_radius: Latent norm beyond which the NLL's tail is linear; None:
+            ``default_guard_radius(D)``; ``math.inf``: no guard.
         **flow_options: Keyword arguments of ``ProxyConditionedFlow``.
 
     Example:
@@ -56,11 +125,20 @@ class NIRTerm(nn.Module):
         objective: str = "nll",
         detach_proxies: bool = False,
         flow: ProxyConditionedFlow | None = None,
+        *,
+        noise_std: float | None = None,
+        guard_radius: float | None = None,
         **flow_options,
     ) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+        noise_std = default_noise_std(embedding_size) if noise_std is None else float(noise_std)
+        guard_radius = default_guard_radius(embedding_size) if guard_radius is None else float(guard_radius)
+        if not noise_std >= 0 or math.isinf(noise_std):
+            raise ValueError(f"noise_std must be a finite number >= 0 (0: no noise), got {noise_std}.")
+        if not guard_radius > 0:
+            raise ValueError(f"guard_radius must be > 0 (math.inf: no guard), got {guard_radius}.")
         if flow is None:
             flow = ProxyConditionedFlow(embedding_size, **flow_options)
         elif flow_options:
@@ -70,6 +148,8 @@ class NIRTerm(nn.Module):
         self.embedding_size = embedding_size
         self.objective = objective
         self.detach_proxies = detach_proxies
+        self.noise_std = noise_std
+        self.guard_radius = guard_radius
         self.flow = flow
 
     # -- context ------------------------------------------------------------------------
@@ -142,19 +222,41 @@ class NIRTerm(nn.Module):
         return torch.cat(out)[:batch] if out else x.new_zeros(0, num_classes)
 
     # -- objective and sampling -----------------------------------------------------------
-    def per_sample_loss(self, embeddings: Tensor, proxies: Tensor, labels: Tensor) -> Tensor:
-        """The objective's per-sample term, (B,): NLL, or exp(NLL - (D/2) log(2 pi)).
+    def loss_and_nll(self, embeddings: Tensor, proxies: Tensor, labels: Tensor,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """The training term per sample and the NLL it was computed from, each (B,).
+
+        The NLL (with the (D/2) log(2 pi) constant, no guard) is that of the flow's input, noisy
+        in training mode. Noise comes from torch's RNG, or from ``generator`` (on the
+        embeddings' device) if given. The term is the guarded NLL (``"nll"``) or
+        exp(guarded NLL - (D/2) log(2 pi)) (``"exp_nll"``, linear above an exponent of 30 so
+        that it stays finite).
+        """
+        context = self.context(embeddings, proxies, labels)
+        x = embeddings.to(context.dtype)
+        if self.training and self.noise_std > 0:
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x = x + self.noise_std * noise
+        z, log_det = self.flow.inverse_and_log_det(x, context)
+        constant = 0.5 * z.shape[-1] * math.log(2 * math.pi)
+        nll = 0.5 * z.square().sum(-1) - log_det + constant
+        energy = guarded_energy(z, self.guard_radius) - log_det  # NLL without the constant
+        if self.objective == "exp_nll":
+            return _guarded_exp(energy), nll
+        return energy + constant, nll
+
+    def per_sample_loss(self, embeddings: Tensor, proxies: Tensor, labels: Tensor,
+                        generator: torch.Generator | None = None) -> Tensor:
+        """The objective's per-sample training term, (B,): see ``loss_and_nll``.
 
         Example:
             >>> term = NIRTerm(2, objective="exp_nll", num_blocks=1, hidden_features=8, num_layers=2)
+            >>> term.eval()  # no training noise: exp(0.5 ||x||^2) under the identity flow
+            NIRTerm(...)
             >>> term.per_sample_loss(torch.tensor([[0.6, 0.8]]), torch.eye(2), torch.tensor([1]))
-            tensor([1.6487], grad_fn=<ExpBackward0>)
+            tensor([1.6487], grad_fn=<MulBackward0>)
         """
-        z, log_det = self.latent(embeddings, proxies, labels)
-        energy = 0.5 * z.square().sum(-1) - log_det  # NLL without the constant
-        if self.objective == "exp_nll":
-            return torch.exp(energy)
-        return energy + 0.5 * z.shape[-1] * math.log(2 * math.pi)
+        return self.loss_and_nll(embeddings, proxies, labels, generator)[0]
 
     def sample(self, proxies: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Draws x ~ p(x | proxy_y) for each label, shape (len(labels), D).

@@ -156,6 +156,8 @@ def check_proxy_loss(
         options = {"weight": 1.0, **_SMALL_FLOW, **(nir_options or {})}
         nir_loss = _guarded(f"NIRRegularizer({name}(...), **{options})", "check nir_options.",
                             lambda: NIRRegularizer(copy.deepcopy(plain), **options))
+    # The checks compare values across calls, copies and dtypes: no training noise (eval mode).
+    nir_loss.eval()
     _check_own_term(plain, name, num_classes, embedding_size, batch_size, seed)
     _check_nir_gradients(nir_loss, name, num_classes, embedding_size, batch_size, seed)
     if miners:

@@ -1,5 +1,7 @@
 """The NIR term: agreement with a reference, batched likelihoods, miners, sampling."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,8 @@ from nir_loss import NIRRegularizer, ProxyAnchorNIRLoss, miner_weights, weighted
 from . import reference
 
 FLOW = dict(num_blocks=3, hidden_features=16, num_layers=4, identity_init=False)
+# The plain NLL: no training noise, no tail guard (what the references compute).
+EXACT = dict(noise_std=0.0, guard_radius=math.inf)
 
 
 def batch(b=12, d=8, c=5, dtype=torch.float64):
@@ -20,7 +24,7 @@ def batch(b=12, d=8, c=5, dtype=torch.float64):
 
 @pytest.mark.parametrize("objective", ["nll", "exp_nll"])
 def test_matches_independent_reference(objective):
-    loss_fn = ProxyAnchorNIRLoss(5, 8, nir_weight=0.3, objective=objective, flow_options=FLOW).double()
+    loss_fn = ProxyAnchorNIRLoss(5, 8, nir_weight=0.3, objective=objective, flow_options=FLOW, **EXACT).double()
     x, y = batch()
     expected = reference.proxy_anchor(x, y, loss_fn.proxies) + 0.3 * reference.nir_term(
         loss_fn.flow, x, loss_fn.proxies, y, objective)
@@ -101,7 +105,7 @@ def test_miner_weights_match_pml_and_handle_empty():
 
 @pytest.mark.parametrize("miner", [miners.MultiSimilarityMiner(0.3), miners.TripletMarginMiner(0.3)])
 def test_nir_term_is_miner_weighted_mean(miner):
-    loss_fn = NIRRegularizer(losses.ProxyNCALoss(5, 8), weight=0.5, **FLOW).double()
+    loss_fn = NIRRegularizer(losses.ProxyNCALoss(5, 8), weight=0.5, **FLOW, **EXACT).double()
     x, y = batch(b=16)
     tup = miner(x, y)
     w = lmu.convert_to_weights(tup, y, dtype=torch.float64)
@@ -120,7 +124,7 @@ def test_miner_naming_nothing_gives_zero_nir_term():
 
 
 def test_unnamed_samples_do_not_affect_nir_term():
-    loss_fn = ProxyAnchorNIRLoss(5, 8, nir_weight=1.0, flow_options=FLOW).double()
+    loss_fn = ProxyAnchorNIRLoss(5, 8, nir_weight=1.0, flow_options=FLOW, **EXACT).double()
     x, y = batch()
     tup = (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([0, 1]), torch.tensor([4, 5]))
     nir = lambda e: loss_fn.nir.per_sample_loss(e, loss_fn.proxies, y)  # noqa: E731
