@@ -37,10 +37,10 @@ wheel-check: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py --dataset digits --seeds 0,1,2 --out runs/demo
 
-# The benchmarks of docs/benchmarks.md (long: not tests). Needs the FrEIA and pyts extras.
+# The benchmarks of docs/benchmarks.md (long: not tests). Needs the FrEIA and data-set extras.
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[benchmarks,pigcvp]'
+	$(PY) -m pip install -q -e '.[benchmarks,datasets]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
