@@ -116,3 +116,17 @@ def test_unknown_top_level_name_is_an_attribute_error():
     assert not hasattr(nir_loss, "no_such_name")
     with pytest.raises(ImportError):
         from nir_loss import no_such_name  # noqa: F401
+
+
+def test_check_proxy_loss_takes_nir_options_in_either_spelling():
+    from nir_loss.testing import check_proxy_loss
+
+    quick = {"miners": False, "dtypes": (torch.float32,), "devices": ["cpu"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_proxy_loss(losses.ProxyNCALoss(C, D), C, D, **quick,
+                         nir_options={"nir_weight": 0.5, "flow_options": FLOW})
+    with pytest.warns(DeprecationWarning) as record:
+        check_proxy_loss(losses.ProxyNCALoss(C, D), C, D, **quick, nir_options={"weight": 0.5, "num_blocks": 1})
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2 and "(weight=...)" in messages[0] and "num_blocks=..." in messages[1]
