@@ -7,9 +7,9 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test demo bench lint clean docs wheel-check
+.PHONY: test demo bench lint format clean docs wheel-check
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
@@ -49,6 +49,10 @@ bench: $(BENCH_STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# Formats the code in place ([tool.ruff.format] in pyproject.toml); `ruff format --diff` shows it first.
+format: $(STAMP)
+	$(PY) -m ruff format $(or $(FILES),.)
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info

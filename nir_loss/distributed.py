@@ -28,7 +28,7 @@ class DistributedLossWrapper(pml_dist.DistributedLossWrapper):
 
     Example:
         >>> from nir_loss import ProxyAnchorNIRLoss
-        >>> loss_fn = DistributedLossWrapper(ProxyAnchorNIRLoss(num_classes=5, embedding_size=8))
+        >>> loss_fn = DistributedLossWrapper(ProxyAnchorNIRLoss(5, embedding_size=8))
     """
 
     def __init__(self, loss: nn.Module, efficient: bool = False) -> None:

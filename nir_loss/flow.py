@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ContextAffineCoupling", "ProxyConditionedFlow", "soft_clamp"]
+__all__ = ["ContextAffineCoupling", "ProxyConditionedFlow", "soft_clamp", "standard_normal_log_prob"]
 
 # FrEIA's "ATAN" clamp activation, as the reference run used it (0.636 ~ 2/pi).
 _ATAN_SCALE = 0.636
@@ -26,6 +26,11 @@ def soft_clamp(s: Tensor, clamp: float) -> Tensor:
     return clamp * _ATAN_SCALE * torch.atan(s)
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The precision of the flow's math for input ``x``: float64 stays float64, all else is float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _gather_rows(t: Tensor, index: Tensor | None) -> Tensor:
     return t if index is None else t.index_select(0, index)
 
@@ -34,8 +39,8 @@ class _ConditionedParamMap(nn.Module):
     """Subnet of a coupling: (x_cond, encoded context) -> (shift, log-scale).
 
     The last layer's outputs are ``[shift | raw log-scale]`` halves. Contiguous halves let
-    ``torch.compile`` vectorize the affine map (interleaved columns made the compiled NIR term
-    12-42% slower on CPU, ``benchmarks/speed_layout.py``). State dicts of version 1 (nir-loss
+    ``torch.compile`` vectorize the affine map (interleaved columns kept the compiled NIR term
+    slower; docs/benchmarks.md). State dicts of version 1 (nir-loss
     0.1.0, interleaved like normflows' ``AffineCoupling``) are converted when loaded.
     """
 
@@ -215,7 +220,7 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
         spline_tail_bound: Spline interval [-B, B]; identity outside (embeddings are unit norm).
 
     Example:
-        >>> flow = ProxyConditionedFlow(8, num_blocks=2, hidden_features=16, num_layers=3)
+        >>> flow = ProxyConditionedFlow(8, num_blocks=2, hidden_features=16)
         >>> x = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
         >>> rho = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
         >>> z, log_det = flow.inverse_and_log_det(x, rho)
@@ -288,10 +293,11 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
         contexts each of N rows uses: per-class work then happens once per class.
 
         Example:
-            >>> flow = ProxyConditionedFlow(4, num_blocks=1, hidden_features=8, num_layers=2)
+            >>> flow = ProxyConditionedFlow(4, num_blocks=1, hidden_features=8)
             >>> classes, labels = torch.randn(3, 4), torch.tensor([2, 0, 2])
             >>> x = torch.randn(3, 4)
-            >>> lp = flow.log_prob(x, encoded=flow.encode_context(classes), context_index=labels)
+            >>> encoded = flow.encode_context(classes)
+            >>> lp = flow.log_prob(x, encoded=encoded, context_index=labels)
             >>> torch.allclose(lp, flow.log_prob(x, classes[labels]))
             True
         """
@@ -312,7 +318,7 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
             if context is None:
                 raise ValueError("ProxyConditionedFlow is conditional: pass context=(N, context_features).")
             encoded = self.encode_context(context)
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = _compute_dtype(x)
         x = x.to(dtype)
         log_det = x.new_zeros(x.shape[0])
         order = range(len(self.flows) - 1, -1, -1) if density else range(len(self.flows))
@@ -355,8 +361,8 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
         """Exact log p(x | context), including the -(D/2) log(2 pi) constant.
 
         Example:
-            >>> flow = ProxyConditionedFlow(2, num_blocks=1, hidden_features=8, num_layers=2)
-            >>> flow.log_prob(torch.zeros(1, 2), torch.ones(1, 2))  # starts as a standard normal
+            >>> flow = ProxyConditionedFlow(2, num_blocks=1, hidden_features=8)
+            >>> flow.log_prob(torch.zeros(1, 2), torch.ones(1, 2))  # N(0, I) at first
             tensor([-1.8379], grad_fn=<AddBackward0>)
         """
         z, log_det = self.inverse_and_log_det(x, context, **kwargs)
@@ -367,14 +373,15 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
         """Draws x ~ p(x | context); returns ``(x, log p(x | context))``.
 
         Example:
-            >>> flow = ProxyConditionedFlow(4, num_blocks=1, hidden_features=8, num_layers=2)
-            >>> x, log_p = flow.sample(5, torch.randn(5, 4), generator=torch.Generator().manual_seed(0))
+            >>> flow = ProxyConditionedFlow(4, num_blocks=1, hidden_features=8)
+            >>> generator = torch.Generator().manual_seed(0)
+            >>> x, log_p = flow.sample(5, torch.randn(5, 4), generator=generator)
             >>> x.shape, log_p.shape
             (torch.Size([5, 4]), torch.Size([5]))
         """
         if context is None:
             raise ValueError("ProxyConditionedFlow is conditional: pass context=(num_samples, context_features).")
-        dtype = torch.float64 if context.dtype == torch.float64 else torch.float32
+        dtype = _compute_dtype(context)
         z = torch.randn(num_samples, self.features, generator=generator, device=context.device, dtype=dtype)
         x, log_det = self.forward_and_log_det(z, context)
         return x, standard_normal_log_prob(z) - log_det
@@ -388,6 +395,3 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
         tensor([-1.8379])
     """
     return -0.5 * z.square().sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
-
-
-__all__ += ["standard_normal_log_prob"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,10 +40,39 @@ def default_nir_weight(embedding_size: int, objective: str = DEFAULT_OBJECTIVE) 
     (docs/choosing.md). ``"exp_nll"``: 1 / 0.0075, the reference code's CUB setting.
 
     Example:
-        >>> default_nir_weight(128), default_nir_weight(512), round(default_nir_weight(128, "exp_nll"), 1)
-        (0.01, 0.0025, 133.3)
+        >>> default_nir_weight(128), default_nir_weight(512)
+        (0.01, 0.0025)
+        >>> round(default_nir_weight(128, "exp_nll"), 1)
+        133.3
     """
     return _EXP_NLL_WEIGHT if objective == "exp_nll" else _NLL_WEIGHT_TIMES_DIM / embedding_size
+
+
+def _old_spelling(nir_weight: float | None, flow_options: Mapping[str, Any] | None,
+                  deprecated: dict[str, Any]) -> tuple[float | None, Mapping[str, Any] | None]:
+    """NIRRegularizer's keywords before 0.3.0 (``weight=``, flow options as keywords), translated."""
+    flow_names = set(inspect.signature(ProxyConditionedFlow).parameters) - {"features"}
+    unknown = sorted(set(deprecated) - flow_names - {"weight"})
+    if unknown:
+        raise TypeError(f"NIRRegularizer got unexpected keyword arguments {unknown}; expected its own "
+                        f"parameters, or ProxyConditionedFlow options inside flow_options={{...}} "
+                        f"({', '.join(sorted(flow_names))}).")
+    if "weight" in deprecated:
+        if nir_weight is not None:
+            raise TypeError(f"NIRRegularizer got both nir_weight={nir_weight} and weight={deprecated['weight']}; "
+                            "weight= is the old spelling of nir_weight=: pass nir_weight= only.")
+        nir_weight = deprecated.pop("weight")
+        warnings.warn("NIRRegularizer(weight=...) is deprecated and will be removed in 0.4.0: "
+                      "use nir_weight=..., as in ProxyAnchorNIRLoss.", DeprecationWarning, stacklevel=3)
+    if deprecated:
+        if flow_options is not None:
+            raise TypeError(f"NIRRegularizer got flow_options= and flow options as keywords {sorted(deprecated)}; "
+                            "pass all of them in flow_options={...}.")
+        flow_options = deprecated
+        warnings.warn(f"NIRRegularizer(..., {', '.join(f'{k}=...' for k in deprecated)}) is deprecated and will "
+                      "be removed in 0.4.0: pass flow options as flow_options={...}, as in ProxyAnchorNIRLoss.",
+                      DeprecationWarning, stacklevel=3)
+    return nir_weight, flow_options
 
 
 class _NIRMixin:
@@ -166,7 +197,7 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
     """Adds Non-isotropy Regularization to any proxy-based PML loss.
 
     A drop-in replacement for the wrapped loss: ``loss_fn(embeddings, labels, indices_tuple,
-    ref_emb, ref_labels)`` returns ``loss(...) + weight * reduce(NIR term)``. The wrapped loss
+    ref_emb, ref_labels)`` returns ``loss(...) + nir_weight * reduce(NIR term)``. The wrapped loss
     runs unchanged (its own reducer, miners, regularizers); its value is the ``proxy_loss``
     sub-loss. The NIR term is the ``nir_loss`` sub-loss: per-sample NLL (``objective="nll"``)
     or exp(NLL) (``"exp_nll"``), weighted by the miner's per-sample weights if ``indices_tuple``
@@ -175,9 +206,10 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
 
     Args:
         loss: A PML loss with class proxies (see ``get_proxies``).
-        weight: Weight of the NIR term; None: ``default_nir_weight(D, objective)``.
+        nir_weight: Weight of the NIR term; None: ``default_nir_weight(D, objective)``.
         objective: ``"nll"`` (paper) or ``"exp_nll"`` (reference code).
         flow: A ``ProxyConditionedFlow``; else one is built from ``flow_options``.
+        flow_options: ``ProxyConditionedFlow`` options (num_blocks, hidden_features, ...).
         detach_proxies: Keep the NIR gradient away from the proxies.
         noise_std: Training noise on the flow's input; None: ``default_noise_std(D)``; 0: none.
         guard_radius: Latent norm where the NLL's tail guard starts; None:
@@ -185,12 +217,16 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         validate: Check label range and finiteness (a host sync on CUDA; off under torch.compile).
         reducer: PML reducer for the NIR term.
         collect_stats: PML's collect_stats.
-        **flow_options: ``ProxyConditionedFlow`` options (num_blocks, hidden_features, ...).
+        **deprecated: The spelling before 0.3.0, ``weight=`` for ``nir_weight=`` and flow options
+            as keywords instead of ``flow_options={...}``: still accepted with a
+            ``DeprecationWarning``, removed in 0.4.0.
 
     Example:
         >>> from pytorch_metric_learning.losses import ProxyNCALoss
-        >>> loss_fn = NIRRegularizer(ProxyNCALoss(num_classes=5, embedding_size=8), weight=0.01)
-        >>> emb = torch.nn.functional.normalize(torch.randn(6, 8, requires_grad=True), dim=1)
+        >>> proxy_loss = ProxyNCALoss(num_classes=5, embedding_size=8)
+        >>> loss_fn = NIRRegularizer(proxy_loss, nir_weight=0.01)
+        >>> x = torch.randn(6, 8, requires_grad=True)
+        >>> emb = torch.nn.functional.normalize(x, dim=1)
         >>> loss = loss_fn(emb, torch.tensor([0, 0, 1, 1, 2, 4]))
         >>> loss.backward()
     """
@@ -198,23 +234,26 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
     def __init__(
         self,
         loss: nn.Module,
-        weight: float | None = None,
+        nir_weight: float | None = None,
         objective: str = DEFAULT_OBJECTIVE,
         flow: ProxyConditionedFlow | None = None,
         *,
+        flow_options: Mapping[str, Any] | None = None,
         detach_proxies: bool = False,
         noise_std: float | None = None,
         guard_radius: float | None = None,
         validate: bool = True,
         reducer=None,
         collect_stats: bool | None = None,
-        **flow_options,
+        **deprecated: Any,
     ) -> None:
+        if deprecated:
+            nir_weight, flow_options = _old_spelling(nir_weight, flow_options, deprecated)
         proxies = get_proxies(loss)
         super().__init__(reducer=reducer, collect_stats=collect_stats)
         self.loss = loss
-        self._init_nir(proxies.shape[-1], weight, objective, detach_proxies, validate, flow, flow_options,
-                       noise_std, guard_radius)
+        self._init_nir(proxies.shape[-1], nir_weight, objective, detach_proxies, validate, flow,
+                       flow_options or {}, noise_std, guard_radius)
 
     def _class_proxies(self) -> Tensor:
         return get_proxies(self.loss)
@@ -258,7 +297,8 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
 
     Example:
         >>> loss_fn = ProxyAnchorNIRLoss(num_classes=5, embedding_size=8)
-        >>> emb = torch.nn.functional.normalize(torch.randn(6, 8, requires_grad=True), dim=1)
+        >>> x = torch.randn(6, 8, requires_grad=True)
+        >>> emb = torch.nn.functional.normalize(x, dim=1)
         >>> loss_fn(emb, torch.tensor([0, 0, 1, 1, 2, 4])).backward()
     """
 

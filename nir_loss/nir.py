@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .flow import ProxyConditionedFlow, standard_normal_log_prob
+from .flow import ProxyConditionedFlow, _compute_dtype, standard_normal_log_prob
 
 __all__ = ["OBJECTIVES", "NIRTerm", "default_guard_radius", "default_noise_std", "guarded_energy",
            "miner_weights", "weighted_element_losses"]
@@ -20,15 +20,10 @@ _NOISE_NORM = 0.34  # noise_std 0.03 at D = 128
 _GUARD_RADIUS_TIMES_SQRT_DIM = 2.0
 # exp_nll: exp(e) above this energy continues linearly (float32 exp overflows at 88.7).
 _EXP_LINEAR_ABOVE = 30.0
-# Rows (sample x class pairs) per pass of the B x C matrix. On CPU (1 thread) passes of 256-1024
-# rows ran 10-30% faster than 4096 (activations stay in cache; benchmarks/speed.py section 2);
-# accelerators keep the larger pass.
+# Rows (sample x class pairs) per pass of the B x C matrix. On CPU smaller passes are faster, as
+# their activations stay in cache (measurements: docs/benchmarks.md); accelerators keep the larger pass.
 _MATRIX_ROWS = 4096
 _MATRIX_ROWS_CPU = 1024
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def default_noise_std(embedding_size: int) -> float:
@@ -250,10 +245,11 @@ class NIRTerm(nn.Module):
         """The objective's per-sample training term, (B,): see ``loss_and_nll``.
 
         Example:
-            >>> term = NIRTerm(2, objective="exp_nll", num_blocks=1, hidden_features=8, num_layers=2)
+            >>> term = NIRTerm(2, objective="exp_nll", num_blocks=1, num_layers=2)
             >>> term.eval()  # no training noise: exp(0.5 ||x||^2) under the identity flow
             NIRTerm(...)
-            >>> term.per_sample_loss(torch.tensor([[0.6, 0.8]]), torch.eye(2), torch.tensor([1]))
+            >>> x, label = torch.tensor([[0.6, 0.8]]), torch.tensor([1])
+            >>> term.per_sample_loss(x, torch.eye(2), label)
             tensor([1.6487], grad_fn=<MulBackward0>)
         """
         return self.loss_and_nll(embeddings, proxies, labels, generator)[0]
@@ -280,7 +276,8 @@ def miner_weights(indices_tuple: tuple[Tensor, ...] | None, batch_size: int, dty
     no sample gives all-zero weights (PML would fall back to all ones). None means no miner.
 
     Example:
-        >>> miner_weights((torch.tensor([0, 0]), torch.tensor([1, 2])), 4, torch.float32, "cpu")
+        >>> pairs = (torch.tensor([0, 0]), torch.tensor([1, 2]))
+        >>> miner_weights(pairs, 4, torch.float32, "cpu")
         tensor([1.0000, 0.5000, 0.5000, 0.0000])
     """
     if indices_tuple is None:
@@ -299,7 +296,8 @@ def weighted_element_losses(per_sample: Tensor, weights: Tensor | None) -> Tenso
     ``per_sample_i * w_i / mean(w)``; all-zero weights give all-zero losses (never NaN).
 
     Example:
-        >>> weighted_element_losses(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.0])).mean()
+        >>> losses, weights = torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.0])
+        >>> weighted_element_losses(losses, weights).mean()
         tensor(1.)
     """
     if weights is None:

@@ -42,7 +42,8 @@ def get_proxies(loss: nn.Module) -> Tensor:
         >>> from pytorch_metric_learning.losses import ArcFaceLoss, SoftTripleLoss
         >>> get_proxies(ArcFaceLoss(num_classes=10, embedding_size=4)).shape
         torch.Size([10, 4])
-        >>> get_proxies(SoftTripleLoss(num_classes=10, embedding_size=4, centers_per_class=3)).shape
+        >>> loss = SoftTripleLoss(10, embedding_size=4, centers_per_class=3)
+        >>> get_proxies(loss).shape
         torch.Size([10, 3, 4])
     """
     getter = getattr(loss, "get_proxies", None)

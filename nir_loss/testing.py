@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import io
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
@@ -94,6 +95,17 @@ def _scalar(value: Any, what: str) -> Tensor:
     return value
 
 
+def _wrap_options(given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` over the defaults; options in NIRRegularizer's spelling before 0.3.0 still merge (and warn)."""
+    legacy_flow = set(given) - set(inspect.signature(NIRRegularizer).parameters) - {"weight"}
+    defaults: dict[str, Any] = {} if "weight" in given else {"nir_weight": 1.0}
+    if legacy_flow:
+        defaults.update(_SMALL_FLOW)
+    elif "flow" not in given:
+        defaults["flow_options"] = _SMALL_FLOW
+    return {**defaults, **given}
+
+
 def check_proxy_loss(
     loss: nn.Module,
     num_classes: int,
@@ -132,8 +144,8 @@ def check_proxy_loss(
             (PML's ``P2SGradLoss``).
         dtypes: Floating dtypes to check.
         devices: Devices to check; default CPU, plus ``"cuda"`` when available.
-        nir_options: ``NIRRegularizer`` options used to wrap a plain loss (default: weight 1 and
-            a small flow).
+        nir_options: ``NIRRegularizer`` options used to wrap a plain loss (default:
+            ``nir_weight=1`` and a small flow in ``flow_options``).
         seed: Seed of the check batches (global RNG untouched).
 
     Raises:
@@ -153,7 +165,7 @@ def check_proxy_loss(
     else:
         plain = copy.deepcopy(loss).cpu().float()
         _check_proxies(plain, name, num_classes, embedding_size)
-        options = {"weight": 1.0, **_SMALL_FLOW, **(nir_options or {})}
+        options = _wrap_options(nir_options or {})
         nir_loss = _guarded(f"NIRRegularizer({name}(...), **{options})", "check nir_options.",
                             lambda: NIRRegularizer(copy.deepcopy(plain), **options))
     # The checks compare values across calls, copies and dtypes: no training noise (eval mode).
@@ -216,7 +228,7 @@ def _check_nir_gradients(nir_loss: nn.Module, name: str, num_classes: int, embed
                              lambda: nir_loss(x, labels)), f"NIR-wrapped {name}(embeddings, labels)")
     if getattr(nir_loss, "nir_weight", 1.0) == 0:
         raise _fail(f"the NIR weight of {name} is 0, so NIR adds nothing.",
-                    "check the loss with a non-zero weight (NIRRegularizer(loss, weight=...)).")
+                    "check the loss with a non-zero weight (NIRRegularizer(loss, nir_weight=...)).")
     value.backward()
     if x.grad is None or not bool(x.grad.abs().sum() > 0):
         raise _fail(f"NIR-wrapped {name} gives no gradient to the embeddings.",
@@ -375,7 +387,7 @@ def check_flow(
 
     Example:
         >>> from nir_loss import ProxyConditionedFlow
-        >>> check_flow(ProxyConditionedFlow(4, num_blocks=2, hidden_features=8, num_layers=2))
+        >>> check_flow(ProxyConditionedFlow(4, num_blocks=2, hidden_features=8))
     """
     name = type(flow).__name__
     features, context_features = _flow_widths(flow, features, context_features)
