@@ -15,7 +15,8 @@ below that of the paired ProxyAnchor seed.
 
 Arms are ``pa`` (plain ProxyAnchorLoss) or ``OBJECTIVE:WEIGHT[:KEY=VALUE...]`` (ProxyAnchorNIRLoss):
 WEIGHT is a number, or ``Nx`` for N times ``default_nir_weight(D)``; keys ``noise`` (noise_std),
-``radius`` (guard_radius; ``inf`` for none) and ``flowlr`` (flow learning-rate multiplier).
+``noisenorm`` (noise_std times sqrt(D)), ``radius`` (guard_radius; ``inf`` for none) and ``flowlr``
+(flow learning-rate multiplier).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def parse_arm(arm: str, dim: int) -> dict | None:
             "flowlr": nir_loss.DEFAULT_FLOW_LR_MULT}
     for opt in opts:
         key, value = opt.split("=")
+        if key == "noisenorm":  # noise_std as a noise-vector norm: noisenorm / sqrt(D)
+            key, value = "noise", str(float(value) / math.sqrt(dim))
         if key not in ("noise", "radius", "flowlr"):
             raise SystemExit(f"unknown arm option {key!r} in {arm!r}")
         spec[key] = float(value)
