@@ -116,10 +116,12 @@ class _NIRMixin:
         proxies = self._checked_proxies(embeddings, labels)
         return self.nir.log_likelihood(embeddings, proxies, labels.to(embeddings.device))
 
-    def log_likelihood_matrix(self, embeddings: Tensor, chunk_size: int | None = None) -> Tensor:
+    def log_likelihood_matrix(self, embeddings: Tensor, chunk_size: int | None = None, *,
+                              requires_grad: bool = False) -> Tensor:
         """log p(x_i | proxy_c) for all samples and classes, shape (B, C), in chunked passes.
 
-        ``chunk_size`` samples per pass, each pass evaluating chunk_size x C pairs.
+        ``chunk_size`` samples per pass, each pass evaluating chunk_size x C pairs. No autograd
+        graph is kept (memory of one pass, in any grad mode) unless ``requires_grad=True``.
 
         Example:
             >>> loss_fn = ProxyAnchorNIRLoss(num_classes=3, embedding_size=4)
@@ -127,7 +129,7 @@ class _NIRMixin:
             torch.Size([2, 3])
         """
         proxies = self._checked_proxies(embeddings, None, need_labels=False)
-        return self.nir.log_likelihood_matrix(embeddings, proxies, chunk_size)
+        return self.nir.log_likelihood_matrix(embeddings, proxies, chunk_size, requires_grad=requires_grad)
 
     def sample(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Draws one embedding from p(x | proxy_y) per label, shape (len(labels), D).

@@ -185,14 +185,22 @@ class NIRTerm(nn.Module):
         z, log_det = self.latent(embeddings, proxies, labels)
         return standard_normal_log_prob(z) + log_det
 
-    def log_likelihood_matrix(self, embeddings: Tensor, proxies: Tensor, chunk_size: int | None = None) -> Tensor:
+    def log_likelihood_matrix(self, embeddings: Tensor, proxies: Tensor, chunk_size: int | None = None,
+                              *, requires_grad: bool = False) -> Tensor:
         """log p(x_i | proxy_c) for every sample and class, shape (B, C).
 
         Runs in passes of ``chunk_size`` samples x C classes (default: about 1024 pairs per pass
         on CPU, 4096 elsewhere). Every pass has the same shape (the last is padded), so compiled
         or CUDA-graph code sees one shape; per-class work (normalization, context projections)
         runs once.
+
+        By default no autograd graph is kept, whatever the grad mode, so memory stays that of one
+        pass. ``requires_grad=True`` keeps every pass's graph (memory grows with B x C) for a
+        result to differentiate.
         """
+        if not requires_grad:
+            with torch.no_grad():
+                return self.log_likelihood_matrix(embeddings, proxies, chunk_size, requires_grad=True)
         dtype = self._match_flow(embeddings)
         x = embeddings.to(dtype)
         num_classes, batch = proxies.shape[0], x.shape[0]
