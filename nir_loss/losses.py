@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .flow import ProxyConditionedFlow
 from .nir import NIRTerm, miner_weights, weighted_element_losses
 from .proxies import get_proxies
-from .validation import check_embeddings, check_labels, values_checked
+from .validation import check_embeddings, check_labels, check_nir_reducer, values_checked
 
 __all__ = ["NIRRegularizer", "ProxyAnchorNIRLoss", "default_nir_weight", "DEFAULT_OBJECTIVE",
            "DEFAULT_PROXY_LR_MULT", "DEFAULT_FLOW_LR_MULT"]
@@ -52,6 +52,7 @@ class _NIRMixin:
 
     nir: NIRTerm
     add_to_recordable_attributes: Any  # from PML's ModuleWithRecords
+    reducer: Any  # from PML's BaseMetricLossFunction
 
     def _init_nir(self, embedding_size: int, weight: float | None, objective: str, detach_proxies: bool,
                   validate: bool, flow: ProxyConditionedFlow | None, flow_options: Mapping[str, Any],
@@ -60,6 +61,8 @@ class _NIRMixin:
                            guard_radius=guard_radius, **flow_options)
         self.nir_weight = default_nir_weight(embedding_size, objective) if weight is None else float(weight)
         self.validate = validate
+        if self.nir_weight != 0:
+            check_nir_reducer(self.reducer)
         # Detached device tensors set by every call: reading them is the caller's (only) sync.
         self.nir_nll_mean: Tensor | float = math.nan
         self.nir_nll_max: Tensor | float = math.nan
@@ -94,6 +97,7 @@ class _NIRMixin:
     def _nir_loss_entry(self, embeddings: Tensor, labels: Tensor, indices_tuple) -> dict:
         if self.nir_weight == 0 or embeddings.shape[0] == 0:
             return {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
+        check_nir_reducer(self.reducer)  # also catches set_reducer() after construction
         per_sample, nll = self.nir.loss_and_nll(embeddings, self._class_proxies(), labels)
         nll = nll.detach()
         self.nir_nll_mean, self.nir_nll_max = nll.mean(), nll.max()

@@ -126,6 +126,42 @@ def test_pml_reducers_combine_the_nir_term():
     torch.testing.assert_close(sum_red(x, y) - base, 0.2 * per.sum())
 
 
+THRESHOLDING = {
+    "ProxyAnchorNIRLoss(reducer=AvgNonZeroReducer())":
+        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, reducer=reducers.AvgNonZeroReducer()),
+    "NIRRegularizer(reducer=ThresholdReducer(low=0))":
+        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), reducer=reducers.ThresholdReducer(low=0), **FLOW),
+    "MultipleReducers, thresholding default":
+        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, reducer=reducers.MultipleReducers(
+            {"pos_loss": reducers.MeanReducer()}, default_reducer=reducers.AvgNonZeroReducer())),
+}
+
+
+@pytest.mark.parametrize("name", list(THRESHOLDING))
+def test_thresholding_reducers_are_refused_for_the_nir_term(name):
+    """They keep only losses > 0 (or within bounds); a trained flow's NLLs are negative: the term would vanish."""
+    with pytest.raises(ValueError, match=r"cannot reduce the NIR term.*MultipleReducers\(\{'nir_loss': MeanReducer"):
+        THRESHOLDING[name]()
+    loss_fn = NIRRegularizer(losses.ProxyNCALoss(C, D), **FLOW)
+    loss_fn.set_reducer(reducers.AvgNonZeroReducer())  # set after construction: refused at the call
+    with pytest.raises(ValueError, match="cannot reduce the NIR term"):
+        loss_fn(*batch())
+
+
+def test_thresholding_reducers_work_for_the_proxy_terms():
+    """The fixes the error names: the NIR term under a mean, the proxy terms under the threshold."""
+    x, y = batch(dtype=torch.float64)
+    mixed = ProxyAnchorNIRLoss(C, D, nir_weight=0.2, flow_options=FLOW, **EXACT, reducer=reducers.MultipleReducers(
+        {"nir_loss": reducers.MeanReducer()}, default_reducer=reducers.AvgNonZeroReducer())).double()
+    plain = losses.ProxyAnchorLoss(C, D, reducer=reducers.AvgNonZeroReducer()).double()
+    plain.load_state_dict({"proxies": mixed.proxies.detach().clone()})
+    nir = 0.2 * mixed.nir.per_sample_loss(x, mixed.proxies, y).mean()
+    torch.testing.assert_close(mixed(x, y), plain(x, y) + nir)
+    inner = NIRRegularizer(losses.ProxyNCALoss(C, D, reducer=reducers.AvgNonZeroReducer()), weight=0.2, **FLOW)
+    inner(*batch()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in inner.flow.parameters())
+
+
 def test_multiple_losses_and_distributed_wrapper_in_single_process():
     from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
