@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .flow import ProxyConditionedFlow
 from .nir import NIRTerm, miner_weights, weighted_element_losses
 from .proxies import get_proxies
-from .validation import check_embeddings, check_labels, check_nir_reducer, values_checked
+from .validation import check_device, check_embeddings, check_labels, check_nir_reducer, values_checked
 
 __all__ = ["NIRRegularizer", "ProxyAnchorNIRLoss", "default_nir_weight", "DEFAULT_OBJECTIVE",
            "DEFAULT_PROXY_LR_MULT", "DEFAULT_FLOW_LR_MULT"]
@@ -90,6 +90,7 @@ class _NIRMixin:
         proxies = self._class_proxies()
         check_values = values_checked(self.validate)
         check_embeddings(embeddings, self.nir.embedding_size, check_values)
+        check_device(embeddings, self, "the loss")  # before PML moves its proxies in place
         if need_labels:
             check_labels(labels, embeddings.shape[0], proxies.shape[0], check_values)
         return proxies
@@ -144,7 +145,8 @@ class _NIRMixin:
             torch.Size([3, 4])
         """
         proxies = self._class_proxies()
-        check_labels(labels, labels.shape[0] if isinstance(labels, Tensor) else -1, proxies.shape[0],
+        # One draw per label: any count is right, the shape must be (N,) (0-d labels get the 1-D error).
+        check_labels(labels, labels.numel() if isinstance(labels, Tensor) else -1, proxies.shape[0],
                      values_checked(self.validate))
         return self.nir.sample(proxies, labels.to(proxies.device), generator)
 

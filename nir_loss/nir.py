@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .flow import ProxyConditionedFlow, standard_normal_log_prob
+from .validation import check_device
 
 __all__ = ["OBJECTIVES", "NIRTerm", "default_guard_radius", "default_noise_std", "guarded_energy",
            "miner_weights", "weighted_element_losses"]
@@ -154,11 +155,16 @@ class NIRTerm(nn.Module):
 
     # -- context ------------------------------------------------------------------------
     def _match_flow(self, x: Tensor) -> torch.dtype:
-        """Moves the flow to the input's device and compute dtype, as PML does with its proxies."""
+        """Casts the flow to the input's compute dtype (as PML recasts its proxies); a device mismatch is an error.
+
+        Moving the module inside a call would leave the optimizer's state behind (and on "meta"
+        lose the weights), so the device is the caller's to choose, once, with ``.to(device)``.
+        """
         dtype = _compute_dtype(x)
+        check_device(x, self.flow)
         p = next(self.flow.parameters(), None)
-        if p is not None and (p.dtype != dtype or p.device != x.device):
-            self.flow.to(device=x.device, dtype=dtype)
+        if p is not None and p.dtype != dtype:
+            self.flow.to(dtype=dtype)
         return dtype
 
     def _proxies(self, proxies: Tensor, dtype: torch.dtype) -> Tensor:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from pytorch_metric_learning import reducers as pml_reducers
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["check_embeddings", "check_labels", "check_nir_reducer", "values_checked"]
+__all__ = ["check_device", "check_embeddings", "check_labels", "check_nir_reducer", "values_checked"]
 
 
 def values_checked(validate: bool) -> bool:
@@ -111,4 +111,24 @@ def check_nir_reducer(reducer: object, sub_loss: str = "nir_loss") -> None:
             f"default_reducer={type(reducer).__name__}(...)), "
             "or give the thresholding reducer to the wrapped loss: "
             "NIRRegularizer(ProxyNCALoss(..., reducer=AvgNonZeroReducer()))."
+        )
+
+
+def check_device(embeddings: Tensor, module: nn.Module, what: str = "the NIR flow") -> None:
+    """Raises ValueError, naming the fix, if ``module``'s parameters are not on the embeddings' device.
+
+    Nothing is moved inside a call: that would leave the optimizer's state on the old device
+    (and on "meta" lose the weights). Free: no host sync.
+
+    Example:
+        >>> check_device(torch.zeros(2, 4, device="meta"), torch.nn.Linear(4, 4), "the loss")
+        Traceback (most recent call last):
+        ...
+        ValueError: embeddings are on meta but the loss is on cpu: ... loss_fn.to('meta').
+    """
+    p = next(module.parameters(), None)
+    if p is not None and p.device != embeddings.device:
+        raise ValueError(
+            f"embeddings are on {embeddings.device} but {what} is on {p.device}: move the loss to the "
+            f"embeddings' device once, before building the optimizer: loss_fn.to({str(embeddings.device)!r})."
         )
