@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction, ProxyAnchorLoss
@@ -90,7 +90,7 @@ class _NIRMixin:
         proxies = self._class_proxies()
         check_values = values_checked(self.validate)
         check_embeddings(embeddings, self.nir.embedding_size, check_values)
-        check_device(embeddings, self, "the loss")  # before PML moves its proxies in place
+        check_device(embeddings, cast(nn.Module, self), "the loss")  # before PML moves its proxies in place
         if need_labels:
             check_labels(labels, embeddings.shape[0], proxies.shape[0], check_values)
         return proxies
