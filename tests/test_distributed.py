@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from pytorch_metric_learning.utils import distributed as pml_distributed
 
 import nir_loss
 
@@ -64,6 +65,24 @@ def worker(rank, port, results):
             wrapped = make_wrapper(loss_fn)
             wrapped(F.normalize(ddp(x[part]), dim=1), y[part]).backward()
             results[(rank, name)] = grads(model, wrapped.loss)  # a copied wrapper holds a copied loss
+        # Training noise on, and each rank's RNG in its own state (as data augmentation leaves it):
+        # the loss on the gathered batch, hence the loss's parameters' gradient, is still the same.
+        torch.manual_seed(0)
+        loss_fn = nir_loss.ProxyAnchorNIRLoss(C, D, nir_weight=0.5, flow_options=FLOW).double()
+        wrapped = nir_loss.DistributedLossWrapper(loss_fn)
+        torch.manual_seed(100 + rank)
+        for _ in range(2):
+            wrapped(F.normalize(x[part, :D], dim=1), y[part]).backward()
+        results[(rank, "noise")] = {k: p.grad.clone() for k, p in loss_fn.named_parameters()}
+        results[(rank, "rng after")] = {"state": torch.random.get_rng_state()}
+        torch.manual_seed(100 + rank)
+        results[(rank, "rng expected")] = {"state": torch.random.get_rng_state()}
+        # A miner's indices_tuple names positions in PML's gathered batch (local part first).
+        _, loss_fn = make_model_and_loss()
+        tup = (torch.tensor([0, 1, 4]), torch.tensor([2, 3, 5]))
+        emb = F.normalize(x[part, :D], dim=1)
+        ours, pml = nir_loss.DistributedLossWrapper(loss_fn), pml_distributed.DistributedLossWrapper(loss_fn)
+        results[(rank, "miner")] = {"ours": ours(emb, y[part], tup).detach(), "pml": pml(emb, y[part], tup).detach()}
     finally:
         dist.destroy_process_group()
 
@@ -84,6 +103,14 @@ def test_two_gloo_processes_match_one_process():
         results = manager.dict()
         mp.spawn(worker, args=(free_port(), results), nprocs=WORLD, join=True)
         per_rank = {key: dict(results[key]) for key in results.keys()}
+    noisy = [per_rank.pop((r, "noise")) for r in range(WORLD)]
+    for name, g in noisy[0].items():
+        torch.testing.assert_close(noisy[1][name], g, atol=1e-12, rtol=1e-10, msg=f"noise: {name}")
+    for r in range(WORLD):
+        miner = per_rank.pop((r, "miner"))
+        torch.testing.assert_close(miner["ours"], miner["pml"], atol=1e-12, rtol=1e-10)
+    for r in range(WORLD):  # the wrapper leaves each rank's RNG where it was
+        assert torch.equal(per_rank.pop((r, "rng after"))["state"], per_rank.pop((r, "rng expected"))["state"])
     assert sorted(per_rank) == sorted((r, v) for r in range(WORLD) for v in VARIANTS)
     for (rank, variant), rank_grads in per_rank.items():
         assert rank_grads.keys() == expected.keys()
