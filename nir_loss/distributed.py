@@ -31,7 +31,9 @@ class DistributedLossWrapper(pml_dist.DistributedLossWrapper):
 
     Like PML's wrapper (``efficient=False``) it gathers the embeddings and labels of all ranks,
     computes the loss on the whole batch on every rank and returns world_size x that loss, so
-    the model's gradients are right after DDP's averaging. Unlike it, the loss's own parameters
+    the model's gradients are right after DDP's averaging; the batch is concatenated in rank
+    order, the same on every rank (PML puts each rank's own part first, and a miner's
+    ``indices_tuple``, which refers to PML's order, is renumbered). Unlike it, the loss's own parameters
     (proxies, the NIR flow), which see the whole batch on every rank and are not averaged by
     DDP, get the gradient of the loss itself, not world_size x that gradient: every rank then
     computes the same, correct gradient and its optimizer keeps the proxies and flow in sync.
