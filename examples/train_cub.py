@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         split = read_cub(args.data, args.split)
         say(f"data: {split.layout}")
+        say(f"data: {len(split.train_items)} train images / {split.num_train_classes} classes, "
+            f"{len(split.test_items)} test images / {len(np.unique(split.test_labels))} classes")
         check_batch_settings(args.batch_size, args.m, split.train_labels)  # before loading images and weights
         if not args.no_image_check:
             t0 = time.time()
@@ -151,8 +153,6 @@ def main(argv: list[str] | None = None) -> dict:
         train_set = ImageDataset(split.train_items, split.train_labels, image_transforms(args.image_size, True, norm),
                                  image_transforms(args.image_size, False, norm))
         test_set = ImageDataset(split.test_items, split.test_labels, image_transforms(args.image_size, False, norm))
-        say(f"data: {len(split.train_items)} train images / {split.num_train_classes} classes, "
-            f"{len(split.test_items)} test images / {len(np.unique(split.test_labels))} classes")
         seed_everything(args.seed)
         if args.arch == "efficientnet_lite0":
             model = efficientnet_lite0_embedder(args.dim, args.weights, args.max_pool)
