@@ -86,7 +86,10 @@ def run_pair(args: argparse.Namespace, seed: int) -> dict[str, dict]:
         t0 = time.time()
         results[name] = fit(cfg, model, loss_fn, train, labels, test, log=lambda *a: None)
         results[name]["seconds"] = time.time() - t0
-        print(f"  seed {seed} {name}: R@1 {100 * results[name]['final']['recall_at_1']:.2f} "
+        last = results[name]["history"][-1]
+        nll = (f", NIR NLL last epoch mean {last['nll']:.1f} max {last['nll_max']:.1f}"
+               if last.get("nll") is not None else "")
+        print(f"  seed {seed} {name}: R@1 {100 * results[name]['final']['recall_at_1']:.2f}{nll} "
               f"({results[name]['seconds']:.0f} s)", flush=True)
     return results
 
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     (out / "comparison.txt").write_text(table + "\n")
     report.plot_history({n: runs[0][n]["history"] for n in runs[0]}, out / "comparison.png")
-    print(f"wrote {out / 'comparison.txt'}, {out / 'comparison.png'} and per-run logs/plots under {out}/seed*/")
+    print(f"wrote {out / 'comparison.txt'}, {out / 'comparison.png'} (curves of seed {seeds[0]}, with the NIR "
+          f"NLL's mean and max per epoch) and per-run logs/plots under {out}/seed*/ (metrics.jsonl: nll, nll_max)")
     return {"rows": rows, "runs": runs}
 
 

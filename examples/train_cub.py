@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the dml package beside this file
@@ -18,8 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the dml package besi
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from dml import report  # noqa: E402
-from dml.data import IMAGENET_NORM, LITE_NORM, ImageDataset, LayoutError, image_transforms, read_cub  # noqa: E402
-from dml.engine import TrainConfig, cleanup_distributed, fit, seed_everything, setup_distributed  # noqa: E402
+from dml.data import IMAGENET_NORM, LITE_NORM, ImageDataset, check_images, image_transforms, read_cub  # noqa: E402
+from dml.engine import (  # noqa: E402
+    TrainConfig,
+    TrainingInterrupted,
+    check_batch_settings,
+    cleanup_distributed,
+    fit,
+    seed_everything,
+    setup_distributed,
+)
+from dml.errors import UsageError  # noqa: E402
 from dml.losses import LOSSES, build_loss  # noqa: E402
 from dml.models import efficientnet_lite0_embedder, resnet_embedder  # noqa: E402
 
@@ -35,6 +46,19 @@ PRESETS = {
     "cub200-r128-pa-nir": dict(_REFERENCE, nir="on", nir_objective="exp_nll", nir_weight=133.3),
     "cub200-r128-pa": dict(_REFERENCE, nir="off"),
 }
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Data-loading worker processes: up to 4, never more than the machine's cores (PyTorch warns above)."""
+    return min(4, available_cpus())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("operations")
     g.add_argument("--eval-every", type=int, default=1)
     g.add_argument("--eval-batch-size", type=int, default=128)
-    g.add_argument("--workers", type=int, default=4)
+    g.add_argument("--workers", type=int, default=default_workers(),
+                   help="data-loading processes (default: min(4, CPU cores))")
+    g.add_argument("--no-image-check", action="store_true",
+                   help="skip decoding every image once before training (finds corrupt files early)")
     g.add_argument("--samples-per-epoch", type=int, default=0, help="0 = train set size")
     g.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (smoke tests)")
     g.add_argument("--resume", default="", help="checkpoint to continue from (e.g. runs/cub/last.pt)")
@@ -113,12 +140,19 @@ def main(argv: list[str] | None = None) -> dict:
         say(f"preset {args.preset}: " + json.dumps(args.preset_settings))
     try:
         split = read_cub(args.data, args.split)
+        say(f"data: {split.layout}")
+        say(f"data: {len(split.train_items)} train images / {split.num_train_classes} classes, "
+            f"{len(split.test_items)} test images / {len(np.unique(split.test_labels))} classes")
+        check_batch_settings(args.batch_size, args.m, split.train_labels)  # before loading images and weights
+        if not args.no_image_check:
+            t0 = time.time()
+            check_images(split.train_items + split.test_items, size=args.image_size, workers=max(1, args.workers))
+            say(f"data: all {len(split.train_items) + len(split.test_items)} images decode "
+                f"({time.time() - t0:.1f} s; --no-image-check skips this)")
         norm = LITE_NORM if args.arch == "efficientnet_lite0" else IMAGENET_NORM
         train_set = ImageDataset(split.train_items, split.train_labels, image_transforms(args.image_size, True, norm),
                                  image_transforms(args.image_size, False, norm))
         test_set = ImageDataset(split.test_items, split.test_labels, image_transforms(args.image_size, False, norm))
-        say(f"data: {len(split.train_items)} train images / {split.num_train_classes} classes, "
-            f"{len(split.test_items)} test images / {len(np.unique(split.test_labels))} classes")
         seed_everything(args.seed)
         if args.arch == "efficientnet_lite0":
             model = efficientnet_lite0_embedder(args.dim, args.weights, args.max_pool)
@@ -149,8 +183,49 @@ def main(argv: list[str] | None = None) -> dict:
         cleanup_distributed()
 
 
-if __name__ == "__main__":
+def resume_command(argv: list[str], checkpoint: Path) -> str:
+    """The command line that continues this run from ``checkpoint`` (any --resume replaced)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            kept.append(a)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["torchrun", "--nproc_per_node", str(world)] if world > 1 else ["python"]
+    script = sys.argv[0] if sys.argv[0].endswith(".py") else "examples/train_cub.py"
+    return shlex.join([*launcher, script, *kept, "--resume", str(checkpoint)])
+
+
+def _interrupted(argv: list[str], when: str, checkpoint: Path | None, epoch: int | None) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if checkpoint is None or not checkpoint.is_file():
+        print(f"{when}, before the first checkpoint (written at the end of each epoch): nothing to resume.",
+              file=sys.stderr)
+    else:
+        print(f"{when}; last checkpoint: {checkpoint}{'' if epoch is None else f' (epoch {epoch})'}. Continue with:\n"
+              f"  {resume_command(argv, checkpoint)}", file=sys.stderr)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` for the command line: user errors and Ctrl-C become a short message and an exit code."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        main()
-    except LayoutError as e:  # a data problem, not a bug: the message says what is wrong, no traceback
-        sys.exit(f"error: {e}")
+        main(argv)
+    except UsageError as e:  # data, flags or environment, not a bug: the message says what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as e:
+        _interrupted(argv, f"interrupted in epoch {e.epoch}", e.checkpoint, e.checkpoint_epoch)
+        return 130
+    except KeyboardInterrupt:  # before or after the training loop
+        _interrupted(argv, "interrupted", Path(parse_args(argv).out) / "last.pt", None)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -2,29 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 from pytorch_metric_learning.utils import distributed as pml_dist
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["DistributedLossWrapper"]
 
 
-def _divide_by_world_size(grad: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return grad / torch.distributed.get_world_size()
-    return grad
+class _ScaleGrad(torch.autograd.Function):
+    """The identity in the forward pass; multiplies the incoming gradient by ``factor`` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None
 
 
 class DistributedLossWrapper(pml_dist.DistributedLossWrapper):
     """PML's ``DistributedLossWrapper`` that also gets the loss's own parameters right.
 
-    PML's wrapper returns world_size x the loss on the gathered batch, which gives the model
-    the right gradients after DDP's averaging; but parameters owned by the loss (proxies, the
-    NIR flow) see the whole batch on every rank and would get world_size x their gradient.
-    This wrapper divides those gradients by the world size (a gradient hook, so nothing to
-    call after ``backward``). Keep the loss out of the DDP-wrapped model; every rank then
-    holds the same loss gradients and its optimizer keeps the proxies and flow in sync.
-    Only ``efficient=False`` (PML's default) is supported: proxy losses take no ``ref_emb``.
+    Like PML's wrapper (``efficient=False``) it gathers the embeddings and labels of all ranks,
+    computes the loss on the whole batch on every rank and returns world_size x that loss, so
+    the model's gradients are right after DDP's averaging; the batch is concatenated in rank
+    order, the same on every rank (PML puts each rank's own part first, and a miner's
+    ``indices_tuple``, which refers to PML's order, is renumbered). Unlike it, the loss's own parameters
+    (proxies, the NIR flow), which see the whole batch on every rank and are not averaged by
+    DDP, get the gradient of the loss itself, not world_size x that gradient: every rank then
+    computes the same, correct gradient and its optimizer keeps the proxies and flow in sync.
+
+    All of this happens inside ``forward`` (the world-size factor is applied to the local
+    embeddings' gradient, not to the returned loss's), so it survives ``copy.deepcopy``,
+    pickling and ``torch.save`` of the wrapper, and wrapping the same loss twice never applies
+    it twice. The loss's own randomness (NIR's training noise) is drawn from a generator seeded
+    alike on every rank (rank 0's seed, broadcast at the first call, and a call counter), so
+    every rank computes the same loss on the same batch whatever its RNG did in between (data
+    augmentation, say); torch's RNG state is restored after the call. Keep the loss out of the
+    DDP-wrapped model. Only ``efficient=False`` (PML's default) is supported: proxy losses take
+    no ``ref_emb``.
 
     Example:
         >>> from nir_loss import ProxyAnchorNIRLoss
@@ -38,4 +60,65 @@ class DistributedLossWrapper(pml_dist.DistributedLossWrapper):
                 "support: use efficient=False (the default)."
             )
         super().__init__(loss, efficient=False)
-        self._hooks = [p.register_hook(_divide_by_world_size) for p in loss.parameters()]
+        self._seed: int | None = None  # agreed by all ranks at the first distributed call
+        self._calls = 0
+
+    @contextlib.contextmanager
+    def _same_rng_on_every_rank(self, device: torch.device) -> Iterator[None]:
+        """Seeds the embeddings' device generator alike on every rank for one call; restores it after."""
+        cuda = device.type == "cuda"
+        if self._seed is None:
+            with torch.random.fork_rng(devices=[]):
+                seed = torch.randint(2**62, (1,)).to(device)
+            torch.distributed.broadcast(seed, src=0)
+            self._seed = int(seed.item())  # one host sync, at the first call only
+        self._calls += 1
+        step_seed = (self._seed + self._calls) % 2**63
+        with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(step_seed)
+            else:
+                torch.random.default_generator.manual_seed(step_seed)
+            yield
+
+    def forward_regular_loss(self, emb, labels, indices_tuple, ref_emb, ref_labels, world_size):
+        if world_size <= 1:
+            return self.loss(emb, labels, indices_tuple, ref_emb, ref_labels)
+        # PML: loss(gathered) * world_size, whose gradient is world_size x too large for the
+        # loss's parameters. Here: the gradient reaches the local embeddings world_size x (as
+        # with PML) and the loss's parameters 1x; the returned value is PML's.
+        rank = torch.distributed.get_rank()
+        emb = _ScaleGrad.apply(emb, float(world_size))
+        all_emb = _gather_in_rank_order(emb, rank, world_size)
+        all_labels = None if labels is None else _gather_in_rank_order(labels.to(emb.device), rank, world_size)
+        all_ref_emb = all_ref_labels = None
+        if ref_emb is not None:
+            all_ref_emb = _gather_in_rank_order(_ScaleGrad.apply(ref_emb, float(world_size)), rank, world_size)
+            if ref_labels is not None:
+                all_ref_labels = _gather_in_rank_order(ref_labels.to(ref_emb.device), rank, world_size)
+        if indices_tuple is not None:  # PML's gathered batch puts the local part first: renumber
+            order = _pml_to_rank_order(emb.shape[0], rank, world_size, emb.device)
+            indices_tuple = tuple(order[t] for t in indices_tuple)
+        with self._same_rng_on_every_rank(all_emb.device):
+            loss = self.loss(all_emb, all_labels, indices_tuple, all_ref_emb, all_ref_labels)
+        return loss + (world_size - 1) * loss.detach()
+
+
+def _gather_in_rank_order(x: Tensor, rank: int, world_size: int) -> Tensor:
+    """All ranks' ``x`` concatenated in rank order, the same on every rank; the local part keeps its graph.
+
+    (PML puts the local part first, so each rank would see the batch in another order: sums
+    would round differently, and per-sample noise would land on other samples.)
+    """
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    parts[rank] = x
+    return torch.cat(parts)
+
+
+def _pml_to_rank_order(batch: int, rank: int, world_size: int, device: torch.device) -> Tensor:
+    """Position in the rank-ordered gathered batch of each position in PML's (local part first)."""
+    others = [r for r in range(world_size) if r != rank]
+    blocks = [rank, *others]
+    return torch.cat([torch.arange(batch, device=device) + b * batch for b in blocks])

@@ -215,7 +215,8 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
         context_mlp_width: If set, a 2-layer MLP (context -> width -> context) conditions the
             flow instead of the raw proxy, like the reference's ``dense_embed`` option.
         identity_init: Start every affine coupling as the identity.
-        seed: Seed of a local generator for the fixed permutations (global RNG untouched).
+        seed: Seed of a local generator for the fixed permutations: they depend on ``seed`` only.
+            The subnets' weights come from the global RNG, like any torch layer's.
         spline_bins: Bins of the spline coupling.
         spline_tail_bound: Spline interval [-B, B]; identity outside (embeddings are unit norm).
 

@@ -6,7 +6,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction, ProxyAnchorLoss
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .flow import ProxyConditionedFlow
 from .nir import NIRTerm, miner_weights, weighted_element_losses
 from .proxies import get_proxies
-from .validation import check_embeddings, check_labels, values_checked
+from .validation import check_device, check_embeddings, check_labels, check_nir_reducer, values_checked
 
 __all__ = ["NIRRegularizer", "ProxyAnchorNIRLoss", "default_nir_weight", "DEFAULT_OBJECTIVE",
            "DEFAULT_PROXY_LR_MULT", "DEFAULT_FLOW_LR_MULT"]
@@ -83,6 +83,7 @@ class _NIRMixin:
 
     nir: NIRTerm
     add_to_recordable_attributes: Any  # from PML's ModuleWithRecords
+    reducer: Any  # from PML's BaseMetricLossFunction
 
     def _init_nir(self, embedding_size: int, weight: float | None, objective: str, detach_proxies: bool,
                   validate: bool, flow: ProxyConditionedFlow | None, flow_options: Mapping[str, Any],
@@ -91,6 +92,8 @@ class _NIRMixin:
                            guard_radius=guard_radius, **flow_options)
         self.nir_weight = default_nir_weight(embedding_size, objective) if weight is None else float(weight)
         self.validate = validate
+        if self.nir_weight != 0:
+            check_nir_reducer(self.reducer)
         # Detached device tensors set by every call: reading them is the caller's (only) sync.
         self.nir_nll_mean: Tensor | float = math.nan
         self.nir_nll_max: Tensor | float = math.nan
@@ -118,6 +121,7 @@ class _NIRMixin:
         proxies = self._class_proxies()
         check_values = values_checked(self.validate)
         check_embeddings(embeddings, self.nir.embedding_size, check_values)
+        check_device(embeddings, cast(nn.Module, self), "the loss")  # before PML moves its proxies in place
         if need_labels:
             check_labels(labels, embeddings.shape[0], proxies.shape[0], check_values)
         return proxies
@@ -125,6 +129,7 @@ class _NIRMixin:
     def _nir_loss_entry(self, embeddings: Tensor, labels: Tensor, indices_tuple) -> dict:
         if self.nir_weight == 0 or embeddings.shape[0] == 0:
             return {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
+        check_nir_reducer(self.reducer)  # also catches set_reducer() after construction
         per_sample, nll = self.nir.loss_and_nll(embeddings, self._class_proxies(), labels)
         nll = nll.detach()
         self.nir_nll_mean, self.nir_nll_max = nll.mean(), nll.max()
@@ -147,10 +152,12 @@ class _NIRMixin:
         proxies = self._checked_proxies(embeddings, labels)
         return self.nir.log_likelihood(embeddings, proxies, labels.to(embeddings.device))
 
-    def log_likelihood_matrix(self, embeddings: Tensor, chunk_size: int | None = None) -> Tensor:
+    def log_likelihood_matrix(self, embeddings: Tensor, chunk_size: int | None = None, *,
+                              requires_grad: bool = False) -> Tensor:
         """log p(x_i | proxy_c) for all samples and classes, shape (B, C), in chunked passes.
 
-        ``chunk_size`` samples per pass, each pass evaluating chunk_size x C pairs.
+        ``chunk_size`` samples per pass, each pass evaluating chunk_size x C pairs. No autograd
+        graph is kept (memory of one pass, in any grad mode) unless ``requires_grad=True``.
 
         Example:
             >>> loss_fn = ProxyAnchorNIRLoss(num_classes=3, embedding_size=4)
@@ -158,7 +165,7 @@ class _NIRMixin:
             torch.Size([2, 3])
         """
         proxies = self._checked_proxies(embeddings, None, need_labels=False)
-        return self.nir.log_likelihood_matrix(embeddings, proxies, chunk_size)
+        return self.nir.log_likelihood_matrix(embeddings, proxies, chunk_size, requires_grad=requires_grad)
 
     def sample(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Draws one embedding from p(x | proxy_y) per label, shape (len(labels), D).
@@ -169,7 +176,8 @@ class _NIRMixin:
             torch.Size([3, 4])
         """
         proxies = self._class_proxies()
-        check_labels(labels, labels.shape[0] if isinstance(labels, Tensor) else -1, proxies.shape[0],
+        # One draw per label: any count is right, the shape must be (N,) (0-d labels get the 1-D error).
+        check_labels(labels, labels.numel() if isinstance(labels, Tensor) else -1, proxies.shape[0],
                      values_checked(self.validate))
         return self.nir.sample(proxies, labels.to(proxies.device), generator)
 

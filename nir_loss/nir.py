@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .flow import ProxyConditionedFlow, _compute_dtype, standard_normal_log_prob
+from .validation import check_device
 
 __all__ = ["OBJECTIVES", "NIRTerm", "default_guard_radius", "default_noise_std", "guarded_energy",
            "miner_weights", "weighted_element_losses"]
@@ -149,11 +150,16 @@ class NIRTerm(nn.Module):
 
     # -- context ------------------------------------------------------------------------
     def _match_flow(self, x: Tensor) -> torch.dtype:
-        """Moves the flow to the input's device and compute dtype, as PML does with its proxies."""
+        """Casts the flow to the input's compute dtype (as PML recasts its proxies); a device mismatch is an error.
+
+        Moving the module inside a call would leave the optimizer's state behind (and on "meta"
+        lose the weights), so the device is the caller's to choose, once, with ``.to(device)``.
+        """
         dtype = _compute_dtype(x)
+        check_device(x, self.flow)
         p = next(self.flow.parameters(), None)
-        if p is not None and (p.dtype != dtype or p.device != x.device):
-            self.flow.to(device=x.device, dtype=dtype)
+        if p is not None and p.dtype != dtype:
+            self.flow.to(dtype=dtype)
         return dtype
 
     def _proxies(self, proxies: Tensor, dtype: torch.dtype) -> Tensor:
@@ -180,14 +186,22 @@ class NIRTerm(nn.Module):
         z, log_det = self.latent(embeddings, proxies, labels)
         return standard_normal_log_prob(z) + log_det
 
-    def log_likelihood_matrix(self, embeddings: Tensor, proxies: Tensor, chunk_size: int | None = None) -> Tensor:
+    def log_likelihood_matrix(self, embeddings: Tensor, proxies: Tensor, chunk_size: int | None = None,
+                              *, requires_grad: bool = False) -> Tensor:
         """log p(x_i | proxy_c) for every sample and class, shape (B, C).
 
         Runs in passes of ``chunk_size`` samples x C classes (default: about 1024 pairs per pass
         on CPU, 4096 elsewhere). Every pass has the same shape (the last is padded), so compiled
         or CUDA-graph code sees one shape; per-class work (normalization, context projections)
         runs once.
+
+        By default no autograd graph is kept, whatever the grad mode, so memory stays that of one
+        pass. ``requires_grad=True`` keeps every pass's graph (memory grows with B x C) for a
+        result to differentiate.
         """
+        if not requires_grad:
+            with torch.no_grad():
+                return self.log_likelihood_matrix(embeddings, proxies, chunk_size, requires_grad=True)
         dtype = self._match_flow(embeddings)
         x = embeddings.to(dtype)
         num_classes, batch = proxies.shape[0], x.shape[0]

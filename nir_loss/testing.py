@@ -125,11 +125,14 @@ def check_proxy_loss(
     check runs on a deep copy. Checked, in order:
 
     1. ``get_proxies`` finds the proxies; they have shape (num_classes, embedding_size), or
-       (num_classes, K, embedding_size), and are computed from a parameter of the loss.
+       (num_classes, K, embedding_size), and are computed from a parameter of the loss; row c is
+       class c's proxy (for a sample of class c the loss pulls row c towards it, checked for up
+       to 8 classes).
     2. The loss's own term, without NIR, is a finite scalar whose gradient reaches the proxies.
     3. With NIR: a finite scalar; gradients reach the embeddings and every flow parameter.
     4. PML miners (``MultiSimilarityMiner`` pairs, ``TripletMarginMiner`` triplets), unless
-       ``miners=False``, and PML reducers (Mean, Sum, AvgNonZero, Threshold) are accepted.
+       ``miners=False``, and PML reducers (Mean, Sum, AvgNonZero, Threshold) on the loss's own
+       terms, with the NIR term still reaching the flow.
     5. Every dtype in ``dtypes`` works, on every device in ``devices`` (default: CPU, and CUDA
        if available); ``.to(device)`` moves the proxies.
     6. ``state_dict`` survives ``torch.save``/``torch.load(weights_only=True)`` and restores the
@@ -155,9 +158,16 @@ def check_proxy_loss(
         >>> from pytorch_metric_learning.losses import ProxyNCALoss
         >>> check_proxy_loss(ProxyNCALoss(num_classes=4, embedding_size=8), 4, 8)
     """
-    name = type(loss).__name__
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    with torch.random.fork_rng(devices=[]):  # building the small flow draws from torch's RNG: restore it after
+        _check_proxy_loss(loss, num_classes, embedding_size, batch_size, miners, dtypes, devices, nir_options, seed)
+
+
+def _check_proxy_loss(loss: nn.Module, num_classes: int, embedding_size: int, batch_size: int, miners: bool,
+                      dtypes: Sequence[torch.dtype], devices: Sequence[str | torch.device],
+                      nir_options: Mapping[str, Any] | None, seed: int) -> None:
+    name = type(loss).__name__
     if _is_nir_loss(loss):
         nir_loss = copy.deepcopy(loss).cpu().float()
         plain = _without_nir(nir_loss)
@@ -171,6 +181,7 @@ def check_proxy_loss(
     # The checks compare values across calls, copies and dtypes: no training noise (eval mode).
     nir_loss.eval()
     _check_own_term(plain, name, num_classes, embedding_size, batch_size, seed)
+    _check_class_rows(plain, name, num_classes, embedding_size, seed)
     _check_nir_gradients(nir_loss, name, num_classes, embedding_size, batch_size, seed)
     if miners:
         _check_miners(nir_loss, name, num_classes, embedding_size, batch_size, seed)
@@ -199,6 +210,63 @@ def _check_proxies(plain: nn.Module, name: str, num_classes: int, embedding_size
             f"{name}'s proxies are not computed from a trainable parameter of the loss "
             f"(requires_grad={proxies.requires_grad}), so no optimizer can learn them.",
             "store them as `self.proxies = torch.nn.Parameter(...)` and do not .detach() them in get_proxies().")
+
+
+def _rows_of(plain: nn.Module, params: list[nn.Parameter], grads: Sequence[Tensor]) -> Tensor:
+    """``grads`` (one per parameter) mapped through ``get_proxies``' Jacobian: per-row proxy gradients."""
+    proxies = get_proxies(plain)
+    probe = torch.zeros_like(proxies, requires_grad=True)
+    # J^T probe is linear in probe; its gradient with respect to probe along `grads` is J grads.
+    pulled = torch.autograd.grad(proxies, params, grad_outputs=probe, create_graph=True, allow_unused=True)
+    used = [(a, g) for a, g in zip(pulled, grads) if a is not None]
+    (rows,) = torch.autograd.grad([a for a, _ in used], probe, grad_outputs=[g for _, g in used])
+    return rows
+
+
+def _check_class_rows(plain: nn.Module, name: str, num_classes: int, embedding_size: int, seed: int) -> None:
+    """Row c of ``get_proxies`` is class c's proxy, as the loss itself uses it.
+
+    For a sample of class c placed orthogonal to class c's proxy, the loss pulls that proxy
+    towards the sample: the proxies' gradient, mapped to ``get_proxies``' rows, has its most
+    negative inner product with the sample on row c (checked for up to 8 classes). A (D, C)
+    matrix reshaped to (C, D) has the right shape but rows that mix the classes' columns, and
+    fails this.
+    """
+    params = _proxy_params(plain)
+    if num_classes < 2 or not params:
+        return
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.linspace(0, num_classes - 1, min(num_classes, 8)).round().long().unique().tolist()
+    rows = get_proxies(plain).detach().reshape(-1, embedding_size)
+    for c in classes:
+        # Orthogonal to class c's proxy (to every proxy when D allows): no class is nearer than
+        # another, only the label tells them apart (P2SGradLoss, for one, also pulls the proxies
+        # of other classes that have negative cosines, and LargeMarginSoftmaxLoss's margin is not
+        # monotone in the angle).
+        x = torch.randn(embedding_size, generator=g)
+        span = rows if len(rows) < embedding_size else get_proxies(plain).detach()[c].reshape(-1, embedding_size)
+        basis = torch.linalg.svd(span, full_matrices=False)[2]
+        x = x - basis.t() @ (basis @ x)
+        x = F.normalize(x[None], dim=1).expand(2, -1).clone()
+        what = f"{name}(embeddings, labels) without NIR, two samples of class {c}"
+        fix = "make compute_loss work on any batch of (B, D) embeddings."
+        value = _scalar(_guarded(what, fix, functools.partial(plain, x, torch.full((2,), c))), what)
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        grads = tuple(torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads))
+        row_grads = _guarded(f"get_proxies({name}) differentiated twice",
+                             "compute get_proxies() with torch operations.",
+                             functools.partial(_rows_of, plain, params, grads))
+        pull = (row_grads * x[0]).sum(-1).reshape(num_classes, -1).sum(1)
+        best = int(pull.argmin())
+        # Ties (no gradient, or a parameter shared by every row) tell nothing.
+        if bool(pull[c] - pull[best] > 1e-4 * pull.abs().max()):
+            raise _fail(
+                f"get_proxies({name})[{c}] is not the proxy of class {c}: for a sample of class {c} the loss pulls "
+                f"row {best} of get_proxies() towards the sample (gradient . sample = {pull[best].item():.3g}), "
+                f"not row {c} ({pull[c].item():.3g}).",
+                "get_proxies() must return row c = the representative the loss uses for class c: for a (D, C) "
+                "matrix W return W.t() (W.reshape(C, D) or W.view(C, D) has the right shape but mixes the classes' "
+                "columns).")
 
 
 def _check_own_term(plain: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int,
@@ -262,16 +330,36 @@ def _check_miners(nir_loss: nn.Module, name: str, num_classes: int, embedding_si
 
 def _check_reducers(nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int,
                     seed: int) -> None:
+    """PML reducers on the loss's own terms; the NIR term stays in (its flow gets a gradient).
+
+    Thresholding reducers cannot reduce the NIR term (a log-likelihood, usually negative): they
+    go to the wrapped loss (``NIRRegularizer``) or to every sub-loss but ``nir_loss``.
+    """
     x, labels = _batch(num_classes, embedding_size, batch_size, torch.float32, torch.device("cpu"), seed)
     for reducer in (pml_reducers.MeanReducer(), pml_reducers.SumReducer(), pml_reducers.AvgNonZeroReducer(),
                     pml_reducers.ThresholdReducer(low=0.0)):
         with_reducer: Any = copy.deepcopy(nir_loss)
-        with_reducer.set_reducer(reducer)
+        if isinstance(with_reducer, NIRRegularizer):
+            inner: Any = with_reducer.loss
+            if not hasattr(inner, "set_reducer"):  # not a PML loss: it has no reducer to set
+                continue
+            inner.set_reducer(reducer)
+        elif isinstance(reducer, pml_reducers.ThresholdReducer):
+            with_reducer.set_reducer(pml_reducers.MultipleReducers({"nir_loss": pml_reducers.MeanReducer()},
+                                                                   default_reducer=reducer))
+        else:
+            with_reducer.set_reducer(reducer)
         what = f"NIR-wrapped {name} with reducer={type(reducer).__name__}()"
         fix = ("return sub-losses with a PML reduction_type (element, pos_pair, neg_pair, triplet or "
                "already_reduced) and the matching indices.")
-        value = _guarded(what, fix, functools.partial(with_reducer, x, labels))
-        _scalar(value, what)
+        value = _scalar(_guarded(what, fix, functools.partial(with_reducer, x, labels)), what)
+        flow: nn.Module = cast(NIRTerm, with_reducer.nir).flow
+        grads = _guarded(f"backward of {what}", fix, functools.partial(
+            torch.autograd.grad, value, list(flow.parameters()), allow_unused=True))
+        if not any(g is not None and bool(g.abs().sum() > 0) for g in grads):
+            raise _fail(f"{what}: the NIR term drops out (no flow parameter gets a gradient).",
+                        "keep the NIR term as the `nir_loss` sub-loss (_sub_loss_names) and reduce it with a "
+                        "MeanReducer.")
 
 
 def _check_dtype_device(plain: nn.Module, nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int,
@@ -299,6 +387,45 @@ def _check_dtype_device(plain: nn.Module, nir_loss: nn.Module, name: str, num_cl
                     "do not detach or move the embeddings inside the loss.")
 
 
+def _plain_tensors(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(owner, attribute, dotted name) of the floating tensors held as plain attributes, which state_dict leaves out."""
+    return [(m, key, f"{prefix}.{key}".lstrip(".")) for prefix, m in module.named_modules()
+            for key, value in vars(m).items() if isinstance(value, Tensor) and value.is_floating_point()]
+
+
+def _proxy_plain_tensors(loss: nn.Module) -> list[str]:
+    """The plain tensor attributes the proxies depend on (changing one changes ``get_proxies``)."""
+    before = _proxies_of(loss).detach().clone()
+    found = []
+    with torch.no_grad():
+        for owner, key, dotted in _plain_tensors(loss):
+            value = getattr(owner, key)
+            setattr(owner, key, value + 1)
+            try:
+                if not torch.equal(_proxies_of(loss), before):
+                    found.append(dotted)
+            finally:
+                setattr(owner, key, value)
+    return found
+
+
+def _scramble(module: nn.Module, generator: torch.Generator, plain_tensors: bool) -> None:
+    """Adds noise to the parameters and persistent buffers of ``module`` (and its plain tensor attributes)."""
+    def noise(t: Tensor) -> Tensor:
+        return torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+
+    with torch.no_grad():
+        for m in module.modules():
+            state = [*m.parameters(recurse=False),
+                     *(b for k, b in m.named_buffers(recurse=False) if k not in m._non_persistent_buffers_set)]
+            for t in state:
+                if t.is_floating_point():
+                    t.add_(noise(t))
+        for owner, key, _ in _plain_tensors(module) if plain_tensors else []:
+            value = getattr(owner, key)
+            setattr(owner, key, (value + noise(value)).requires_grad_(value.requires_grad))
+
+
 def _check_state_dict(nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int,
                       seed: int) -> None:
     buffer = io.BytesIO()
@@ -307,18 +434,28 @@ def _check_state_dict(nir_loss: nn.Module, name: str, num_classes: int, embeddin
     state = _guarded("torch.load(weights_only=True) of the state_dict",
                      "keep only tensors in the state_dict (no custom objects in buffers or extra state).",
                      lambda: torch.load(buffer, weights_only=True))
-    other = copy.deepcopy(nir_loss)
-    with torch.no_grad():  # scramble the copy, so only load_state_dict can make it equal again
-        for p in other.parameters():
-            p.add_(torch.randn_like(p))
-        _proxies_of(other).add_(1.0)
-    _guarded(f"{name}.load_state_dict(state)", "see the message above.", lambda: other.load_state_dict(state))
-    if not torch.equal(_proxies_of(other), _proxies_of(nir_loss)):
-        raise _fail(f"load_state_dict does not restore {name}'s proxies.",
-                    "register them with nn.Parameter (or register_buffer), not as a plain tensor attribute.")
+    # Scrambled copies that only load_state_dict can make equal again. A deep copy alone would
+    # carry over what state_dict loses, so the proxies are also compared on a copy whose plain
+    # tensor attributes are scrambled too (the loss's other plain tensors may be constants its
+    # constructor makes, like PML's LargeMarginSoftmaxLoss tables).
+    g = torch.Generator().manual_seed(seed)
+    expected = _proxies_of(nir_loss).detach().clone()  # before any forward (P2SGradLoss renorms in place)
+    loaded = []
+    for plain_tensors in (False, True):
+        other = copy.deepcopy(nir_loss)
+        _scramble(other, g, plain_tensors)
+        _guarded(f"{name}.load_state_dict(state)", "see the message above.",
+                 functools.partial(other.load_state_dict, state))
+        if not torch.equal(_proxies_of(other), expected):
+            unsaved = _proxy_plain_tensors(copy.deepcopy(nir_loss))
+            where = f" (computed from plain tensor attributes, which state_dict leaves out: {', '.join(unsaved)})" \
+                if unsaved else ""
+            raise _fail(f"load_state_dict does not restore {name}'s proxies{where}.",
+                        "register them with nn.Parameter (or register_buffer), not as a plain tensor attribute.")
+        loaded.append(other)
     x, labels = _batch(num_classes, embedding_size, batch_size, torch.float32, torch.device("cpu"), seed)
     with torch.no_grad():
-        a, b = nir_loss(x, labels), other(x, labels)
+        a, b = nir_loss(x, labels), loaded[0](x, labels)
     if not torch.equal(a, b):
         raise _fail(f"after a state_dict round trip {name} gives {b.item()} instead of {a.item()}.",
                     "every tensor the loss computes with must be a parameter or a buffer.")

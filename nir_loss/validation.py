@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from pytorch_metric_learning import reducers as pml_reducers
+from torch import Tensor, nn
 
-__all__ = ["check_embeddings", "check_labels", "values_checked"]
+__all__ = ["check_device", "check_embeddings", "check_labels", "check_nir_reducer", "values_checked"]
 
 
 def values_checked(validate: bool) -> bool:
@@ -80,4 +81,54 @@ def check_labels(labels: Tensor | None, batch_size: int, num_classes: int, check
             f"labels must lie in [0, {num_classes}) (one label per class proxy); got values in "
             f"[{low}, {high}]. Map your class ids to 0..C-1 first, or build the loss with "
             f"num_classes={max(high + 1, num_classes)}."
+        )
+
+
+def check_nir_reducer(reducer: object, sub_loss: str = "nir_loss") -> None:
+    """Raises ValueError, naming the fix, if the reducer of the NIR sub-loss filters losses by value.
+
+    PML's ``ThresholdReducer`` (and ``AvgNonZeroReducer``, its ``low=0`` case) keeps only the
+    losses above ``low`` / below ``high``. The NIR term is a negative log-likelihood whose sign
+    and scale depend on the density (it is usually negative once the flow has trained), so such
+    a filter would silently drop it. With ``MultipleReducers`` the reducer of ``sub_loss`` is checked.
+
+    Example:
+        >>> from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer, MultipleReducers
+        >>> check_nir_reducer(MultipleReducers({"nir_loss": MeanReducer()}, default_reducer=AvgNonZeroReducer()))
+        >>> check_nir_reducer(AvgNonZeroReducer())
+        Traceback (most recent call last):
+        ...
+        ValueError: AvgNonZeroReducer(low=0, high=None) cannot reduce the NIR term: ...
+    """
+    if isinstance(reducer, pml_reducers.MultipleReducers):
+        reducer = reducer.reducers[sub_loss] if sub_loss in reducer.reducers else reducer.default_reducer
+    if isinstance(reducer, pml_reducers.ThresholdReducer):
+        raise ValueError(
+            f"{type(reducer).__name__}(low={reducer.low}, high={reducer.high}) cannot reduce the NIR term: it "
+            "keeps only losses above low / below high, and the NIR term is a negative log-likelihood, usually "
+            "below 0, so it would silently drop out. Reduce the NIR term with a MeanReducer, e.g. "
+            f"reducer=MultipleReducers({{'{sub_loss}': MeanReducer()}}, "
+            f"default_reducer={type(reducer).__name__}(...)), "
+            "or give the thresholding reducer to the wrapped loss: "
+            "NIRRegularizer(ProxyNCALoss(..., reducer=AvgNonZeroReducer()))."
+        )
+
+
+def check_device(embeddings: Tensor, module: nn.Module, what: str = "the NIR flow") -> None:
+    """Raises ValueError, naming the fix, if ``module``'s parameters are not on the embeddings' device.
+
+    Nothing is moved inside a call: that would leave the optimizer's state on the old device
+    (and on "meta" lose the weights). Free: no host sync.
+
+    Example:
+        >>> check_device(torch.zeros(2, 4, device="meta"), torch.nn.Linear(4, 4), "the loss")
+        Traceback (most recent call last):
+        ...
+        ValueError: embeddings are on meta but the loss is on cpu: ... loss_fn.to('meta').
+    """
+    p = next(module.parameters(), None)
+    if p is not None and p.device != embeddings.device:
+        raise ValueError(
+            f"embeddings are on {embeddings.device} but {what} is on {p.device}: move the loss to the "
+            f"embeddings' device once, before building the optimizer: loss_fn.to({str(embeddings.device)!r})."
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 
 import pytest
 
@@ -15,15 +16,18 @@ SMALL = ["--epochs", "2", "--max-steps", "3", "--no-progress", "--flow-blocks", 
          "--flow-layers", "3", "--threads", "1"]
 
 
-def test_digits_demo(tmp_path):
+def test_digits_demo(tmp_path, capsys):
     result = demo.main(["--dataset", "digits", "--out", str(tmp_path), *SMALL])
+    printed = capsys.readouterr().out
+    assert re.search(r"ProxyAnchor\+NIR: R@1 \S+, NIR NLL last epoch mean -?\d+\.\d max -?\d+\.\d", printed)
     rows = result["rows"]
     assert list(rows) == ["input (untrained)", "ProxyAnchor", "ProxyAnchor+NIR"]
     for row in rows.values():
         assert all(math.isfinite(row[k]) for k in ("recall_at_1", "NMI", "mean_average_precision_at_r"))
     pair = result["runs"][0]
-    assert pair["ProxyAnchor"]["history"][-1]["nll"] is None
-    assert math.isfinite(pair["ProxyAnchor+NIR"]["history"][-1]["nll"])
+    assert pair["ProxyAnchor"]["history"][-1]["nll"] is None is pair["ProxyAnchor"]["history"][-1]["nll_max"]
+    for record in pair["ProxyAnchor+NIR"]["history"]:  # per epoch: mean of batch means <= max of batch maxes
+        assert math.isfinite(record["nll"]) and math.isfinite(record["nll_max"]) and record["nll"] <= record["nll_max"]
     assert all(r["steps"] == 3 for r in pair["ProxyAnchor+NIR"]["history"])
     for name in ("comparison.txt", "comparison.png", "seed0/ProxyAnchor_NIR/metrics.jsonl",
                  "seed0/ProxyAnchor/projection.png"):

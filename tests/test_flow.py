@@ -115,16 +115,36 @@ def test_reference_architecture_defaults():
     assert isinstance(flow.q0, nf.distributions.DiagGaussian) and isinstance(flow, nf.ConditionalNormalizingFlow)
 
 
-def test_permutations_are_seeded_locally():
-    state = torch.random.get_rng_state()
-    a, b, c = ProxyConditionedFlow(8, seed=1), ProxyConditionedFlow(8, seed=1), ProxyConditionedFlow(8, seed=2)
-    perms = lambda f: [m.perm for m in f.flows if isinstance(m, nf.flows.Permute)]  # noqa: E731
-    assert all(torch.equal(p, q) for p, q in zip(perms(a), perms(b)))
-    assert not all(torch.equal(p, q) for p, q in zip(perms(a), perms(c)))
+def _permutations(flow):
+    return [m.perm for m in flow.flows if isinstance(m, nf.flows.Permute)]
+
+
+def test_permutations_depend_on_seed_only():
+    """Whatever the global RNG's state, `seed` alone fixes the permutations."""
+    torch.manual_seed(1)
+    a = ProxyConditionedFlow(8, num_blocks=3, seed=1)
+    torch.manual_seed(2)
+    torch.rand(5)
+    b, c = ProxyConditionedFlow(8, num_blocks=3, seed=1), ProxyConditionedFlow(8, num_blocks=3, seed=2)
+    assert all(torch.equal(p, q) for p, q in zip(_permutations(a), _permutations(b)))
+    assert not all(torch.equal(p, q) for p, q in zip(_permutations(a), _permutations(c)))
     for m in a.flows:
         if isinstance(m, nf.flows.Permute):
             assert torch.equal(m.perm[m.inv_perm], torch.arange(8))
-    assert not torch.equal(state, torch.random.get_rng_state()) or True  # layer init may use the global RNG
+
+
+def test_weights_come_from_the_global_rng():
+    """As documented: torch.manual_seed makes the weights reproducible, `seed` does not change them."""
+    def weights(global_seed, seed):
+        torch.manual_seed(global_seed)
+        flow = ProxyConditionedFlow(8, num_blocks=2, hidden_features=16, num_layers=3, seed=seed)
+        return torch.cat([p.detach().flatten() for p in flow.parameters()])
+
+    assert torch.equal(weights(0, seed=1), weights(0, seed=2))
+    assert not torch.equal(weights(0, seed=1), weights(1, seed=1))
+    state = torch.random.get_rng_state()
+    ProxyConditionedFlow(8, num_blocks=2, hidden_features=16, num_layers=3)
+    assert not torch.equal(state, torch.random.get_rng_state())  # building a flow advances the global RNG
 
 
 def test_soft_clamp_matches_freia_atan():

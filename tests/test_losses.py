@@ -126,6 +126,42 @@ def test_pml_reducers_combine_the_nir_term():
     torch.testing.assert_close(sum_red(x, y) - base, 0.2 * per.sum())
 
 
+THRESHOLDING = {
+    "ProxyAnchorNIRLoss(reducer=AvgNonZeroReducer())":
+        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, reducer=reducers.AvgNonZeroReducer()),
+    "NIRRegularizer(reducer=ThresholdReducer(low=0))":
+        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), reducer=reducers.ThresholdReducer(low=0), **FLOW),
+    "MultipleReducers, thresholding default":
+        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, reducer=reducers.MultipleReducers(
+            {"pos_loss": reducers.MeanReducer()}, default_reducer=reducers.AvgNonZeroReducer())),
+}
+
+
+@pytest.mark.parametrize("name", list(THRESHOLDING))
+def test_thresholding_reducers_are_refused_for_the_nir_term(name):
+    """They keep only losses > 0 (or within bounds); a trained flow's NLLs are negative: the term would vanish."""
+    with pytest.raises(ValueError, match=r"cannot reduce the NIR term.*MultipleReducers\(\{'nir_loss': MeanReducer"):
+        THRESHOLDING[name]()
+    loss_fn = NIRRegularizer(losses.ProxyNCALoss(C, D), **FLOW)
+    loss_fn.set_reducer(reducers.AvgNonZeroReducer())  # set after construction: refused at the call
+    with pytest.raises(ValueError, match="cannot reduce the NIR term"):
+        loss_fn(*batch())
+
+
+def test_thresholding_reducers_work_for_the_proxy_terms():
+    """The fixes the error names: the NIR term under a mean, the proxy terms under the threshold."""
+    x, y = batch(dtype=torch.float64)
+    mixed = ProxyAnchorNIRLoss(C, D, nir_weight=0.2, flow_options=FLOW, **EXACT, reducer=reducers.MultipleReducers(
+        {"nir_loss": reducers.MeanReducer()}, default_reducer=reducers.AvgNonZeroReducer())).double()
+    plain = losses.ProxyAnchorLoss(C, D, reducer=reducers.AvgNonZeroReducer()).double()
+    plain.load_state_dict({"proxies": mixed.proxies.detach().clone()})
+    nir = 0.2 * mixed.nir.per_sample_loss(x, mixed.proxies, y).mean()
+    torch.testing.assert_close(mixed(x, y), plain(x, y) + nir)
+    inner = NIRRegularizer(losses.ProxyNCALoss(C, D, reducer=reducers.AvgNonZeroReducer()), weight=0.2, **FLOW)
+    inner(*batch()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in inner.flow.parameters())
+
+
 def test_multiple_losses_and_distributed_wrapper_in_single_process():
     from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
@@ -205,6 +241,10 @@ def test_missing_labels_and_methods_validate():
         loss_fn.log_likelihood(torch.randn(3, D), None)
     with pytest.raises(ValueError, match="lie in"):
         loss_fn.sample(torch.tensor([C]))
+    with pytest.raises(ValueError, match=r"labels must be 1-D .* got shape \(\)\. Use labels\.view\(-1\)"):
+        loss_fn.sample(torch.tensor(1))
+    with pytest.raises(ValueError, match=r"labels must be 1-D .* got shape \(2, 1\)"):
+        loss_fn.sample(torch.tensor([[1], [2]]))
     with pytest.raises(ValueError, match="embedding_size"):
         loss_fn.log_likelihood_matrix(torch.randn(3, D + 2))
 
@@ -215,6 +255,24 @@ def test_validation_can_be_switched_off():
     assert torch.isnan(loss_fn.log_likelihood(nan, torch.tensor([0, 1]))).all()  # no ValueError
     with pytest.raises(ValueError, match="labels.long()"):  # free checks stay on
         loss_fn(torch.randn(2, D), torch.tensor([0, 1], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("make", [lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, validate=False),
+                                  lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), validate=False, **FLOW)])
+def test_device_mismatch_is_an_error_and_moves_nothing(make):
+    """Embeddings on another device (here "meta", where a move would lose the weights): an error naming the fix."""
+    loss_fn = make()
+    before = copy.deepcopy(loss_fn.state_dict())
+    x, y = torch.randn(4, D, device="meta"), torch.zeros(4, dtype=torch.long, device="meta")
+    calls = {"loss": lambda: loss_fn(x, y), "log_likelihood": lambda: loss_fn.log_likelihood(x, y),
+             "log_likelihood_matrix": lambda: loss_fn.log_likelihood_matrix(x),
+             "nir.log_likelihood": lambda: loss_fn.nir.log_likelihood(x, get_proxies(loss_fn), y)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"embeddings are on meta but .* is on cpu: .*loss_fn\.to\('meta'\)"):
+            call()
+        after = loss_fn.state_dict()
+        assert all(after[k].device.type == "cpu" and torch.equal(after[k], v) for k, v in before.items()), name
+    assert torch.isfinite(loss_fn(*batch()))  # still usable on its own device
 
 
 @pytest.mark.parametrize("make", [
@@ -315,3 +373,22 @@ def test_default_weight_scales_with_embedding_width():
     assert NIRRegularizer(losses.ProxyNCALoss(C, D), objective="exp_nll").nir_weight == pytest.approx(1 / 0.0075)
     assert ProxyAnchorNIRLoss(C, D, nir_weight=0.3).nir_weight == 0.3
     assert default_nir_weight(64) == pytest.approx(0.02)
+
+
+def test_exp_nll_stays_finite_for_unnormalized_embeddings():
+    """Norm >= 13 at D = 128: exp(NLL) overflows float32; the loss, gradients and a few steps stay finite."""
+    model = torch.nn.Linear(32, 128)
+    with torch.no_grad():
+        model.weight.mul_(2.6)  # embedding norms 13-15
+    loss_fn = ProxyAnchorNIRLoss(10, 128, objective="exp_nll")  # the default flow, weight and noise
+    optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *loss_fn.param_groups(1e-3)])
+    x, y = torch.randn(16, 32), torch.arange(16) % 10
+    for _ in range(4):
+        emb = model(x)
+        loss = loss_fn(emb, y)
+        optimizer.zero_grad()
+        loss.backward()
+        assert emb.norm(dim=1).min() >= 13 and torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for g in optimizer.param_groups for p in g["params"])
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in [*model.parameters(), *loss_fn.parameters()])

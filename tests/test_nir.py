@@ -57,6 +57,22 @@ def test_matrix_matches_labelled_pass_and_chunking(dtype):
         torch.testing.assert_close(loss_fn.log_likelihood_matrix(x, chunk_size=chunk), full, atol=tol, rtol=0)
 
 
+def test_matrix_keeps_no_graph_unless_asked():
+    """Grad enabled, embeddings that require grad, a trainable flow: by default no pass keeps its graph."""
+    loss_fn = ProxyAnchorNIRLoss(7, 8, flow_options=FLOW).double()
+    x, _ = batch(b=11, c=7)
+    full = loss_fn.log_likelihood_matrix(x, chunk_size=2)
+    assert full.grad_fn is None and not full.requires_grad
+    with_grad = loss_fn.log_likelihood_matrix(x, chunk_size=2, requires_grad=True)
+    assert with_grad.grad_fn is not None
+    torch.testing.assert_close(with_grad.detach(), full, atol=0, rtol=0)
+    (grad,) = torch.autograd.grad(with_grad[:, 3].sum(), x)
+    (expected,) = torch.autograd.grad(loss_fn.log_likelihood(x, torch.full((11,), 3)).sum(), x)
+    torch.testing.assert_close(grad, expected, atol=1e-10, rtol=0)
+    with torch.no_grad():  # the caller's no_grad still wins
+        assert not loss_fn.log_likelihood_matrix(x, requires_grad=True).requires_grad
+
+
 def test_multi_centre_losses_use_nearest_centre():
     base = losses.SoftTripleLoss(4, 6, centers_per_class=3)
     loss_fn = NIRRegularizer(base, **FLOW).double()

@@ -64,6 +64,13 @@ def test_loss_is_not_modified():
     assert all(torch.equal(before[k], after[k]) and after[k].dtype == torch.float32 for k in before)
 
 
+def test_global_rng_is_untouched():
+    loss = pml_losses.ProxyNCALoss(C, D)
+    state = torch.random.get_rng_state()
+    check_proxy_loss(loss, C, D, dtypes=(torch.float32,))
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_device_checked():
     check_proxy_loss(pml_losses.ProxyAnchorLoss(C, D), C, D, devices=["cuda"])
@@ -108,6 +115,37 @@ class _PlainTensorProxies(_CosineLoss):
         self.proxies = proxies  # not registered: no optimizer, no .to(), no state_dict
 
 
+class _ReshapedColumns(_CosineLoss):
+    """Class proxies are the columns of W (D, C); get_proxies reshapes instead of transposing."""
+
+    def __init__(self):
+        super().__init__()
+        del self.proxies
+        self.W = nn.Parameter(torch.randn(D, C) / 8)
+
+    def used_proxies(self):
+        return self.W.t()
+
+    def get_proxies(self):
+        return self.W.reshape(C, D)  # right shape, rows mix the classes' columns
+
+
+class _UnsavedProxies(_CosineLoss):
+    """Proxies = a plain tensor attribute + a learned shift: trainable, but state_dict loses the tensor."""
+
+    def __init__(self):
+        super().__init__()
+        del self.proxies
+        self.shift = nn.Parameter(torch.zeros(D))
+        self.raw = torch.randn(C, D) / 8
+
+    def used_proxies(self):
+        return self.raw + self.shift
+
+    def get_proxies(self):
+        return self.used_proxies()
+
+
 class _Float32Only(_CosineLoss):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         return super().compute_loss(embeddings.float(), labels, indices_tuple, ref_emb, ref_labels)
@@ -132,6 +170,9 @@ def test_correct_custom_loss_passes():
     (_BufferProxies(), r"not computed from a trainable parameter.*nn\.Parameter"),
     (_PlainTensorProxies(), r"not computed from a trainable parameter.*nn\.Parameter"),
     (pml_losses.ContrastiveLoss(), r"has no class proxies.*How to fix: give the loss a `proxies` nn\.Parameter"),
+    (_ReshapedColumns(), r"get_proxies\(_ReshapedColumns\)\[\d\] is not the proxy of class \d.*return W\.t\(\)"),
+    (_UnsavedProxies(), r"load_state_dict does not restore _UnsavedProxies's proxies \(computed from plain tensor "
+                        r"attributes, which state_dict leaves out: loss\.raw\).*register them with nn\.Parameter"),
 ])
 def test_broken_proxies_are_caught(loss, message):
     with pytest.raises(AssertionError, match=re.compile(message, re.S)):

