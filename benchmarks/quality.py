@@ -247,8 +247,9 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     arms = a.arms.split(",")
     # Arms interleaved within a seed: machine noise hits all arms alike.
-    jobs = [(ds, arm, seed, int(dim), a.lr, a.epochs) for ds in a.datasets.split(",") for dim in a.dims.split(",")
-            for seed in seeds for arm in arms]
+    # Seed-major order: an interrupted run still has every data set at the same number of seeds.
+    jobs = [(ds, arm, seed, int(dim), a.lr, a.epochs) for seed in seeds for ds in a.datasets.split(",")
+            for dim in a.dims.split(",") for arm in arms]
     meta = {"argv": sys.argv[1:] if argv is None else argv, "version": nir_loss.__version__,
             "torch": torch.__version__, "jobs": a.jobs, "machine": f"{platform.machine()}, {os.cpu_count()} cpus"}
     print(f"nir-loss {meta['version']}, torch {meta['torch']}, {a.jobs} jobs, {meta['machine']}; {len(jobs)} runs",

@@ -26,7 +26,7 @@ DEFAULT_OBJECTIVE = "nll"
 """Default objective: the paper's ``L_proxy + weight * mean(NLL)``."""
 DEFAULT_PROXY_LR_MULT = 100.0
 """Default learning-rate multiplier of the proxies in ``param_groups``."""
-DEFAULT_FLOW_LR_MULT = 10.0
+DEFAULT_FLOW_LR_MULT = 1.0
 """Default learning-rate multiplier of the flow in ``param_groups``."""
 _NLL_WEIGHT_TIMES_DIM = 1.28  # 0.01 at D = 128
 _EXP_NLL_WEIGHT = 1 / 0.0075  # the reference run's CUB setting
