@@ -54,7 +54,8 @@ class CosineProxyLoss(BaseMetricLossFunction):
 
 def build_loss(num_classes: int, embedding_size: int, **flow_options) -> NIRRegularizer:
     """The custom loss with NIR added (the flow conditions on its normalized proxies)."""
-    return NIRRegularizer(CosineProxyLoss(num_classes, embedding_size), weight=0.01, **flow_options)
+    return NIRRegularizer(CosineProxyLoss(num_classes, embedding_size), nir_weight=0.01,
+                          flow_options=flow_options)
 
 
 def train(steps: int, seed: int = 0) -> tuple[float, float]:

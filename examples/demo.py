@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="default: per dataset (digits 10, pigcvp 30)")
     p.add_argument("--nir-weight", type=float, default=None,
                    help="default: nir_loss.default_nir_weight(dim, objective), 1.28/dim for nll")
-    p.add_argument("--nir-objective", default=nir_loss.DEFAULT_OBJECTIVE, choices=list(nir_loss.OBJECTIVES))
+    p.add_argument("--nir-objective", default=nir_loss.DEFAULT_OBJECTIVE, choices=list(nir_loss.nir.OBJECTIVES))
     p.add_argument("--proxy-lr-mult", type=float, default=nir_loss.DEFAULT_PROXY_LR_MULT)
     p.add_argument("--flow-lr-mult", type=float, default=nir_loss.DEFAULT_FLOW_LR_MULT)
     p.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (smoke tests)")

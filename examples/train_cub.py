@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("loss")
     g.add_argument("--loss", default="proxyanchor", choices=LOSSES)
     g.add_argument("--nir", default="on", choices=["on", "off"], help="off = the plain PML loss (baseline)")
-    g.add_argument("--nir-objective", default=nir_loss.DEFAULT_OBJECTIVE, choices=list(nir_loss.OBJECTIVES))
+    g.add_argument("--nir-objective", default=nir_loss.DEFAULT_OBJECTIVE, choices=list(nir_loss.nir.OBJECTIVES))
     g.add_argument("--nir-weight", type=float, default=None,
                    help="default: nir_loss.default_nir_weight(dim, objective), 1.28/dim for nll")
     g.add_argument("--alpha", type=float, default=32.0, help="ProxyAnchor scale")

@@ -46,7 +46,7 @@ def build_loss(name: str, num_classes: int, embedding_size: int, nir: bool = Tru
         raise ValueError(f"unknown loss {name!r}: choose from {', '.join(LOSSES)}")
     if not nir:
         return base
-    return nir_loss.NIRRegularizer(base, weight=nir_weight, objective=objective, **flow_options)
+    return nir_loss.NIRRegularizer(base, nir_weight=nir_weight, objective=objective, flow_options=flow_options)
 
 
 def loss_param_groups(loss_fn: nn.Module, lr: float, proxy_lr_mult: float, flow_lr_mult: float) -> list[dict]:
