@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -250,7 +251,9 @@ def main(argv=None):
     # Seed-major order: an interrupted run still has every data set at the same number of seeds.
     jobs = [(ds, arm, seed, int(dim), a.lr, a.epochs) for seed in seeds for ds in a.datasets.split(",")
             for dim in a.dims.split(",") for arm in arms]
-    meta = {"argv": sys.argv[1:] if argv is None else argv, "version": nir_loss.__version__,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    meta = {"argv": sys.argv[1:] if argv is None else argv, "version": nir_loss.__version__, "commit": commit,
             "torch": torch.__version__, "jobs": a.jobs, "machine": f"{platform.machine()}, {os.cpu_count()} cpus"}
     print(f"nir-loss {meta['version']}, torch {meta['torch']}, {a.jobs} jobs, {meta['machine']}; {len(jobs)} runs",
           flush=True)

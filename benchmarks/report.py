@@ -79,30 +79,63 @@ def speed(d, name="speed.json"):
     print()
 
 
-def quality(d, title, name=""):
-    import statistics
+def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
+    """The quality tables (markdown) of a ``quality.py`` results file, and its per-seed plot."""
     m = d["meta"]
-    print(f"### {title} (`quality.py {command(m['argv'], name)}`: {m['total_seconds']/60:.1f} min wall, "
-          f"{m['threads']} torch thread, base lr {m['lr']}, D={m['dim']})\n")
-    # Paired per-seed differences, for the median (robust to a single collapsed seed).
-    by_key = {}
-    for r in d["runs"]:
-        by_key.setdefault((r["dataset"], r["proxy_lr_mult"], r["flow_lr_mult"], r["seed"]), {})[r["arm"]] = r
-    print("| data | lr x (proxy, flow) | arm | seeds | R@1 mean ± std | ΔR@1 vs PA (paired) | W/L | MAP@R mean ± std "
-          "| ΔMAP@R vs PA (paired) | median ΔMAP@R | W/L | s/run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in d["summary"]:
-        diffs = [a[r["arm"]]["mapr"] - a["pa"]["mapr"] for (ds, pm, fm, _), a in by_key.items()
-                 if (ds, pm, fm) == (r["dataset"], r["proxy_lr_mult"], r["flow_lr_mult"]) and "pa" in a and r["arm"] in a]
-        med = "—" if r["arm"] == "pa" or not diffs else f"{statistics.median(diffs):+.4f}"
-        d1 = "—" if r["arm"] == "pa" else f"{r['d_r1']:+.4f} ± {r['d_r1_std']:.4f}"
-        d2 = "—" if r["arm"] == "pa" else f"{r['d_mapr']:+.4f} ± {r['d_mapr_std']:.4f}"
-        wl1 = "" if r["arm"] == "pa" else f"{r['wins_r1']}/{r['losses_r1']}"
-        wl2 = "" if r["arm"] == "pa" else f"{r['wins_mapr']}/{r['losses_mapr']}"
-        print(f"| {r['dataset']} | {r['proxy_lr_mult']:g}, {r['flow_lr_mult']:g} | {r['arm']} | {r['n']} | "
-              f"{r['r1']:.4f} ± {r['r1_std']:.4f} | {d1} | {wl1} | {r['mapr']:.4f} ± {r['mapr_std']:.4f} | {d2} | {med} | "
-              f"{wl2} | {r['seconds']:.0f} |")
-    print()
+    rows = d["summary"]
+    lines = [f"Command: `python benchmarks/quality.py {' '.join(m['argv'])}` ({m['total_seconds'] / 60:.0f} min on "
+             f"{m['machine']}, {m['jobs']} runs in parallel, one torch thread each; nir-loss {m['version']}, "
+             f"torch {m['torch']}).", ""]
+    lines += ["| data | D | arm | seeds | median ΔMAP@R | mean ΔMAP@R | W/L | worst (seed) | collapses "
+              "| median ΔR@1 | max NLL |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["dataset"], r["dim"]): r for r in rows if r["arm"] == "pa"}
+    for r in rows:
+        if r["arm"] == "pa":
+            continue
+        peak = "" if r["nll_peak_max"] is None else f"{r['nll_peak_max']:.3g}"
+        lines.append(
+            f"| {r['dataset']} | {r['dim']} | {r['arm']} | {r['n']} | **{r['d_mapr_median']:+.4f}** | {r['d_mapr']:+.4f} | "
+            f"{r['wins_mapr']}/{r['losses_mapr']} | {r['worst_mapr']:+.3f} ({r['worst_seed_mapr']}) | {r['collapses']} | "
+            f"{r['d_r1_median']:+.4f} | {peak} |")
+    lines += ["", "ProxyAnchor alone (the paired baseline), mean over the seeds:", "",
+              "| data | D | R@1 | MAP@R |", "|---|---|---|---|"]
+    for (ds, dim), r in base.items():
+        lines.append(f"| {ds} | {dim} | {r['r1']:.4f} | {r['mapr']:.4f} |")
+    text = "\n".join(lines) + "\n"
+    if out_md is not None:
+        out_md.write_text(text)
+    if out_png is not None:
+        _quality_plot(d, out_png)
+    return text
+
+
+def _quality_plot(d, path: Path) -> None:
+    """Paired per-seed MAP@R differences against ProxyAnchor, one panel per data set."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = d["runs"]
+    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(3.2 * len(datasets), 3.4), squeeze=False, sharey=True)
+    for ax, ds in zip(axes[0], datasets):
+        base = {(r["dim"], r["seed"]): r["mapr"] for r in runs if r["dataset"] == ds and r["arm"] == "pa"}
+        groups = list(dict.fromkeys((r["dim"], r["arm"]) for r in runs if r["dataset"] == ds and r["arm"] != "pa"))
+        for i, (dim, arm) in enumerate(groups):
+            diffs = [r["mapr"] - base[(dim, r["seed"])] for r in runs
+                     if r["dataset"] == ds and r["arm"] == arm and r["dim"] == dim and (dim, r["seed"]) in base]
+            ax.scatter([i] * len(diffs), diffs, s=12, alpha=0.6)
+            ax.plot([i - 0.3, i + 0.3], [sorted(diffs)[len(diffs) // 2]] * 2, color="k", lw=1.5)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axhline(-0.1, color="red", lw=0.6, ls=":")
+        ax.set_xticks(range(len(groups)), [f"D={dim}\n{arm}" for dim, arm in groups], fontsize=7)
+        ax.set_title(ds, fontsize=9)
+    axes[0][0].set_ylabel("MAP@R − ProxyAnchor (same seed)")
+    fig.suptitle("Held-out classes: paired MAP@R difference per seed (bar: median; dotted: collapse line)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def profile(d):
@@ -140,24 +173,11 @@ def compiled(d):
           f"(first call {w['compile_s']:.0f} s).\n")
 
 
-# (selector, results file, heading) of each quality table on docs/benchmarks.md, in page order.
-QUALITY_TABLES = [
-    ("quality", "quality.json", "Quality, default run (0.2.0)"),
-    ("quality010", "quality_0.1.0.json", "Quality, default run on 0.1.0 (same command, same seeds)"),
-    ("seeds15", "quality_pig_15seeds.json", "PigCVP, 15 seeds, weight 0.01 (0.2.0)"),
-    ("seeds15", "quality_pig_15seeds_w0.005.json", "PigCVP, 15 seeds, weight 0.005 (0.2.0)"),
-    ("seeds15", "quality_pig_15seeds_w0.003.json", "PigCVP, 15 seeds, weight 0.003 (0.2.0)"),
-    ("sweep", "quality_sweep.json", "Sweep, PigCVP, 0.1.0"),
-    ("digits", "quality_sweep_digits.json", "Sweep, digits (small weights), 0.1.0"),
-    ("narrow", "quality_sweep_pig_narrow.json", "Sweep, PigCVP around nll 0.01, 5 seeds, 0.1.0"),
-    ("d512", "quality_sweep_pig_d512.json", "Sweep, PigCVP at D = 512, 0.1.0"),
-    ("d512scaled", "quality_sweep_pig_d512_scaled.json", "PigCVP at D = 512, weight 1.28 / D (0.2.0)"),
-    ("d512seeds15", "quality_pig_d512_15seeds.json", "PigCVP at D = 512, weight 1.28 / D, 15 seeds (0.2.0)"),
-]
+QUALITY = RESULTS / "0.3.0" / "quality.json"
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["speed", "resnet", "profile", "compiled", *dict.fromkeys(k for k, _, _ in QUALITY_TABLES)]
+    which = sys.argv[1:] or ["speed", "resnet", "profile", "compiled", "quality"]
     if "speed" in which and load("speed.json"):
         speed(load("speed.json"))
     if "resnet" in which and load("speed_resnet.json"):
@@ -166,6 +186,7 @@ if __name__ == "__main__":
         profile(load("speed.json"))
     if "compiled" in which and load("speed.json"):
         compiled(load("speed.json"))
-    for key, name, title in QUALITY_TABLES:
-        if key in which and load(name):
-            quality(load(name), title, name)
+    if "quality" in which and QUALITY.exists():
+        # Written where the docs include them from: the tables as a snippet, the plot as an image.
+        docs = RESULTS.parents[1] / "docs"
+        print(quality(json.loads(QUALITY.read_text()), QUALITY.with_suffix(".md"), docs / "img" / "quality.png"))

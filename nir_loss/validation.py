@@ -93,8 +93,10 @@ def check_nir_reducer(reducer: object, sub_loss: str = "nir_loss") -> None:
     a filter would silently drop it. With ``MultipleReducers`` the reducer of ``sub_loss`` is checked.
 
     Example:
-        >>> from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer, MultipleReducers
-        >>> check_nir_reducer(MultipleReducers({"nir_loss": MeanReducer()}, default_reducer=AvgNonZeroReducer()))
+        >>> from pytorch_metric_learning.reducers import (
+        ...     AvgNonZeroReducer, MeanReducer, MultipleReducers)
+        >>> check_nir_reducer(MultipleReducers(
+        ...     {"nir_loss": MeanReducer()}, default_reducer=AvgNonZeroReducer()))
         >>> check_nir_reducer(AvgNonZeroReducer())
         Traceback (most recent call last):
         ...
@@ -121,7 +123,8 @@ def check_device(embeddings: Tensor, module: nn.Module, what: str = "the NIR flo
     (and on "meta" lose the weights). Free: no host sync.
 
     Example:
-        >>> check_device(torch.zeros(2, 4, device="meta"), torch.nn.Linear(4, 4), "the loss")
+        >>> emb = torch.zeros(2, 4, device="meta")
+        >>> check_device(emb, torch.nn.Linear(4, 4), "the loss")
         Traceback (most recent call last):
         ...
         ValueError: embeddings are on meta but the loss is on cpu: ... loss_fn.to('meta').

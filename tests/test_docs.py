@@ -159,7 +159,3 @@ def test_concept_figure_is_committed():
     assert (DOCS / "img" / "concept.png").stat().st_size > 10_000
 
 
-def test_benchmark_figure_in_docs_is_the_benchmark_output():
-    """docs/img/quality.png is a copy of what benchmarks/quality.py wrote (the site only serves docs/)."""
-    result = DOCS.parent / "benchmarks" / "results" / "quality.png"
-    assert (DOCS / "img" / "quality.png").read_bytes() == result.read_bytes(), f"copy {result} to docs/img/"
