@@ -25,7 +25,7 @@ from .losses import (
 from .nir import default_guard_radius, default_noise_std
 from .proxies import get_proxies
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "DEFAULT_FLOW_LR_MULT",
