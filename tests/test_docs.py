@@ -56,7 +56,7 @@ def test_readme_quick_start_runs():
     block = re.search(r"## Quick start\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     namespace: dict = {}
     exec(compile(block.group(1), "README.md", "exec"), namespace)
-    assert namespace["loss"].ndim == 0 and namespace["loss_fn"].nir_weight == 0.01
+    assert namespace["loss"].ndim == 0 and namespace["loss_fn"].nir_weight == 1.28 / 16
 
 
 def test_faq_lists_every_error_message():
