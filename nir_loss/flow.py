@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import normflows as nf
 import torch
@@ -14,6 +16,19 @@ __all__ = ["ContextAffineCoupling", "ProxyConditionedFlow", "soft_clamp"]
 
 # FrEIA's "ATAN" clamp activation, as the reference run used it (0.636 ~ 2/pi).
 _ATAN_SCALE = 0.636
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+# The fused backward's weight gradients: batched GEMMs after the loop (fewest kernels) on
+# accelerators; on CPU per-layer GEMMs inside the loop ran faster (operands still in cache).
+# True makes CPU take the accelerator's path (tests, kernel counts).
+_BATCHED_WEIGHT_GRADS_ON_CPU = False
+
+
+def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
+    """Switches autocast off for the flow: its GEMMs then run in the input's precision, without casts."""
+    kind = x.device.type
+    if kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def soft_clamp(s: Tensor, clamp: float) -> Tensor:
@@ -184,6 +199,237 @@ class ContextAffineCoupling(nf.flows.Flow):
         return self._transform(z, encoded, context_index, density=False)
 
 
+class _AffinePlan(NamedTuple):
+    """The modules of an all-affine ProxyConditionedFlow in density order, for the fused path."""
+
+    key: tuple[int, ...]  # ids of flow.flows' layers when the plan was made
+    permutes: tuple[nf.flows.Permute, ...]  # one per block
+    couplings: tuple[ContextAffineCoupling, ...]  # two per block: transform_first True, then False
+    hidden: tuple[tuple[nn.Linear, ...], ...]  # per coupling: the hidden -> hidden layers
+    last: tuple[nn.Linear, ...]  # per coupling: the layer giving [shift | raw log-scale]
+    spec: tuple[int, int, int, int, tuple[float, ...]]  # blocks, split, hidden width, hidden layers, scales
+
+
+def _affine_plan(flows: Sequence[nn.Module]) -> _AffinePlan | None:
+    """The fused path's plan, or None if the layers are not [Permute, coupling, coupling] x blocks."""
+    density = list(reversed(flows))
+    if not density or len(density) % 3:
+        return None
+    permutes, couplings, hidden, last, scales = [], [], [], [], []
+    width = num_hidden = -1
+    for j in range(0, len(density), 3):
+        permute, *pair = density[j:j + 3]
+        if not isinstance(permute, nf.flows.Permute):
+            return None
+        permutes.append(permute)
+        for layer, first in zip(pair, (True, False)):
+            if not (isinstance(layer, ContextAffineCoupling) and layer.transform_first is first
+                    and layer.context_layer is not None):
+                return None
+            pm = layer.coupling.param_map
+            net = list(pm.mlp.net)
+            linears = net[0::2]
+            if not (isinstance(pm, _ConditionedParamMap) and pm.input_layer.bias is not None
+                    and all(isinstance(m, nn.Linear) and m.bias is not None for m in linears)
+                    and all(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.0 for m in net[1::2])
+                    and len(net) == 2 * len(linears) - 1):
+                return None
+            h = pm.input_layer.out_features
+            if width not in (-1, h) or num_hidden not in (-1, len(linears) - 1) or any(
+                    (m.in_features, m.out_features) != (h, h) for m in linears[:-1]) or \
+                    layer.context_layer.out_features != h:
+                return None
+            width, num_hidden = h, len(linears) - 1
+            couplings.append(layer)
+            hidden.append(tuple(linears[:-1]))
+            last.append(linears[-1])
+            scales.append(pm.clamp * _ATAN_SCALE)
+    split = couplings[0]._split_sizes[0]
+    spec = (len(permutes), split, width, num_hidden, tuple(scales))
+    return _AffinePlan(tuple(map(id, flows)), tuple(permutes), tuple(couplings), tuple(hidden), tuple(last), spec)
+
+
+def _into(out: Tensor, fn, *args, **kwargs) -> Tensor:
+    """``fn(*args, **kwargs, out=out)``: the result lands in ``out`` (a view of a larger buffer).
+
+    torch.compile takes no strided ``out=``; traced, it is a copy into ``out``, which inductor
+    fuses into the kernel that computes the value.
+    """
+    if torch.compiler.is_compiling():
+        return out.copy_(fn(*args, **kwargs))
+    return fn(*args, **kwargs, out=out)
+
+
+def _relu_backward(grad: Tensor, relu_out: Tensor, out: Tensor) -> Tensor:
+    """The ReLU's input gradient (``grad`` where ``relu_out > 0``, else 0), written into ``out``."""
+    if torch.compiler.is_compiling():
+        return out.copy_(torch.ops.aten.threshold_backward(grad, relu_out, 0))
+    return torch.ops.aten.threshold_backward.grad_input(grad, relu_out, 0, grad_input=out)
+
+
+def _fused_forward(spec, x: Tensor, enc: Tensor, perms: Sequence[Tensor], params: Sequence[Tensor], keep: bool):
+    """Density pass x -> (z, log|det dz/dx|) of all blocks; ``keep``: also what the backward needs.
+
+    ``enc`` (N, K * hidden) holds every coupling's context projection plus its first layer's bias.
+    Block j permutes its input into X, transforms X[:, :split] (coupling 2j) and then
+    X[:, split:] (coupling 2j + 1), writing both into Y: no concatenation, one gather per block.
+    The ReLU outputs of all couplings go into one buffer H (layer, coupling, N, hidden), so the
+    backward computes the weight gradients of all hidden layers in one batched GEMM; the
+    soft-clamped log-scales go into one (N, blocks * D) buffer whose row sums are the log-dets.
+    Views come from ``split``/``unbind`` (one call for many) because the host-side cost of each
+    tensor call is what bounds this pass on a GPU.
+    """
+    num_blocks, split, width, num_hidden, scales = spec
+    n, d = x.shape
+    sizes = (split, d - split)
+    stride = 2 * num_hidden + 3  # params per coupling: W0, W_1..W_L, b_1..b_L, W_last, b_last
+    h_buf = x.new_empty(num_hidden + 1, 2 * num_blocks if keep else 1, n, width)
+    h_views = [layer.unbind(0) for layer in h_buf.unbind(0)]  # [layer][slot]: (N, hidden)
+    s_buf = x.new_empty(n, num_blocks * d)
+    s_views = s_buf.split(sizes * num_blocks, dim=1)  # coupling k's log-scales
+    encs = enc.split(width, dim=1)
+    saved: list[Tensor] = []
+    y = x
+    for j in range(num_blocks):
+        big_x = y.index_select(1, perms[2 * j + 1])  # Permute.inverse: x[:, inv_perm]
+        y = torch.empty_like(big_x)
+        x_parts, y_parts = big_x.split(sizes, dim=1), y.split(sizes, dim=1)
+        for t in (0, 1):
+            k = 2 * j + t
+            slot = t * num_blocks + j if keep else 0
+            w = params[k * stride:(k + 1) * stride]
+            x_c = x_parts[1] if t == 0 else y_parts[0]
+            h = _into(h_views[0][slot], torch.addmm, encs[k], x_c, w[0].t()).relu_()
+            for layer in range(1, num_hidden + 1):
+                h = _into(h_views[layer][slot], torch._addmm_activation, w[num_hidden + layer], h, w[layer].t())
+            out = torch.addmm(w[-1], h, w[-2].t())
+            shift, raw = out.chunk(2, dim=1)
+            e = torch.exp(_into(s_views[k], torch.mul, torch.atan(raw), scales[k]))
+            _into(y_parts[t], torch.addcmul, shift, x_parts[t], e)
+            if keep:
+                saved += (out, e)
+        if keep:
+            saved += (big_x, y)
+    return y, s_buf.sum(1), [h_buf, *saved]
+
+
+class _FusedDensity(torch.autograd.Function):
+    """The fused density pass with a hand-written backward (see ``_fused_forward``).
+
+    Per coupling the backward runs one GEMM per layer for the input gradient, one mask
+    (``threshold_backward``) per ReLU and one GEMM for the first layer's weight gradient; the
+    weight and bias gradients of all hidden layers of all couplings come from one batched GEMM
+    and one sum, those of the last layers likewise. Same function as autograd through the
+    normflows layers (pinned by tests in float64); not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, spec, x: Tensor, enc: Tensor, *tensors: Tensor) -> tuple[Tensor, Tensor]:
+        num_perms = 2 * spec[0]
+        z, log_det, saved = _fused_forward(spec, x, enc, tensors[:num_perms], tensors[num_perms:], keep=True)
+        ctx.spec = spec
+        ctx.save_for_backward(*saved, *tensors)
+        return z, log_det
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_z: Tensor | None, g_log_det: Tensor | None):
+        num_blocks, split, width, num_hidden, scales = spec = ctx.spec
+        num_couplings = 2 * num_blocks
+        h_buf, *rest = ctx.saved_tensors
+        per_block = rest[:6 * num_blocks]  # per block: out, e (coupling 2j), out, e (2j + 1), X, Y
+        perms, params = rest[6 * num_blocks:8 * num_blocks], rest[8 * num_blocks:]
+        stride = 2 * num_hidden + 3
+        n, d = per_block[4].shape
+        sizes = (split, d - split)
+        new = h_buf.new_empty
+        h_views = [layer.unbind(0) for layer in h_buf.unbind(0)]
+        g_enc = new(n, num_couplings * width)
+        g_enc_parts = g_enc.split(width, dim=1)
+        g_hidden = new(num_hidden, num_couplings, n, width)
+        g_hidden_views = [layer.unbind(0) for layer in g_hidden.unbind(0)]
+        g_last_all = new(num_couplings, n, 2 * split) if sizes[0] == sizes[1] else None
+        if g_last_all is not None:
+            g_last: tuple[Tensor, ...] = (g_last_all[:num_blocks], g_last_all[num_blocks:])
+        else:
+            g_last = (new(num_blocks, n, 2 * sizes[0]), new(num_blocks, n, 2 * sizes[1]))
+        g_last_views = [g.unbind(0) for g in g_last]
+        # Weight gradients: on an accelerator one batched GEMM per layer shape after the loop
+        # (fewer kernels); on CPU a GEMM per layer inside it, while its operands are in cache.
+        batched = h_buf.device.type != "cpu" or _BATCHED_WEIGHT_GRADS_ON_CPU
+        g_w: list[list[Tensor]] = [[h_buf] * num_couplings for _ in range(2 * num_hidden + 3)]  # [param][slot]
+        inv_scale = {c: h_buf.new_full((), 1 / c) for c in set(scales)}
+        g_s_base = None if g_log_det is None else g_log_det[:, None]
+        g_y = torch.zeros_like(per_block[-1]) if g_z is None else g_z
+        for j in reversed(range(num_blocks)):
+            big_x, y = per_block[6 * j + 4], per_block[6 * j + 5]
+            x_parts = big_x.split(sizes, dim=1)
+            y_first = y.split(sizes, dim=1)[0]
+            g_x = torch.empty_like(big_x)
+            g_x_parts, g_y_parts = g_x.split(sizes, dim=1), g_y.split(sizes, dim=1)
+            g_y_first = g_y_parts[0]
+            for t in (1, 0):
+                k = 2 * j + t
+                slot = t * num_blocks + j
+                w = params[k * stride:(k + 1) * stride]
+                out, e = per_block[6 * j + 2 * t], per_block[6 * j + 2 * t + 1]
+                x_t, x_c = x_parts[t], (x_parts[1] if t == 0 else y_first)
+                g_y_t = g_y_parts[1] if t == 1 else g_y_first
+                # y_t = x_t * e + shift, e = exp(s), s = scale * atan(raw): write [g_shift | g_raw]
+                g_xt = _into(g_x_parts[t], torch.mul, g_y_t, e)
+                g_s = g_xt * x_t if g_s_base is None else torch.addcmul(g_s_base, g_xt, x_t)
+                g_out = g_last_views[t][j]
+                g_shift, g_raw = g_out.chunk(2, dim=1)
+                g_shift.copy_(g_y_t)
+                raw = out.chunk(2, dim=1)[1]
+                den = torch.addcmul(inv_scale[scales[k]], raw, raw, value=1 / scales[k])  # (1 + raw^2) / scale
+                _into(g_raw, torch.div, g_s, den)
+                g_h = torch.mm(g_out, w[-2])
+                if not batched:
+                    g_w[-2][slot], g_w[-1][slot] = torch.mm(g_out.t(), h_views[num_hidden][slot]), g_out.sum(0)
+                for layer in range(num_hidden, 0, -1):
+                    g_pre = _relu_backward(g_h, h_views[layer][slot], g_hidden_views[layer - 1][slot])
+                    g_h = torch.mm(g_pre, w[layer])
+                    if not batched:
+                        g_w[layer][slot] = torch.mm(g_pre.t(), h_views[layer - 1][slot])
+                        g_w[num_hidden + layer][slot] = g_pre.sum(0)
+                g_pre = _relu_backward(g_h, h_views[0][slot], g_enc_parts[k])
+                g_w[0][slot] = torch.mm(g_pre.t(), x_c)
+                if t == 1:  # x_c = Y[:, :split] also leaves the block: add the gradient from outside
+                    g_y_first = torch.addmm(g_y_first, g_pre, w[0])
+                else:  # x_c = X[:, split:] is x_t of coupling 2j + 1, whose gradient is there already
+                    g_x_parts[1].addmm_(g_pre, w[0])
+            g_y = g_x.index_select(1, perms[2 * j])  # Permute.inverse backward: g[:, perm]
+        if batched:
+            _batched_weight_grads(spec, h_buf, g_hidden, g_last, g_last_all, g_w)
+        grads = [g_w[i][(k % 2) * num_blocks + k // 2] for k in range(num_couplings) for i in range(stride)]
+        return (None, g_y, g_enc, *[None] * (2 * num_blocks), *grads)
+
+
+def _batched_weight_grads(spec, h_buf: Tensor, g_hidden: Tensor, g_last: tuple[Tensor, ...],
+                          g_last_all: Tensor | None, g_w: list[list[Tensor]]) -> None:
+    """Fills ``g_w[param][slot]`` (all but the first layers') from batched GEMMs over all couplings.
+
+    ``g_last_all`` is the (K, N, 2m) buffer both halves of ``g_last`` are views of when the two
+    halves of D have the same width m: then one batched GEMM serves all last layers.
+    """
+    num_blocks, _, width, num_hidden, _ = spec
+    num_couplings = 2 * num_blocks
+    h_in = h_buf[num_hidden]  # (K, N, hidden): the last layers' input, slot order
+    if g_last_all is not None:
+        g_w[-2] = list(torch.bmm(g_last_all.transpose(1, 2), h_in).unbind(0))
+        g_w[-1] = list(g_last_all.sum(1).unbind(0))
+    else:
+        g_w[-2], g_w[-1] = [], []
+        for g, h in zip(g_last, (h_in[:num_blocks], h_in[num_blocks:])):
+            g_w[-2] += torch.bmm(g.transpose(1, 2), h).unbind(0)
+            g_w[-1] += g.sum(1).unbind(0)
+    if num_hidden:
+        w = torch.bmm(g_hidden.flatten(0, 1).transpose(1, 2), h_buf[:num_hidden].flatten(0, 1))
+        g_w[1:num_hidden + 1] = [list(v.unbind(0)) for v in w.view(num_hidden, num_couplings, width, width).unbind(0)]
+        g_w[num_hidden + 1:2 * num_hidden + 1] = [list(v.unbind(0)) for v in g_hidden.sum(2).unbind(0)]
+
+
 class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
     """Conditional normalizing flow p(x | context) for NIR, on normflows' conditional flow.
 
@@ -213,6 +459,9 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
         seed: Seed of a local generator for the fixed permutations (global RNG untouched).
         spline_bins: Bins of the spline coupling.
         spline_tail_bound: Spline interval [-B, B]; identity outside (embeddings are unit norm).
+        fused: Run the density direction of an affine flow as one fused pass with a hand-written
+            backward (fewer kernels, no double backward); False runs the normflows layers one by
+            one under autograd. Both compute the same function; a test pins them equal.
 
     Example:
         >>> flow = ProxyConditionedFlow(8, num_blocks=2, hidden_features=16, num_layers=3)
@@ -243,6 +492,7 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
         seed: int = 0,
         spline_bins: int = 8,
         spline_tail_bound: float = 3.0,
+        fused: bool = True,
     ) -> None:
         if coupling not in ("affine", "spline"):
             raise ValueError(f"coupling must be 'affine' or 'spline', got {coupling!r}.")
@@ -279,6 +529,8 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
                 nn.Linear(context_features, context_mlp_width), nn.ReLU(),
                 nn.Linear(context_mlp_width, context_features))
         )
+        self.fused = fused
+        self._plan_cache: _AffinePlan | None = None
 
     # -- context --------------------------------------------------------------------------
     def encode_context(self, context: Tensor) -> list[Tensor | None]:
@@ -306,14 +558,71 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
                 out.append(None)
         return out
 
-    def _run(self, x: Tensor, context: Tensor | None, encoded: Sequence[Tensor | None] | None,
+    def _affine_plan(self, x: Tensor) -> _AffinePlan | None:
+        """The fused path's plan if it applies to this flow and input, else None."""
+        if not self.fused or self.coupling_type != "affine" or \
+                type(self).encode_context is not ProxyConditionedFlow.encode_context:
+            return None  # (a subclass that changes encode_context gets the per-layer path)
+        plan = self._plan_cache
+        if plan is None or plan.key != tuple(map(id, self.flows)):
+            plan = self._plan_cache = _affine_plan(self.flows)
+        if plan is None:
+            return None
+        weight = plan.last[0].weight
+        return plan if weight.dtype == x.dtype and weight.device == x.device else None
+
+    def _encode(self, context: Tensor, x: Tensor) -> Tensor | list[Tensor | None]:
+        """Encodings of R contexts for ``inverse_and_log_det(x, encoded=..., context_index=...)``.
+
+        For the fused path one (R, couplings x hidden) tensor from one GEMM: every coupling's
+        context projection plus its first layer's bias; else ``encode_context``'s list.
+        """
+        with _autocast_off(x):
+            plan = self._affine_plan(x)
+            if plan is None:
+                return self.encode_context(context)
+            weight = torch.cat([c.context_layer.weight for c in plan.couplings])  # type: ignore[union-attr]
+            bias = torch.cat([c.coupling.param_map.input_layer.bias for c in plan.couplings])
+            return torch.addmm(bias, self.context_net(context).to(weight.dtype), weight.t())
+
+    def _fused_density(self, x: Tensor, encoded: Tensor, context_index: Tensor | None,
+                       plan: _AffinePlan) -> tuple[Tensor, Tensor]:
+        enc = _gather_rows(encoded, context_index)
+        perms = [b for p in plan.permutes for b in (p.perm, p.inv_perm)]
+        params: list[Tensor] = []
+        for c, hidden, last in zip(plan.couplings, plan.hidden, plan.last):
+            params.append(c.coupling.param_map.input_layer.weight)
+            params.extend(m.weight for m in hidden)
+            params.extend(m.bias for m in hidden)
+            params.extend((last.weight, last.bias))
+        if torch.is_grad_enabled() and (x.requires_grad or enc.requires_grad or any(p.requires_grad for p in params)):
+            return _FusedDensity.apply(plan.spec, x, enc, *perms, *params)
+        z, log_det, _ = _fused_forward(plan.spec, x, enc, perms, params, keep=False)
+        return z, log_det
+
+    def _run(self, x: Tensor, context: Tensor | None, encoded: Sequence[Tensor | None] | Tensor | None,
              context_index: Tensor | None, density: bool) -> tuple[Tensor, Tensor]:
-        if encoded is None:
-            if context is None:
-                raise ValueError("ProxyConditionedFlow is conditional: pass context=(N, context_features).")
-            encoded = self.encode_context(context)
+        with _autocast_off(x):
+            return self._run_layers(x, context, encoded, context_index, density)
+
+    def _run_layers(self, x: Tensor, context: Tensor | None, encoded: Sequence[Tensor | None] | Tensor | None,
+                    context_index: Tensor | None, density: bool) -> tuple[Tensor, Tensor]:
+        if encoded is None and context is None:
+            raise ValueError("ProxyConditionedFlow is conditional: pass context=(N, context_features).")
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(dtype)
+        if density and (encoded is None or isinstance(encoded, Tensor)):
+            plan = self._affine_plan(x)
+            if plan is not None:
+                if encoded is None:
+                    assert context is not None
+                    encoded = self._encode(context, x)
+                if isinstance(encoded, Tensor):
+                    return self._fused_density(x, encoded, context_index, plan)
+        assert not isinstance(encoded, Tensor), "a fused encoding (_encode) needs the fused density path"
+        if encoded is None:
+            assert context is not None
+            encoded = self.encode_context(context)
         log_det = x.new_zeros(x.shape[0])
         order = range(len(self.flows) - 1, -1, -1) if density else range(len(self.flows))
         for i in order:
@@ -334,7 +643,7 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
 
     # -- normflows API --------------------------------------------------------------------
     def inverse_and_log_det(self, x: Tensor, context: Tensor | None = None, *,
-                            encoded: Sequence[Tensor | None] | None = None,
+                            encoded: Sequence[Tensor | None] | Tensor | None = None,
                             context_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Maps embeddings x (N, D) to latents z; returns ``(z, log|det dz/dx|)``."""
         return self._run(x, context, encoded, context_index, density=True)
