@@ -69,7 +69,10 @@ def guarded_energy(z: Tensor, radius: float) -> Tensor:
         >>> guarded_energy(torch.tensor([[3.0, 4.0], [0.6, 0.8]]), radius=2.0)
         tensor([8.0000, 0.5000])
     """
-    sq = z.square().sum(-1)
+    return _guarded_energy_of_squared_norm(z.square().sum(-1), radius)
+
+
+def _guarded_energy_of_squared_norm(sq: Tensor, radius: float) -> Tensor:
     if math.isinf(radius):
         return 0.5 * sq
     # clamp_min keeps the unused branch's sqrt (and its gradient) finite inside the radius.
@@ -236,11 +239,12 @@ class NIRTerm(nn.Module):
         x = embeddings.to(context.dtype)
         if self.training and self.noise_std > 0:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            x = x + self.noise_std * noise
+            x = torch.add(x, noise, alpha=self.noise_std)
         z, log_det = self.flow.inverse_and_log_det(x, context)
         constant = 0.5 * z.shape[-1] * math.log(2 * math.pi)
-        nll = 0.5 * z.square().sum(-1) - log_det + constant
-        energy = guarded_energy(z, self.guard_radius) - log_det  # NLL without the constant
+        sq = z.square().sum(-1)
+        nll = 0.5 * sq - log_det + constant
+        energy = _guarded_energy_of_squared_norm(sq, self.guard_radius) - log_det  # NLL without the constant
         if self.objective == "exp_nll":
             return _guarded_exp(energy), nll
         return energy + constant, nll
