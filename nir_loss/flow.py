@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import normflows as nf
@@ -26,9 +27,13 @@ _BATCHED_WEIGHT_GRADS_ON_CPU = False
 def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
     """Switches autocast off for the flow: its GEMMs then run in the input's precision, without casts."""
     kind = x.device.type
-    if kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind):
-        return torch.autocast(kind, enabled=False)
-    return contextlib.nullcontext()
+    if kind not in _AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    try:
+        enabled = torch.is_autocast_enabled(kind)
+    except TypeError:  # torch < 2.4: no device argument
+        enabled = torch.is_autocast_cpu_enabled() if kind == "cpu" else kind == "cuda" and torch.is_autocast_enabled()
+    return torch.autocast(kind, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def soft_clamp(s: Tensor, clamp: float) -> Tensor:
@@ -249,21 +254,59 @@ def _affine_plan(flows: Sequence[nn.Module]) -> _AffinePlan | None:
     return _AffinePlan(tuple(map(id, flows)), tuple(permutes), tuple(couplings), tuple(hidden), tuple(last), spec)
 
 
-def _into(out: Tensor, fn, *args, **kwargs) -> Tensor:
-    """``fn(*args, **kwargs, out=out)``: the result lands in ``out`` (a view of a larger buffer).
+class _Slots:
+    """Results of the same role that a later op reads as one tensor (``whole()``).
 
-    torch.compile takes no strided ``out=``; traced, it is a copy into ``out``, which inductor
-    fuses into the kernel that computes the value.
+    Eager: views of one tensor allocated up front, each written by its op's ``out=``: no copies.
+    Traced by torch.compile: the results themselves, joined when read whole; inductor writes
+    each straight into the join with one kernel shared by all (``out=`` into views of a buffer
+    would compile one kernel per view: minutes of cold compile, and dynamo rejects strided ``out=``).
     """
-    if torch.compiler.is_compiling():
-        return out.copy_(fn(*args, **kwargs))
-    return fn(*args, **kwargs, out=out)
+
+    def __init__(self, items: list[Tensor], whole: Tensor | None, join: Callable[[list[Tensor]], Tensor]) -> None:
+        self.items, self._whole, self._join = items, whole, join
+
+    @classmethod
+    def stacked(cls, like: Tensor, traced: bool, count: int, shape: tuple[int, ...]) -> _Slots:
+        """``count`` slots of ``shape``; whole: (count, *shape)."""
+        if traced:
+            return cls([like] * count, None, torch.stack)
+        buf = like.new_empty(count, *shape)
+        return cls(list(buf.unbind(0)), buf, torch.stack)
+
+    @classmethod
+    def columns(cls, like: Tensor, traced: bool, rows: int, widths: Sequence[int]) -> _Slots:
+        """Slots of (rows, width) side by side; whole: (rows, sum(widths))."""
+        if traced:
+            return cls([like] * len(widths), None, functools.partial(torch.cat, dim=1))
+        buf = like.new_empty(rows, sum(widths))
+        return cls(list(buf.split(list(widths), dim=1)), buf, functools.partial(torch.cat, dim=1))
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.items[i]
+
+    def write(self, i: int, fn: Callable[..., Tensor], *args: Any) -> Tensor:
+        """Slot i := fn(*args); returns the slot."""
+        if self._whole is None:
+            self.items[i] = fn(*args)
+            return self.items[i]
+        return fn(*args, out=self.items[i])
+
+    def addmm_(self, i: int, a: Tensor, b: Tensor) -> None:
+        """Slot i += a @ b."""
+        if self._whole is None:
+            self.items[i] = torch.addmm(self.items[i], a, b)
+        else:
+            self.items[i].addmm_(a, b)
+
+    def whole(self) -> Tensor:
+        return self._join(self.items) if self._whole is None else self._whole
 
 
-def _relu_backward(grad: Tensor, relu_out: Tensor, out: Tensor) -> Tensor:
-    """The ReLU's input gradient (``grad`` where ``relu_out > 0``, else 0), written into ``out``."""
-    if torch.compiler.is_compiling():
-        return out.copy_(torch.ops.aten.threshold_backward(grad, relu_out, 0))
+def _relu_backward(grad: Tensor, relu_out: Tensor, *, out: Tensor | None = None) -> Tensor:
+    """The ReLU's input gradient: ``grad`` where ``relu_out > 0``, else 0 (autograd's formula)."""
+    if out is None:
+        return torch.ops.aten.threshold_backward(grad, relu_out, 0)
     return torch.ops.aten.threshold_backward.grad_input(grad, relu_out, 0, grad_input=out)
 
 
@@ -273,62 +316,64 @@ def _fused_forward(spec, x: Tensor, enc: Tensor, perms: Sequence[Tensor], params
     ``enc`` (N, K * hidden) holds every coupling's context projection plus its first layer's bias.
     Block j permutes its input into X, transforms X[:, :split] (coupling 2j) and then
     X[:, split:] (coupling 2j + 1), writing both into Y: no concatenation, one gather per block.
-    The ReLU outputs of all couplings go into one buffer H (layer, coupling, N, hidden), so the
-    backward computes the weight gradients of all hidden layers in one batched GEMM; the
-    soft-clamped log-scales go into one (N, blocks * D) buffer whose row sums are the log-dets.
-    Views come from ``split``/``unbind`` (one call for many) because the host-side cost of each
-    tensor call is what bounds this pass on a GPU.
+    The ReLU outputs of all couplings go into H (layer, coupling, N, hidden), so the backward
+    can compute the weight gradients of all hidden layers in one batched GEMM; the soft-clamped
+    log-scales go side by side into one (N, blocks * D) tensor whose row sums are the log-dets.
+    Views come from ``split``/``unbind`` (one call for many): on a GPU the host-side cost of each
+    tensor call is what bounds this pass.
     """
     num_blocks, split, width, num_hidden, scales = spec
     n, d = x.shape
     sizes = (split, d - split)
     stride = 2 * num_hidden + 3  # params per coupling: W0, W_1..W_L, b_1..b_L, W_last, b_last
-    h_buf = x.new_empty(num_hidden + 1, 2 * num_blocks if keep else 1, n, width)
-    h_views = [layer.unbind(0) for layer in h_buf.unbind(0)]  # [layer][slot]: (N, hidden)
-    s_buf = x.new_empty(n, num_blocks * d)
-    s_views = s_buf.split(sizes * num_blocks, dim=1)  # coupling k's log-scales
+    traced = torch.compiler.is_compiling()
+    num_slots = 2 * num_blocks if keep else 1
+    hs = _Slots.stacked(x, traced, (num_hidden + 1) * num_slots, (n, width))  # [layer * slots + slot]
+    log_scales = _Slots.columns(x, traced, n, sizes * num_blocks)  # [coupling]
     encs = enc.split(width, dim=1)
     saved: list[Tensor] = []
     y = x
     for j in range(num_blocks):
         big_x = y.index_select(1, perms[2 * j + 1])  # Permute.inverse: x[:, inv_perm]
-        y = torch.empty_like(big_x)
-        x_parts, y_parts = big_x.split(sizes, dim=1), y.split(sizes, dim=1)
+        x_parts = big_x.split(sizes, dim=1)
+        ys = _Slots.columns(x, traced, n, sizes)
         for t in (0, 1):
             k = 2 * j + t
             slot = t * num_blocks + j if keep else 0
             w = params[k * stride:(k + 1) * stride]
-            x_c = x_parts[1] if t == 0 else y_parts[0]
-            h = _into(h_views[0][slot], torch.addmm, encs[k], x_c, w[0].t()).relu_()
+            x_c = x_parts[1] if t == 0 else ys[0]
+            h = hs.write(slot, torch.addmm, encs[k], x_c, w[0].t()).relu_()
             for layer in range(1, num_hidden + 1):
-                h = _into(h_views[layer][slot], torch._addmm_activation, w[num_hidden + layer], h, w[layer].t())
+                h = hs.write(layer * num_slots + slot, torch._addmm_activation, w[num_hidden + layer], h, w[layer].t())
             out = torch.addmm(w[-1], h, w[-2].t())
             shift, raw = out.chunk(2, dim=1)
-            e = torch.exp(_into(s_views[k], torch.mul, torch.atan(raw), scales[k]))
-            _into(y_parts[t], torch.addcmul, shift, x_parts[t], e)
+            e = torch.exp(log_scales.write(k, torch.mul, torch.atan(raw), scales[k]))
+            ys.write(t, torch.addcmul, shift, x_parts[t], e)
             if keep:
                 saved += (out, e)
+        y = ys.whole()
         if keep:
             saved += (big_x, y)
-    return y, s_buf.sum(1), [h_buf, *saved]
+    return y, log_scales.whole().sum(1), hs.whole(), saved
 
 
 class _FusedDensity(torch.autograd.Function):
     """The fused density pass with a hand-written backward (see ``_fused_forward``).
 
     Per coupling the backward runs one GEMM per layer for the input gradient, one mask
-    (``threshold_backward``) per ReLU and one GEMM for the first layer's weight gradient; the
-    weight and bias gradients of all hidden layers of all couplings come from one batched GEMM
-    and one sum, those of the last layers likewise. Same function as autograd through the
-    normflows layers (pinned by tests in float64); not twice differentiable.
+    (``threshold_backward``) per ReLU and one GEMM for the first layer's weight gradient. On an
+    accelerator the weight and bias gradients of all hidden layers of all couplings come from
+    one batched GEMM and one sum, those of the last layers likewise; on CPU each layer's come
+    right after its mask. Same function as autograd through the normflows layers (pinned by
+    tests in float64); not twice differentiable.
     """
 
     @staticmethod
     def forward(ctx: Any, spec, x: Tensor, enc: Tensor, *tensors: Tensor) -> tuple[Tensor, Tensor]:
         num_perms = 2 * spec[0]
-        z, log_det, saved = _fused_forward(spec, x, enc, tensors[:num_perms], tensors[num_perms:], keep=True)
+        z, log_det, h_all, saved = _fused_forward(spec, x, enc, tensors[:num_perms], tensors[num_perms:], keep=True)
         ctx.spec = spec
-        ctx.save_for_backward(*saved, *tensors)
+        ctx.save_for_backward(h_all, *saved, *tensors)
         return z, log_det
 
     @staticmethod
@@ -336,37 +381,33 @@ class _FusedDensity(torch.autograd.Function):
     def backward(ctx: Any, g_z: Tensor | None, g_log_det: Tensor | None):
         num_blocks, split, width, num_hidden, scales = spec = ctx.spec
         num_couplings = 2 * num_blocks
-        h_buf, *rest = ctx.saved_tensors
+        h_all, *rest = ctx.saved_tensors  # (layers * K, N, hidden)
         per_block = rest[:6 * num_blocks]  # per block: out, e (coupling 2j), out, e (2j + 1), X, Y
         perms, params = rest[6 * num_blocks:8 * num_blocks], rest[8 * num_blocks:]
         stride = 2 * num_hidden + 3
         n, d = per_block[4].shape
         sizes = (split, d - split)
-        new = h_buf.new_empty
-        h_views = [layer.unbind(0) for layer in h_buf.unbind(0)]
-        g_enc = new(n, num_couplings * width)
-        g_enc_parts = g_enc.split(width, dim=1)
-        g_hidden = new(num_hidden, num_couplings, n, width)
-        g_hidden_views = [layer.unbind(0) for layer in g_hidden.unbind(0)]
-        g_last_all = new(num_couplings, n, 2 * split) if sizes[0] == sizes[1] else None
-        if g_last_all is not None:
-            g_last: tuple[Tensor, ...] = (g_last_all[:num_blocks], g_last_all[num_blocks:])
-        else:
-            g_last = (new(num_blocks, n, 2 * sizes[0]), new(num_blocks, n, 2 * sizes[1]))
-        g_last_views = [g.unbind(0) for g in g_last]
+        like = per_block[4]
+        traced = torch.compiler.is_compiling()
         # Weight gradients: on an accelerator one batched GEMM per layer shape after the loop
         # (fewer kernels); on CPU a GEMM per layer inside it, while its operands are in cache.
-        batched = h_buf.device.type != "cpu" or _BATCHED_WEIGHT_GRADS_ON_CPU
-        g_w: list[list[Tensor]] = [[h_buf] * num_couplings for _ in range(2 * num_hidden + 3)]  # [param][slot]
-        inv_scale = {c: h_buf.new_full((), 1 / c) for c in set(scales)}
+        batched = like.device.type != "cpu" or _BATCHED_WEIGHT_GRADS_ON_CPU
+        hs = h_all.unbind(0)
+        g_enc = _Slots.columns(like, traced, n, [width] * num_couplings)  # [coupling]
+        g_hidden = _Slots.stacked(like, traced, num_hidden * num_couplings, (n, width))  # [(layer - 1) * K + slot]
+        same = sizes[0] == sizes[1]
+        g_last = [_Slots.stacked(like, traced, num_couplings if same else num_blocks, (n, 2 * m))
+                  for m in (sizes[:1] if same else sizes)]  # [0][slot], or [t][j]
+        g_w: list[list[Tensor]] = [[like] * num_couplings for _ in range(stride)]  # [param][slot]
+        inv_scale = {c: like.new_full((), 1 / c) for c in set(scales)}
         g_s_base = None if g_log_det is None else g_log_det[:, None]
         g_y = torch.zeros_like(per_block[-1]) if g_z is None else g_z
         for j in reversed(range(num_blocks)):
             big_x, y = per_block[6 * j + 4], per_block[6 * j + 5]
             x_parts = big_x.split(sizes, dim=1)
             y_first = y.split(sizes, dim=1)[0]
-            g_x = torch.empty_like(big_x)
-            g_x_parts, g_y_parts = g_x.split(sizes, dim=1), g_y.split(sizes, dim=1)
+            g_x = _Slots.columns(like, traced, n, sizes)
+            g_y_parts = g_y.split(sizes, dim=1)
             g_y_first = g_y_parts[0]
             for t in (1, 0):
                 k = 2 * j + t
@@ -375,59 +416,65 @@ class _FusedDensity(torch.autograd.Function):
                 out, e = per_block[6 * j + 2 * t], per_block[6 * j + 2 * t + 1]
                 x_t, x_c = x_parts[t], (x_parts[1] if t == 0 else y_first)
                 g_y_t = g_y_parts[1] if t == 1 else g_y_first
-                # y_t = x_t * e + shift, e = exp(s), s = scale * atan(raw): write [g_shift | g_raw]
-                g_xt = _into(g_x_parts[t], torch.mul, g_y_t, e)
+                # y_t = x_t * e + shift, e = exp(s), s = scale * atan(raw): [g_shift | g_raw]
+                g_xt = g_x.write(t, torch.mul, g_y_t, e)
                 g_s = g_xt * x_t if g_s_base is None else torch.addcmul(g_s_base, g_xt, x_t)
-                g_out = g_last_views[t][j]
-                g_shift, g_raw = g_out.chunk(2, dim=1)
-                g_shift.copy_(g_y_t)
                 raw = out.chunk(2, dim=1)[1]
                 den = torch.addcmul(inv_scale[scales[k]], raw, raw, value=1 / scales[k])  # (1 + raw^2) / scale
-                _into(g_raw, torch.div, g_s, den)
+                last, i = (g_last[0], slot) if same else (g_last[t], j)
+                if traced:
+                    g_out = last.write(i, torch.cat, [g_y_t, torch.div(g_s, den)], 1)
+                else:
+                    g_out = last[i]
+                    g_shift, g_raw = g_out.chunk(2, dim=1)
+                    g_shift.copy_(g_y_t)
+                    torch.div(g_s, den, out=g_raw)
                 g_h = torch.mm(g_out, w[-2])
                 if not batched:
-                    g_w[-2][slot], g_w[-1][slot] = torch.mm(g_out.t(), h_views[num_hidden][slot]), g_out.sum(0)
+                    g_w[-2][slot], g_w[-1][slot] = torch.mm(g_out.t(), hs[num_hidden * num_couplings + slot]), \
+                        g_out.sum(0)
                 for layer in range(num_hidden, 0, -1):
-                    g_pre = _relu_backward(g_h, h_views[layer][slot], g_hidden_views[layer - 1][slot])
+                    g_pre = g_hidden.write((layer - 1) * num_couplings + slot, _relu_backward,
+                                           g_h, hs[layer * num_couplings + slot])
                     g_h = torch.mm(g_pre, w[layer])
                     if not batched:
-                        g_w[layer][slot] = torch.mm(g_pre.t(), h_views[layer - 1][slot])
+                        g_w[layer][slot] = torch.mm(g_pre.t(), hs[(layer - 1) * num_couplings + slot])
                         g_w[num_hidden + layer][slot] = g_pre.sum(0)
-                g_pre = _relu_backward(g_h, h_views[0][slot], g_enc_parts[k])
+                g_pre = g_enc.write(k, _relu_backward, g_h, hs[slot])
                 g_w[0][slot] = torch.mm(g_pre.t(), x_c)
                 if t == 1:  # x_c = Y[:, :split] also leaves the block: add the gradient from outside
                     g_y_first = torch.addmm(g_y_first, g_pre, w[0])
                 else:  # x_c = X[:, split:] is x_t of coupling 2j + 1, whose gradient is there already
-                    g_x_parts[1].addmm_(g_pre, w[0])
-            g_y = g_x.index_select(1, perms[2 * j])  # Permute.inverse backward: g[:, perm]
+                    g_x.addmm_(1, g_pre, w[0])
+            g_y = g_x.whole().index_select(1, perms[2 * j])  # Permute.inverse backward: g[:, perm]
         if batched:
-            _batched_weight_grads(spec, h_buf, g_hidden, g_last, g_last_all, g_w)
+            _batched_weight_grads(spec, h_all, g_hidden.whole() if num_hidden else None,
+                                  [g.whole() for g in g_last], g_w)
         grads = [g_w[i][(k % 2) * num_blocks + k // 2] for k in range(num_couplings) for i in range(stride)]
-        return (None, g_y, g_enc, *[None] * (2 * num_blocks), *grads)
+        return (None, g_y, g_enc.whole(), *[None] * (2 * num_blocks), *grads)
 
 
-def _batched_weight_grads(spec, h_buf: Tensor, g_hidden: Tensor, g_last: tuple[Tensor, ...],
-                          g_last_all: Tensor | None, g_w: list[list[Tensor]]) -> None:
+def _batched_weight_grads(spec, h_all: Tensor, g_hidden: Tensor | None, g_last: list[Tensor],
+                          g_w: list[list[Tensor]]) -> None:
     """Fills ``g_w[param][slot]`` (all but the first layers') from batched GEMMs over all couplings.
 
-    ``g_last_all`` is the (K, N, 2m) buffer both halves of ``g_last`` are views of when the two
-    halves of D have the same width m: then one batched GEMM serves all last layers.
+    ``h_all`` and ``g_hidden`` are (layer * K + slot, N, hidden); ``g_last`` is one (K, N, 2m)
+    tensor when both halves of D have width m, else one (blocks, N, 2m_t) per half.
     """
     num_blocks, _, width, num_hidden, _ = spec
     num_couplings = 2 * num_blocks
-    h_in = h_buf[num_hidden]  # (K, N, hidden): the last layers' input, slot order
-    if g_last_all is not None:
-        g_w[-2] = list(torch.bmm(g_last_all.transpose(1, 2), h_in).unbind(0))
-        g_w[-1] = list(g_last_all.sum(1).unbind(0))
-    else:
-        g_w[-2], g_w[-1] = [], []
-        for g, h in zip(g_last, (h_in[:num_blocks], h_in[num_blocks:])):
-            g_w[-2] += torch.bmm(g.transpose(1, 2), h).unbind(0)
-            g_w[-1] += g.sum(1).unbind(0)
-    if num_hidden:
-        w = torch.bmm(g_hidden.flatten(0, 1).transpose(1, 2), h_buf[:num_hidden].flatten(0, 1))
-        g_w[1:num_hidden + 1] = [list(v.unbind(0)) for v in w.view(num_hidden, num_couplings, width, width).unbind(0)]
-        g_w[num_hidden + 1:2 * num_hidden + 1] = [list(v.unbind(0)) for v in g_hidden.sum(2).unbind(0)]
+    h_in = h_all[num_hidden * num_couplings:]  # (K, N, hidden): the last layers' input, slot order
+    groups = [(g_last[0], h_in)] if len(g_last) == 1 else list(zip(g_last, h_in.split(num_blocks)))
+    g_w[-2], g_w[-1] = [], []
+    for g, h in groups:
+        g_w[-2] += torch.bmm(g.transpose(1, 2), h).unbind(0)
+        g_w[-1] += g.sum(1).unbind(0)
+    if g_hidden is not None:
+        w = torch.bmm(g_hidden.transpose(1, 2), h_all[:num_hidden * num_couplings]).unbind(0)
+        b = g_hidden.sum(1).unbind(0)
+        for layer in range(1, num_hidden + 1):
+            g_w[layer] = list(w[(layer - 1) * num_couplings:layer * num_couplings])
+            g_w[num_hidden + layer] = list(b[(layer - 1) * num_couplings:layer * num_couplings])
 
 
 class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
@@ -563,9 +610,12 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
         if not self.fused or self.coupling_type != "affine" or \
                 type(self).encode_context is not ProxyConditionedFlow.encode_context:
             return None  # (a subclass that changes encode_context gets the per-layer path)
-        plan = self._plan_cache
-        if plan is None or plan.key != tuple(map(id, self.flows)):
-            plan = self._plan_cache = _affine_plan(self.flows)
+        if torch.compiler.is_compiling():  # no cache: setting it would invalidate the compiled graph
+            plan = _affine_plan(self.flows)
+        else:
+            plan = self._plan_cache
+            if plan is None or plan.key != tuple(map(id, self.flows)):
+                plan = self._plan_cache = _affine_plan(self.flows)
         if plan is None:
             return None
         weight = plan.last[0].weight
@@ -597,7 +647,7 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
             params.extend((last.weight, last.bias))
         if torch.is_grad_enabled() and (x.requires_grad or enc.requires_grad or any(p.requires_grad for p in params)):
             return _FusedDensity.apply(plan.spec, x, enc, *perms, *params)
-        z, log_det, _ = _fused_forward(plan.spec, x, enc, perms, params, keep=False)
+        z, log_det, _, _ = _fused_forward(plan.spec, x, enc, perms, params, keep=False)
         return z, log_det
 
     def _run(self, x: Tensor, context: Tensor | None, encoded: Sequence[Tensor | None] | Tensor | None,

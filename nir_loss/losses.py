@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction, ProxyAnchorLoss
@@ -45,6 +45,9 @@ def default_nir_weight(embedding_size: int, objective: str = DEFAULT_OBJECTIVE) 
     return _EXP_NLL_WEIGHT if objective == "exp_nll" else _NLL_WEIGHT_TIMES_DIM / embedding_size
 
 
+_Loss = TypeVar("_Loss", bound="_NIRMixin")
+
+
 class _NIRMixin:
     """What both adapters share; the host supplies ``_class_proxies()`` and PML's machinery.
 
@@ -79,6 +82,18 @@ class _NIRMixin:
             torch.Size([3, 4])
         """
         return self._class_proxies()
+
+    def compile_nir(self: _Loss, enabled: bool = True, *, mode: str | None = "auto",
+                    backend: str | Callable = "inductor") -> _Loss:
+        """Compiles the NIR term (PML's loss stays eager); returns the loss. See ``NIRTerm.compile_nir``.
+
+        Fullgraph with static shapes; CUDA graphs (``mode="reduce-overhead"``) on CUDA.
+
+        Example:
+            >>> loss_fn = ProxyAnchorNIRLoss(num_classes=3, embedding_size=4).compile_nir()
+        """
+        self.nir.compile_nir(enabled, mode=mode, backend=backend)
+        return self
 
     @property
     def flow(self) -> ProxyConditionedFlow:
