@@ -354,7 +354,9 @@ def _fused_forward(spec, x: Tensor, enc: Tensor, perms: Sequence[Tensor], params
         y = ys.whole()
         if keep:
             saved += (big_x, y)
-    return y, log_scales.whole().sum(1), hs.whole(), saved
+    # Traced, the activations stay separate: the backward's masks then read whole tensors and
+    # share one kernel (a stack would give each mask its own offset, and kernel, into it).
+    return y, log_scales.whole().sum(1), (hs.items if traced else [hs.whole()]), saved
 
 
 class _FusedDensity(torch.autograd.Function):
@@ -371,9 +373,9 @@ class _FusedDensity(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, spec, x: Tensor, enc: Tensor, *tensors: Tensor) -> tuple[Tensor, Tensor]:
         num_perms = 2 * spec[0]
-        z, log_det, h_all, saved = _fused_forward(spec, x, enc, tensors[:num_perms], tensors[num_perms:], keep=True)
-        ctx.spec = spec
-        ctx.save_for_backward(h_all, *saved, *tensors)
+        z, log_det, hs, saved = _fused_forward(spec, x, enc, tensors[:num_perms], tensors[num_perms:], keep=True)
+        ctx.spec, ctx.num_h = spec, len(hs)
+        ctx.save_for_backward(*hs, *saved, *tensors)
         return z, log_det
 
     @staticmethod
@@ -381,7 +383,7 @@ class _FusedDensity(torch.autograd.Function):
     def backward(ctx: Any, g_z: Tensor | None, g_log_det: Tensor | None):
         num_blocks, split, width, num_hidden, scales = spec = ctx.spec
         num_couplings = 2 * num_blocks
-        h_all, *rest = ctx.saved_tensors  # (layers * K, N, hidden)
+        hs, rest = ctx.saved_tensors[:ctx.num_h], ctx.saved_tensors[ctx.num_h:]  # activations [layer * K + slot]
         per_block = rest[:6 * num_blocks]  # per block: out, e (coupling 2j), out, e (2j + 1), X, Y
         perms, params = rest[6 * num_blocks:8 * num_blocks], rest[8 * num_blocks:]
         stride = 2 * num_hidden + 3
@@ -392,7 +394,11 @@ class _FusedDensity(torch.autograd.Function):
         # Weight gradients: on an accelerator one batched GEMM per layer shape after the loop
         # (fewer kernels); on CPU a GEMM per layer inside it, while its operands are in cache.
         batched = like.device.type != "cpu" or _BATCHED_WEIGHT_GRADS_ON_CPU
-        hs = h_all.unbind(0)
+        if len(hs) == 1:  # eager: one (layers * K, N, hidden) buffer
+            h_all: Tensor | None = hs[0]
+            hs = hs[0].unbind(0)
+        else:
+            h_all = None
         g_enc = _Slots.columns(like, traced, n, [width] * num_couplings)  # [coupling]
         g_hidden = _Slots.stacked(like, traced, num_hidden * num_couplings, (n, width))  # [(layer - 1) * K + slot]
         same = sizes[0] == sizes[1]
@@ -448,6 +454,8 @@ class _FusedDensity(torch.autograd.Function):
                     g_x.addmm_(1, g_pre, w[0])
             g_y = g_x.whole().index_select(1, perms[2 * j])  # Permute.inverse backward: g[:, perm]
         if batched:
+            if h_all is None:
+                h_all = torch.stack(hs)
             _batched_weight_grads(spec, h_all, g_hidden.whole() if num_hidden else None,
                                   [g.whole() for g in g_last], g_w)
         grads = [g_w[i][(k % 2) * num_blocks + k // 2] for k in range(num_couplings) for i in range(stride)]
