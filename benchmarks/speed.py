@@ -20,8 +20,8 @@ Sections (each a table on stdout; everything also in benchmarks/results/speed[_q
 7. ``torch.compile`` (inductor) vs eager, on any device: the NIR term and the FrEIA flow, each
    eager and compiled, fwd+bwd at B in {90, 180}, D in {128, 512}, C=100; ratios to FrEIA eager;
    and the same GEMMs run alone (the floor that no fusion of the other ops can go below).
-8. kernels per forward+backward at B=90, D=128, C=100 (``--sections kernels``; about 6 minutes on
-   2 CPU cores, most of it three cold compiles; ``--no-compile`` for the eager counts in seconds):
+8. kernels per forward+backward at B=90, D=128, C=100 (``--sections kernels``; about 2 minutes on
+   2 CPU cores, most of it four cold compiles; ``--no-compile`` for the eager counts in seconds):
    the NIR term (fused, and nir-loss 0.2.0's layer-by-layer path), the FrEIA flow and PML's
    ProxyAnchorLoss; eager (ops dispatched below autograd, about one GPU kernel each; also under
    bf16 autocast) and compiled (``compile_nir()`` / ``torch.compile``: inductor's kernels, GEMMs
@@ -545,6 +545,7 @@ def compiled_kernel_count(step) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     counts = {"fused": 0, "gemm": 0, "other": 0}
+    other: dict[str, int] = {}
 
     def walk(e):
         name = e.name
@@ -559,14 +560,15 @@ def compiled_kernel_count(step) -> dict:
             if not any(k.name.startswith("aten::") or "cpp_fused" in k.name for k in e.cpu_children):
                 if op not in _NO_KERNEL and op not in _PROFILER_VIEWS:
                     counts["other"] += 1
+                    other[op] = other.get(op, 0) + 1
                 return
         for k in e.cpu_children:
             walk(k)
     for e in prof.events():
         if e.cpu_parent is None:
             walk(e)
-    counts["total"] = counts["fused"] + counts["gemm"] + counts["other"]
-    return counts
+    return {**counts, "graph_launches": counts["fused"] + counts["gemm"],
+            "total": counts["fused"] + counts["gemm"] + counts["other"], "other_ops": other}
 
 
 _PROFILER_VIEWS = {"view", "t", "transpose", "expand", "as_strided", "slice", "select", "split", "split_with_sizes",
@@ -579,8 +581,9 @@ def section_kernels(args, device, timer, out):
     B, D, C = 90, 128, 100
     print(f"\n== 8. kernels per forward+backward, B={B} D={D} C={C}: NIR term vs FrEIA flow vs ProxyAnchorLoss ==")
     print("eager: aten ops dispatched below autograd (views and allocations left out; on a GPU about one kernel "
-          "each); compiled (inductor): kernels, GEMMs and other ops launched, from the profiler. The NIR term is "
-          "counted on the accelerators' code path (batched weight gradients).")
+          "each). compiled (inductor, from the profiler): the graphs' fused kernels and GEMMs, and apart the ops "
+          "that ran outside them (the step's normalize and mean, autograd's gradient bookkeeping, random seeds). "
+          "The NIR term is counted on the accelerators' code path (batched weight gradients).")
     import torch._inductor.config as inductor_config
 
     import nir_loss.flow as flow_module
@@ -620,6 +623,8 @@ def section_kernels(args, device, timer, out):
         mods.append(compiled_nir)
         compiled = {
             "nir": lambda e: compiled_nir.nir.per_sample_loss(e, compiled_nir.proxies, labels).mean(),
+            "nir_layers": torch.compile(lambda e: layers.nir.per_sample_loss(e, layers.proxies, labels).mean(),
+                                        dynamic=False),
             "freia": torch.compile(lambda e: freia_nll(e, nir.proxies, labels).mean(), dynamic=False),
             "proxy_anchor": torch.compile(lambda e: pa(e, labels), dynamic=False),
         }
@@ -632,10 +637,12 @@ def section_kernels(args, device, timer, out):
             res["compiled"][name] = compiled_kernel_count(step(fn))
     finally:
         flow_module._BATCHED_WEIGHT_GRADS_ON_CPU = cpu_path
-    print(f"{'':14} {'eager':>6} {'(GEMMs)':>8} {'bf16 autocast':>14} | {'compiled':>8} {'(fused + GEMMs + other)':>24} {'compile s':>9}")
+    print(f"{'':14} {'eager':>6} {'(GEMMs)':>8} {'bf16 autocast':>14} | {'compiled':>8} {'(fused + GEMMs)':>16} "
+          f"{'+ ops outside':>13} {'compile s':>9}")
     for name in arms:
         e, b, c = res["eager"][name], res["eager_bf16"].get(name), res["compiled"].get(name)
-        comp = f"{c['total']:>8} {c['fused']:>8} + {c['gemm']:>4} + {c['other']:>4}" if c else f"{'-':>8} {'':24}"
+        comp = (f"{c['graph_launches']:>8} {c['fused']:>8} + {c['gemm']:>5} {c['other']:>13}" if c
+                else f"{'-':>8} {'':16} {'':13}")
         cs = f"{res['compile_s'][name]:9.0f}" if name in res["compile_s"] else ""
         print(f"{name:14} {e['total']:>6} {e['gemm']:>8} {(b['total'] if b else '-'):>14} | {comp} {cs}")
     out["kernels"] = {"B": B, "D": D, "C": C, **res}

@@ -169,8 +169,8 @@ class NIRTerm(nn.Module):
 
         Each is compiled whole (``fullgraph=True``) for static shapes (``dynamic=False``): a new
         batch size compiles again, so keep it fixed (``drop_last=True``). ``mode="auto"`` is
-        ``"reduce-overhead"`` (CUDA graphs) on CUDA and inductor's default elsewhere; any
-        ``torch.compile`` mode or backend can be given. The first call of each compiles; the
+        ``"reduce-overhead"`` (CUDA graphs) with inductor on CUDA and the backend's default
+        elsewhere; any ``torch.compile`` mode or backend can be given. The first call of each compiles; the
         module, its state dict and its copies are unchanged (a copy compiles its own on first use).
         Calls with ``generator=`` run eagerly. ``compile_nir(False)`` switches back to eager.
 
@@ -195,8 +195,8 @@ class NIRTerm(nn.Module):
         key = (name, device.type)
         if key not in fns:
             mode, backend = options
-            if mode == "auto":
-                mode = "reduce-overhead" if device.type == "cuda" else None
+            if mode == "auto":  # CUDA graphs where they exist (an inductor mode)
+                mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
             # The unbound function, so the cache holds no reference to the term.
             fn = torch.compile(getattr(type(self), name), fullgraph=True, dynamic=False, mode=mode, backend=backend)
             fns[key] = fn
