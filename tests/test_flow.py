@@ -325,3 +325,22 @@ def test_fused_path_applies_only_to_affine_flows_in_the_density_direction():
     assert not _uses_fused_path(flow.forward_and_log_det(x.requires_grad_(), c)[0])  # sampling direction
     flow.flows[0].coupling.param_map.mlp.net[1] = torch.nn.Tanh()  # no longer the planned subnet
     assert flow._affine_plan(x) is None
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["cpu_weight_grads", "batched_weight_grads"])
+@pytest.mark.parametrize("d", [7, 8])
+def test_fused_density_traced_by_torch_compile_equals_eager(d, batched, monkeypatch):
+    """The traced variant (no strided out=, results joined) gives eager's values and gradients."""
+    monkeypatch.setattr(flow_module, "_BATCHED_WEIGHT_GRADS_ON_CPU", batched)
+    torch._dynamo.reset()
+    flow = make_flow(d, num_blocks=2, num_layers=3)
+    x = F.normalize(torch.randn(5, d, dtype=torch.float64), dim=1).requires_grad_()
+    c = F.normalize(torch.randn(5, d, dtype=torch.float64), dim=1).requires_grad_()
+    compiled = torch.compile(flow.inverse_and_log_det, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (flow.inverse_and_log_det, compiled):
+        z, log_det = fn(x, c)
+        loss = (z * torch.arange(d, dtype=z.dtype)).sum() + log_det.square().sum()
+        results.append((z.detach(), log_det.detach(), *torch.autograd.grad(loss, [x, c, *flow.parameters()])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
