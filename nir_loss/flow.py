@@ -615,13 +615,13 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
 
     def _affine_plan(self, x: Tensor) -> _AffinePlan | None:
         """The fused path's plan if it applies to this flow and input, else None."""
-        if not self.fused or self.coupling_type != "affine" or \
+        if not getattr(self, "fused", True) or self.coupling_type != "affine" or \
                 type(self).encode_context is not ProxyConditionedFlow.encode_context:
             return None  # (a subclass that changes encode_context gets the per-layer path)
         if torch.compiler.is_compiling():  # no cache: setting it would invalidate the compiled graph
             plan = _affine_plan(self.flows)
         else:
-            plan = self._plan_cache
+            plan = getattr(self, "_plan_cache", None)  # (absent in flows pickled by 0.2.0)
             if plan is None or plan.key != tuple(map(id, self.flows)):
                 plan = self._plan_cache = _affine_plan(self.flows)
         if plan is None:
