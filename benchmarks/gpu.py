@@ -277,7 +277,12 @@ def section_term(run: Run, args) -> None:
 
 
 def section_resnet(run: Run, args) -> None:
-    import torchvision
+    try:
+        import torchvision
+    except ImportError:
+        print("\n== 4. ResNet50 step: skipped (torchvision is not installed) ==")
+        run.save("resnet_step", "skipped: torchvision is not installed")
+        return
     B, D = args.shapes[0]
     px = args.image_size
     print(f"\n== 4. ResNet50 training step, B={B}, {px} px, bf16 autocast, channels_last, D={D}, C={C} ==")
