@@ -653,7 +653,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sections", default="loss,matrix,roofline,resnet,cuda,profile,compiled,kernels")
+    p.add_argument("--sections", default="loss,matrix,roofline,resnet,cuda,profile,compiled",
+                   help="comma-separated; also: kernels (section 8)")
     p.add_argument("--no-compile", action="store_true", help="section 8: eager counts only")
     p.add_argument("--out", default=None)
     p.add_argument("--step-reps", dest="step_reps_arg", type=int, default=None, help="repeats of the ResNet50 step (default 5, quick 3)")
