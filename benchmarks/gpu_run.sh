@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# The short GPU benchmark (docs/benchmarks.md, "On a GPU"), for a session lent a device machine.
+# The GPU benchmark in one command (docs/how-to/speed.md, "On a GPU"): about 4 minutes on one GPU.
 #
-# Here, once (the device image has torch but not these pure-Python packages, and no network):
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip wheel --no-deps -w .whl pytorch-metric-learning==2.9.0 normflows==1.7.3 FrEIA==0.2
-# There, one `run` with carry [".whl"] and timeout_s about 540:
-#   bash benchmarks/gpu_run.sh
-# It writes speed_cuda.json and speed_cuda.log under $OUT (else benchmarks/results/).
-# SECTIONS overrides the speed.py sections (default: cuda,compiled).
+#   pip install -e ".[benchmarks]" torchvision     # once; FrEIA (benchmarks extra) is optional
+#   bash benchmarks/gpu_run.sh [OUT_DIR]           # default OUT_DIR: benchmarks/results
+#
+# Writes OUT_DIR/gpu.json (rewritten after every section) and OUT_DIR/gpu.log; see the
+# docstring of benchmarks/gpu.py for the sections. Stops at once without a CUDA GPU.
+# On a machine without network, put the wheels of pytorch-metric-learning, normflows and FrEIA
+# (`pip wheel --no-deps -w .whl ...` elsewhere) in .whl/ next to this repository's setup.cfg:
+# they are installed into a temporary folder first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+out=${1:-${OUT:-benchmarks/results}}
+mkdir -p "$out"
+python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
+  'benchmarks/gpu_run.sh needs a CUDA GPU: torch ' + torch.__version__ + ' sees none (torch.cuda.is_available() is False).')"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/nir_site .whl/*.whl
-  export PYTHONPATH=/tmp/nir_site${PYTHONPATH:+:$PYTHONPATH}
+  site=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+  export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
-out=${OUT:-benchmarks/results}
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/speed_cuda.log" || true
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$out/speed_cuda.log"
-python3 benchmarks/speed.py --sections "${SECTIONS:-cuda,compiled}" --out "$out/speed_cuda.json" 2>&1 | tee -a "$out/speed_cuda.log"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true; } 2>&1 | tee "$out/gpu.log"
+python3 benchmarks/gpu.py --out "$out/gpu.json" 2>&1 | tee -a "$out/gpu.log"

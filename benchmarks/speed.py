@@ -20,6 +20,12 @@ Sections (each a table on stdout; everything also in benchmarks/results/speed[_q
 7. ``torch.compile`` (inductor) vs eager, on any device: the NIR term and the FrEIA flow, each
    eager and compiled, fwd+bwd at B in {90, 180}, D in {128, 512}, C=100; ratios to FrEIA eager;
    and the same GEMMs run alone (the floor that no fusion of the other ops can go below).
+8. kernels per forward+backward at B=90, D=128, C=100 (``--sections kernels``; about 2 minutes on
+   2 CPU cores, most of it four cold compiles; ``--no-compile`` for the eager counts in seconds):
+   the NIR term (fused, and nir-loss 0.2.0's layer-by-layer path), the FrEIA flow and PML's
+   ProxyAnchorLoss; eager (ops dispatched below autograd, about one GPU kernel each; also under
+   bf16 autocast) and compiled (``compile_nir()`` / ``torch.compile``: inductor's kernels, GEMMs
+   and other ops, from the profiler). On a GPU, ``benchmarks/gpu.py`` counts CUDA kernels.
 
 On CPU, times are the CPU time of the calling thread (``time.thread_time``) with exactly one
 intra-op thread (``--threads``, default 1): on a shared machine that is far less noisy than wall
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -45,6 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import ProxyAnchorLoss
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.freia_ref import build_freia_flow, freia_log_likelihood  # noqa: E402
@@ -499,12 +507,155 @@ def section_profile(args, device, timer, out):
     out["profile"] = res
 
 
+# -- kernel counts (section 8) ---------------------------------------------------------------
+# Not kernels: views, allocations, no-op conversions and autograd bookkeeping.
+_NO_KERNEL = {"detach", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh",
+              "_local_scalar_dense", "resize_", "set_", "alias", "resolve_conj", "resolve_neg", "to"}
+_GEMMS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "_addmm_activation", "addmv", "mv"}
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts the aten ops an eager step dispatches below autograd: on a GPU each is about one kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_KERNEL:
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def eager_kernel_count(step) -> dict:
+    """Ops of one eager call of ``step`` (after a warm-up call): total, GEMMs, and by op."""
+    step()
+    with _OpCount() as c:
+        step()
+    return {"total": sum(c.ops.values()), "gemm": sum(v for k, v in c.ops.items() if k in _GEMMS),
+            "by_op": dict(sorted(c.ops.items(), key=lambda kv: -kv[1]))}
+
+
+def compiled_kernel_count(step) -> dict:
+    """Launches of one call of a compiled ``step`` from the CPU profiler (needs
+    ``torch._inductor.config.cpp.enable_kernel_profile`` set before compiling): inductor's kernels,
+    GEMMs (extern or fallback calls), and any other aten op that runs, inside the graphs or around them."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    counts = {"fused": 0, "gemm": 0, "other": 0}
+    other: dict[str, int] = {}
+
+    def walk(e):
+        name = e.name
+        if "cpp_fused" in name or name.startswith("triton_"):
+            counts["fused"] += 1
+            return
+        if name.startswith("aten::"):
+            op = name[len("aten::"):]
+            if op in _GEMMS:
+                counts["gemm"] += 1
+                return
+            if not any(k.name.startswith("aten::") or "cpp_fused" in k.name for k in e.cpu_children):
+                if op not in _NO_KERNEL and op not in _PROFILER_VIEWS:
+                    counts["other"] += 1
+                    other[op] = other.get(op, 0) + 1
+                return
+        for k in e.cpu_children:
+            walk(k)
+    for e in prof.events():
+        if e.cpu_parent is None:
+            walk(e)
+    return {**counts, "graph_launches": counts["fused"] + counts["gemm"],
+            "total": counts["fused"] + counts["gemm"] + counts["other"], "other_ops": other}
+
+
+_PROFILER_VIEWS = {"view", "t", "transpose", "expand", "as_strided", "slice", "select", "split", "split_with_sizes",
+                   "chunk", "unsqueeze", "squeeze", "permute", "reshape", "_reshape_alias", "unflatten", "flatten",
+                   "_unsafe_view", "unbind", "narrow", "expand_as", "view_as", "contiguous", "result_type",
+                   "is_nonzero", "numpy_T", "detach_"}
+
+
+def section_kernels(args, device, timer, out):
+    B, D, C = 90, 128, 100
+    print(f"\n== 8. kernels per forward+backward, B={B} D={D} C={C}: NIR term vs FrEIA flow vs ProxyAnchorLoss ==")
+    print("eager: aten ops dispatched below autograd (views and allocations left out; on a GPU about one kernel "
+          "each). compiled (inductor, from the profiler): the graphs' fused kernels and GEMMs, and apart the ops "
+          "that ran outside them (the step's normalize and mean, autograd's gradient bookkeeping, random seeds). "
+          "The NIR term is counted on the accelerators' code path (batched weight gradients).")
+    import torch._inductor.config as inductor_config
+
+    import nir_loss.flow as flow_module
+    inductor_config.cpp.enable_kernel_profile = True
+    cpu_path = flow_module._BATCHED_WEIGHT_GRADS_ON_CPU
+    flow_module._BATCHED_WEIGHT_GRADS_ON_CPU = True
+    try:
+        pa, nir, _, x0, labels, mods = make_losses(B, D, C, device)
+        inn = build_freia_flow(D).to(device)
+        layers = copy.deepcopy(nir)
+        layers.nir.flow.fused = False  # the normflows layers one by one under autograd (nir-loss 0.2.0's path)
+        mods = [*mods, inn, layers]
+
+        def freia_nll(emb, proxies, labels):
+            return -freia_log_likelihood(inn, emb, proxies, labels)
+
+        def step(fn, autocast=False):
+            def f():
+                zero_grads(mods, x0)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = fn(F.normalize(x0, dim=1))
+                loss.backward()
+            return f
+        arms = {
+            "nir": lambda e: nir.nir.per_sample_loss(e, nir.proxies, labels).mean(),
+            "nir_layers": lambda e: layers.nir.per_sample_loss(e, layers.proxies, labels).mean(),
+            "freia": lambda e: freia_nll(e, nir.proxies, labels).mean(),
+            "proxy_anchor": lambda e: pa(e, labels),
+        }
+        res: dict = {"eager": {}, "eager_bf16": {}, "compiled": {}, "compile_s": {}}
+        for name, fn in arms.items():
+            res["eager"][name] = eager_kernel_count(step(fn))
+            if name != "proxy_anchor":
+                res["eager_bf16"][name] = eager_kernel_count(step(fn, autocast=True))
+        compiled_nir = copy.deepcopy(nir)
+        compiled_nir.nir.compile_nir()  # what a user switches on: fullgraph, static shape
+        mods.append(compiled_nir)
+        compiled = {
+            "nir": lambda e: compiled_nir.nir.per_sample_loss(e, compiled_nir.proxies, labels).mean(),
+            "nir_layers": torch.compile(lambda e: layers.nir.per_sample_loss(e, layers.proxies, labels).mean(),
+                                        dynamic=False),
+            "freia": torch.compile(lambda e: freia_nll(e, nir.proxies, labels).mean(), dynamic=False),
+            "proxy_anchor": torch.compile(lambda e: pa(e, labels), dynamic=False),
+        }
+        if args.no_compile:
+            compiled = {}
+        for name, fn in compiled.items():
+            w = time.perf_counter()
+            step(fn)()
+            res["compile_s"][name] = time.perf_counter() - w
+            res["compiled"][name] = compiled_kernel_count(step(fn))
+    finally:
+        flow_module._BATCHED_WEIGHT_GRADS_ON_CPU = cpu_path
+    print(f"{'':14} {'eager':>6} {'(GEMMs)':>8} {'bf16 autocast':>14} | {'compiled':>8} {'(fused + GEMMs)':>16} "
+          f"{'+ ops outside':>13} {'compile s':>9}")
+    for name in arms:
+        e, b, c = res["eager"][name], res["eager_bf16"].get(name), res["compiled"].get(name)
+        comp = (f"{c['graph_launches']:>8} {c['fused']:>8} + {c['gemm']:>5} {c['other']:>13}" if c
+                else f"{'-':>8} {'':16} {'':13}")
+        cs = f"{res['compile_s'][name]:9.0f}" if name in res["compile_s"] else ""
+        print(f"{name:14} {e['total']:>6} {e['gemm']:>8} {(b['total'] if b else '-'):>14} | {comp} {cs}")
+    out["kernels"] = {"B": B, "D": D, "C": C, **res}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sections", default="loss,matrix,roofline,resnet,cuda,profile,compiled")
+    p.add_argument("--sections", default="loss,matrix,roofline,resnet,cuda,profile,compiled",
+                   help="comma-separated; also: kernels (section 8)")
+    p.add_argument("--no-compile", action="store_true", help="section 8: eager counts only")
     p.add_argument("--out", default=None)
     p.add_argument("--step-reps", dest="step_reps_arg", type=int, default=None, help="repeats of the ResNet50 step (default 5, quick 3)")
     a = p.parse_args(argv)
@@ -540,7 +691,7 @@ def main(argv=None):
     for name, fn in [("loss", section_loss), ("matrix", section_matrix), ("roofline", section_roofline),
                      ("resnet", section_resnet), ("cuda", section_cuda),
                      # 7 before 6: its compile times are then cold (6 compiles the B=90 graph again)
-                     ("compiled", section_compiled), ("profile", section_profile)]:
+                     ("compiled", section_compiled), ("profile", section_profile), ("kernels", section_kernels)]:
         if name in sections:
             fn(a, device, timer, out)
     out["meta"]["total_seconds"] = time.perf_counter() - t0

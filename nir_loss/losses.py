@@ -5,18 +5,26 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Mapping
-from typing import Any, cast
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
 
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction, ProxyAnchorLoss
+from pytorch_metric_learning.reducers import DivisorReducer, MultipleReducers
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch import Tensor, nn
 
 from .flow import ProxyConditionedFlow
 from .nir import NIRTerm, miner_weights, weighted_element_losses
 from .proxies import get_proxies
-from .validation import check_device, check_embeddings, check_labels, check_nir_reducer, values_checked
+from .validation import (
+    blocking_checks,
+    check_device,
+    check_embeddings,
+    check_labels,
+    check_nir_reducer,
+    values_checked,
+)
 
 __all__ = ["NIRRegularizer", "ProxyAnchorNIRLoss", "default_nir_weight", "DEFAULT_OBJECTIVE",
            "DEFAULT_PROXY_LR_MULT", "DEFAULT_FLOW_LR_MULT"]
@@ -76,6 +84,9 @@ def _old_spelling(nir_weight: float | None, flow_options: Mapping[str, Any] | No
     return nir_weight, flow_options
 
 
+_Loss = TypeVar("_Loss", bound="_NIRMixin")
+
+
 class _NIRMixin:
     """What both adapters share; the host supplies ``_class_proxies()`` and PML's machinery.
 
@@ -95,6 +106,7 @@ class _NIRMixin:
         self.validate = validate
         if self.nir_weight != 0:
             check_nir_reducer(self.reducer)
+        self._validated_calls = 0  # value checks block (read values on the host) only on the first calls
         # Detached device tensors set by every call: reading them is the caller's (only) sync.
         self.nir_nll_mean: Tensor | float = math.nan
         self.nir_nll_max: Tensor | float = math.nan
@@ -113,6 +125,19 @@ class _NIRMixin:
         """
         return self._class_proxies()
 
+    def compile_nir(self: _Loss, enabled: bool = True, *, mode: str | None = "auto",
+                    backend: str | Callable = "inductor") -> _Loss:
+        """Compiles the NIR term (PML's loss stays eager); returns the loss. See ``NIRTerm.compile_nir``.
+
+        Fullgraph with static shapes; CUDA graphs (``mode="reduce-overhead"``) on CUDA.
+
+        Example:
+            >>> loss_fn = ProxyAnchorNIRLoss(num_classes=3, embedding_size=4)
+            >>> loss_fn = loss_fn.compile_nir()
+        """
+        self.nir.compile_nir(enabled, mode=mode, backend=backend)
+        return self
+
     @property
     def flow(self) -> ProxyConditionedFlow:
         """The proxy-conditioned normalizing flow."""
@@ -121,11 +146,20 @@ class _NIRMixin:
     def _checked_proxies(self, embeddings: Tensor, labels: Tensor | None, need_labels: bool = True) -> Tensor:
         proxies = self._class_proxies()
         check_values = values_checked(self.validate)
-        check_embeddings(embeddings, self.nir.embedding_size, check_values)
+        blocking = check_values and blocking_checks(embeddings.device, self._validated_calls)
+        check_embeddings(embeddings, self.nir.embedding_size, check_values, blocking)
         check_device(embeddings, cast(nn.Module, self), "the loss")  # before PML moves its proxies in place
         if need_labels:
-            check_labels(labels, embeddings.shape[0], proxies.shape[0], check_values)
+            check_labels(labels, embeddings.shape[0], proxies.shape[0], check_values, blocking)
+        if check_values:
+            self._validated_calls += 1
         return proxies
+
+    def _nir_reducer(self):
+        reducer = getattr(self, "reducer", None)
+        if isinstance(reducer, MultipleReducers):
+            return reducer.reducers["nir_loss"] if "nir_loss" in reducer.reducers else reducer.default_reducer
+        return reducer
 
     def _nir_loss_entry(self, embeddings: Tensor, labels: Tensor, indices_tuple) -> dict:
         if self.nir_weight == 0 or embeddings.shape[0] == 0:
@@ -135,8 +169,15 @@ class _NIRMixin:
         nll = nll.detach()
         self.nir_nll_mean, self.nir_nll_max = nll.mean(), nll.max()
         weights = miner_weights(indices_tuple, embeddings.shape[0], per_sample.dtype, embeddings.device)
+        losses = self.nir_weight * weighted_element_losses(per_sample, weights)
+        reducer = self._nir_reducer()
+        if type(reducer) is DivisorReducer and not reducer.collect_stats:
+            # What DivisorReducer computes (sum / divisor, divisor = B), without its isnan check,
+            # which reads a value on the host (a sync on CUDA, and a graph break under torch.compile).
+            return {"losses": torch.sum(losses) / embeddings.shape[0], "indices": None,
+                    "reduction_type": "already_reduced"}
         return {
-            "losses": self.nir_weight * weighted_element_losses(per_sample, weights),
+            "losses": losses,
             "indices": c_f.torch_arange_from_size(embeddings),
             "reduction_type": "element",
             "divisor": embeddings.shape[0],  # for DivisorReducer: the plain mean
@@ -223,7 +264,8 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         noise_std: Training noise on the flow's input; None: ``default_noise_std(D)``; 0: none.
         guard_radius: Latent norm where the NLL's tail guard starts; None:
             ``default_guard_radius(D)``; ``math.inf``: no guard.
-        validate: Check label range and finiteness (a host sync on CUDA; off under torch.compile).
+        validate: Check label range and finiteness (on an accelerator only the first call reads values,
+            a host sync; later calls assert on the device without one; off under torch.compile).
         reducer: PML reducer for the NIR term.
         collect_stats: PML's collect_stats.
         **deprecated: The spelling before 0.3.0, ``weight=`` for ``nir_weight=`` and flow options
@@ -285,7 +327,8 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
     """PML's ProxyAnchorLoss with the NIR term built in (``isinstance(.., ProxyAnchorLoss)``).
 
     Sub-losses ``pos_loss``, ``neg_loss`` (ProxyAnchor's, unchanged) and ``nir_loss`` (the NIR
-    term, weighted by ``nir_weight``); all reduced by ProxyAnchor's default ``DivisorReducer``.
+    term, weighted by ``nir_weight``); all reduced by ProxyAnchor's default ``DivisorReducer``
+    (``nir_loss`` to the same batch mean by nir-loss itself, without the reducer's host sync).
     With ``nir_weight=0`` the value and gradients are exactly ProxyAnchorLoss's.
 
     Args:
@@ -301,7 +344,8 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         noise_std: Training noise on the flow's input; None: ``default_noise_std(D)``; 0: none.
         guard_radius: Latent norm where the NLL's tail guard starts; None:
             ``default_guard_radius(D)``; ``math.inf``: no guard.
-        validate: Check label range and finiteness (a host sync on CUDA; off under torch.compile).
+        validate: Check label range and finiteness (on an accelerator only the first call reads values,
+            a host sync; later calls assert on the device without one; off under torch.compile).
         **kwargs: ProxyAnchorLoss / BaseMetricLossFunction options (reducer, distance, ...).
 
     Example:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,9 @@ _EXP_LINEAR_ABOVE = 30.0
 # their activations stay in cache (measurements: docs/benchmarks.md); accelerators keep the larger pass.
 _MATRIX_ROWS = 4096
 _MATRIX_ROWS_CPU = 1024
+# compile_nir: the compiled functions of each NIRTerm, kept off the module so that copies,
+# pickles and state dicts of a term never carry them (a copy compiles its own when first used).
+_COMPILED: weakref.WeakKeyDictionary[NIRTerm, dict[tuple[str, str], Callable]] = weakref.WeakKeyDictionary()
 
 
 def default_noise_std(embedding_size: int) -> float:
@@ -66,7 +72,10 @@ def guarded_energy(z: Tensor, radius: float) -> Tensor:
         >>> guarded_energy(torch.tensor([[3.0, 4.0], [0.6, 0.8]]), radius=2.0)
         tensor([8.0000, 0.5000])
     """
-    sq = z.square().sum(-1)
+    return _guarded_energy_of_squared_norm(z.square().sum(-1), radius)
+
+
+def _guarded_energy_of_squared_norm(sq: Tensor, radius: float) -> Tensor:
     if math.isinf(radius):
         return 0.5 * sq
     # clamp_min keeps the unused branch's sqrt (and its gradient) finite inside the radius.
@@ -148,6 +157,49 @@ class NIRTerm(nn.Module):
         self.noise_std = noise_std
         self.guard_radius = guard_radius
         self.flow = flow
+        self._compile_options: tuple[str | None, str | Callable] | None = None
+
+    # -- compiled path --------------------------------------------------------------------
+    def compile_nir(self, enabled: bool = True, *, mode: str | None = "auto",
+                    backend: str | Callable = "inductor") -> NIRTerm:
+        """Runs the training term and the B x C matrix passes through ``torch.compile``; returns self.
+
+        Each is compiled whole (``fullgraph=True``) for static shapes (``dynamic=False``): a new
+        batch size compiles again, so keep it fixed (``drop_last=True``). ``mode="auto"`` is
+        ``"reduce-overhead"`` (CUDA graphs) with inductor on CUDA and the backend's default
+        elsewhere; any ``torch.compile`` mode or backend can be given. The first call of each compiles; the
+        module, its state dict and its copies are unchanged (a copy compiles its own on first use).
+        Calls with ``generator=`` run eagerly. ``compile_nir(False)`` switches back to eager.
+
+        Under CUDA graphs the outputs of one call are overwritten by the next call of the same
+        shape: use them within the step (the losses do), or ``.clone()`` what you keep.
+
+        Example:
+            >>> term = NIRTerm(8, hidden_features=16, num_layers=3)
+            >>> term = term.compile_nir(backend="eager")
+            >>> x, proxies = torch.randn(3, 8), torch.randn(5, 8)
+            >>> term.per_sample_loss(x, proxies, torch.tensor([0, 4, 4])).shape
+            torch.Size([3])
+        """
+        self._compile_options = (mode, backend) if enabled else None
+        _COMPILED.pop(self, None)
+        return self
+
+    def _compiled(self, name: str, device: torch.device) -> Callable | None:
+        """The compiled ``name`` method for this device (None: run eagerly), called with self first."""
+        options = getattr(self, "_compile_options", None)  # absent in terms pickled by 0.2.0
+        if options is None or torch.compiler.is_compiling():
+            return None
+        fns = _COMPILED.setdefault(self, {})
+        key = (name, device.type)
+        if key not in fns:
+            mode, backend = options
+            if mode == "auto":  # CUDA graphs where they exist (an inductor mode)
+                mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+            # The unbound function, so the cache holds no reference to the term.
+            fn = torch.compile(getattr(type(self), name), fullgraph=True, dynamic=False, mode=mode, backend=backend)
+            fns[key] = fn
+        return functools.partial(fns[key], self)
 
     # -- context ------------------------------------------------------------------------
     def _match_flow(self, x: Tensor) -> torch.dtype:
@@ -169,7 +221,9 @@ class NIRTerm(nn.Module):
 
     def context(self, embeddings: Tensor, proxies: Tensor, labels: Tensor) -> Tensor:
         """The normalized proxy each sample is conditioned on, (B, D)."""
-        dtype = self._match_flow(embeddings)
+        return self._context(embeddings, proxies, labels, self._match_flow(embeddings))
+
+    def _context(self, embeddings: Tensor, proxies: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
         rows = self._proxies(proxies.index_select(0, labels), dtype)
         if rows.dim() == 3:  # (B, K, D): the centre of its class nearest to each sample
             sims = torch.einsum("bkd,bd->bk", rows, embeddings.to(dtype))
@@ -206,9 +260,8 @@ class NIRTerm(nn.Module):
         dtype = self._match_flow(embeddings)
         x = embeddings.to(dtype)
         num_classes, batch = proxies.shape[0], x.shape[0]
-        multi_centre = proxies.dim() == 3
         centres = self._proxies(proxies, dtype).flatten(0, -2)  # (C or C*K, D)
-        encoded = self.flow.encode_context(centres)
+        encoded = self.flow._encode(centres, x)  # per-class work, once
         if chunk_size is None:
             rows = _MATRIX_ROWS_CPU if x.device.type == "cpu" else _MATRIX_ROWS
             chunk_size = max(1, rows // num_classes)
@@ -217,19 +270,26 @@ class NIRTerm(nn.Module):
         chunk_size = min(chunk_size, max(batch, 1))
         num_chunks = -(-batch // chunk_size)
         padded = F.pad(x, (0, 0, 0, num_chunks * chunk_size - batch))
-        class_index = torch.arange(num_classes, device=x.device)
-        out = []
-        for chunk in padded.split(chunk_size):
-            rows = chunk.repeat_interleave(num_classes, dim=0)  # row = i * C + c
-            if multi_centre:
-                k_per_class = centres.shape[0] // num_classes
-                sims = (chunk @ centres.t()).unflatten(1, (num_classes, k_per_class))
-                index = (class_index * k_per_class + sims.argmax(dim=2)).flatten()
-            else:
-                index = class_index.repeat(chunk.shape[0])
-            z, log_det = self.flow.inverse_and_log_det(rows, encoded=encoded, context_index=index)
-            out.append((standard_normal_log_prob(z) + log_det).view(chunk.shape[0], num_classes))
-        return torch.cat(out)[:batch] if out else x.new_zeros(0, num_classes)
+        one_pass = self._compiled("_matrix_pass", x.device) or self._matrix_pass
+        out = x.new_empty(num_chunks * chunk_size, num_classes)
+        for i, chunk in enumerate(padded.split(chunk_size)):
+            # Copied out at once: a CUDA-graph replay of the next pass reuses the output memory.
+            out[i * chunk_size:(i + 1) * chunk_size] = one_pass(chunk, centres, encoded, num_classes)
+        return out[:batch]
+
+    def _matrix_pass(self, chunk: Tensor, centres: Tensor, encoded: Tensor | list[Tensor | None],
+                     num_classes: int) -> Tensor:
+        """log p(x_i | proxy_c) of one chunk of samples and every class, (chunk, C)."""
+        rows = chunk.repeat_interleave(num_classes, dim=0)  # row = i * C + c
+        class_index = torch.arange(num_classes, device=chunk.device)
+        if centres.shape[0] != num_classes:  # K centres per class: the nearest one
+            k_per_class = centres.shape[0] // num_classes
+            sims = (chunk @ centres.t()).unflatten(1, (num_classes, k_per_class))
+            index = (class_index * k_per_class + sims.argmax(dim=2)).flatten()
+        else:
+            index = class_index.repeat(chunk.shape[0])
+        z, log_det = self.flow.inverse_and_log_det(rows, encoded=encoded, context_index=index)
+        return (standard_normal_log_prob(z) + log_det).view(chunk.shape[0], num_classes)
 
     # -- objective and sampling -----------------------------------------------------------
     def loss_and_nll(self, embeddings: Tensor, proxies: Tensor, labels: Tensor,
@@ -242,15 +302,22 @@ class NIRTerm(nn.Module):
         exp(guarded NLL - (D/2) log(2 pi)) (``"exp_nll"``, linear above an exponent of 30 so
         that it stays finite).
         """
-        context = self.context(embeddings, proxies, labels)
-        x = embeddings.to(context.dtype)
+        dtype = self._match_flow(embeddings)
+        fn = self._compiled("_loss_and_nll", embeddings.device) if generator is None else None
+        return (fn or self._loss_and_nll)(embeddings, proxies, labels, dtype, generator)
+
+    def _loss_and_nll(self, embeddings: Tensor, proxies: Tensor, labels: Tensor, dtype: torch.dtype,
+                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        context = self._context(embeddings, proxies, labels, dtype)
+        x = embeddings.to(dtype)
         if self.training and self.noise_std > 0:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            x = x + self.noise_std * noise
+            x = torch.add(x, noise, alpha=self.noise_std)
         z, log_det = self.flow.inverse_and_log_det(x, context)
         constant = 0.5 * z.shape[-1] * math.log(2 * math.pi)
-        nll = 0.5 * z.square().sum(-1) - log_det + constant
-        energy = guarded_energy(z, self.guard_radius) - log_det  # NLL without the constant
+        sq = z.square().sum(-1)
+        nll = 0.5 * sq - log_det + constant
+        energy = _guarded_energy_of_squared_norm(sq, self.guard_radius) - log_det  # NLL without the constant
         if self.objective == "exp_nll":
             return _guarded_exp(energy), nll
         return energy + constant, nll

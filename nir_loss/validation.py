@@ -6,18 +6,47 @@ import torch
 from pytorch_metric_learning import reducers as pml_reducers
 from torch import Tensor, nn
 
-__all__ = ["check_device", "check_embeddings", "check_labels", "check_nir_reducer", "values_checked"]
+__all__ = ["blocking_checks", "check_device", "check_embeddings", "check_labels", "check_nir_reducer",
+           "values_checked"]
+
+# Blocking value checks on an accelerator: only the first calls (they read values: a host sync).
+_BLOCKING_CALLS_ON_ACCELERATORS = 1
+_LABELS_OUT_OF_RANGE = "labels must lie in [0, {num_classes}) (one label per class proxy)"
+_NOT_FINITE = ("embeddings contain NaN or inf: check the model's output (learning rate, fp16 "
+               "overflow, a division by a zero norm) before the loss.")
 
 
 def values_checked(validate: bool) -> bool:
-    """Whether value checks (which cost a host sync on CUDA) run: on unless switched off or traced."""
+    """Whether value checks (NaN/inf, label range) run: on unless switched off or traced."""
     return validate and not torch.compiler.is_compiling()
 
 
-def check_embeddings(embeddings: Tensor, embedding_size: int, check_values: bool = True) -> None:
+def blocking_checks(device: torch.device | str, calls_so_far: int) -> bool:
+    """Whether value checks may read values on the host (``ValueError`` naming the values and the fix).
+
+    On CPU reading a value costs nothing, so always. On an accelerator it is a host sync, so only
+    for the first call; later calls check on the device without blocking
+    (``torch._assert_async``: a device-side assert that fails the next synchronizing call).
+    Meta tensors have no values: never.
+
+    Example:
+        >>> blocking_checks("cpu", 100), blocking_checks("cuda", 0)
+        (True, True)
+        >>> blocking_checks("cuda", 1)
+        False
+    """
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return True
+    return kind != "meta" and calls_so_far < _BLOCKING_CALLS_ON_ACCELERATORS
+
+
+def check_embeddings(embeddings: Tensor, embedding_size: int, check_values: bool = True,
+                     blocking: bool = True) -> None:
     """Raises ValueError, naming the fix, for embeddings NIR cannot use.
 
-    With ``check_values`` it also rejects NaN/inf, which costs a host sync on CUDA.
+    With ``check_values`` it also rejects NaN/inf: with ``blocking`` by reading the result on the
+    host (a host sync on CUDA), else with a device-side assert that does not wait.
 
     Example:
         >>> check_embeddings(torch.zeros(2, 4), embedding_size=4)
@@ -41,18 +70,24 @@ def check_embeddings(embeddings: Tensor, embedding_size: int, check_values: bool
         )
     if not embeddings.is_floating_point():
         raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}: use embeddings.float().")
-    if check_values and embeddings.numel() and not bool(torch.isfinite(embeddings).all()):
+    if not check_values or embeddings.numel() == 0:
+        return
+    finite = torch.isfinite(embeddings).all()
+    if not blocking:
+        torch._assert_async(finite, _NOT_FINITE)
+    elif not bool(finite):
         raise ValueError(
             "embeddings contain NaN or inf: check the model's output (learning rate, fp16 "
             "overflow, a division by a zero norm) before the loss."
         )
 
 
-def check_labels(labels: Tensor | None, batch_size: int, num_classes: int, check_values: bool = True) -> None:
+def check_labels(labels: Tensor | None, batch_size: int, num_classes: int, check_values: bool = True,
+                 blocking: bool = True) -> None:
     """Raises ValueError, naming the fix, for labels that are not 1-D int64 in [0, num_classes).
 
-    With ``check_values`` it also checks the range, which costs a host sync on CUDA (and
-    prevents a device-side assert later).
+    With ``check_values`` it also checks the range: with ``blocking`` by reading the labels'
+    extremes on the host (a host sync on CUDA), else with a device-side assert that does not wait.
 
     Example:
         >>> check_labels(torch.tensor([0, 3]), batch_size=2, num_classes=3)
@@ -74,6 +109,12 @@ def check_labels(labels: Tensor | None, batch_size: int, num_classes: int, check
     if labels.dtype != torch.int64:
         raise ValueError(f"labels must be int64 class indices, got {labels.dtype}: use labels.long().")
     if not check_values or labels.numel() == 0:
+        return
+    if not blocking:
+        in_range = labels.clamp(0, num_classes - 1).eq(labels).all()
+        torch._assert_async(in_range, _LABELS_OUT_OF_RANGE.format(num_classes=num_classes) + (
+            ": a label outside it reached the loss (checked on the device, so the values are not shown). "
+            "Map your class ids to 0..C-1 first, or build the loss with a larger num_classes."))
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:

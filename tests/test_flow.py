@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nir_loss.flow as flow_module
 from nir_loss import ContextAffineCoupling, ProxyConditionedFlow, soft_clamp
 
 COUPLINGS = ["affine", "spline"]
@@ -186,16 +187,16 @@ def test_coupling_is_a_normflows_layer():
         layer.inverse(x)
 
 
-def test_float32_accumulation_and_autocast():
-    flow = ProxyConditionedFlow(16, hidden_features=32, num_layers=3, identity_init=False)
+@pytest.mark.parametrize("fused", [True, False])
+def test_autocast_leaves_the_flow_in_float32(fused):
+    """Autocast is switched off inside the flow: no per-layer casts, the same numbers as without it."""
+    flow = ProxyConditionedFlow(16, hidden_features=32, num_layers=3, identity_init=False, fused=fused)
     x, c = F.normalize(torch.randn(6, 16), dim=1), F.normalize(torch.randn(6, 16), dim=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z, log_det = flow.inverse_and_log_det(x, c)
         lp = flow.log_prob(x, c)
     assert z.dtype == log_det.dtype == lp.dtype == torch.float32
-    assert torch.isfinite(lp).all()
-    ref = flow.log_prob(x, c)
-    assert ((lp - ref).abs() / ref.abs()).max() < 0.05
+    torch.testing.assert_close(lp, flow.log_prob(x, c), atol=0, rtol=0)
     assert flow.double().log_prob(x.double(), c.double()).dtype == torch.float64
 
 
@@ -282,3 +283,84 @@ def test_fused_coupling_equals_the_stock_normflows_affine_coupling(transform_fir
         torch.testing.assert_close(y[:, layer.transformed], y_t, atol=1e-14, rtol=0)
         torch.testing.assert_close(y[:, layer.conditioner], x_c, atol=0, rtol=0)
         torch.testing.assert_close(log_det, stock_log_det, atol=1e-14, rtol=0)
+
+
+def _uses_fused_path(t):
+    return type(t.grad_fn).__name__ == "_FusedDensityBackward"
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["cpu_weight_grads", "batched_weight_grads"])
+@pytest.mark.parametrize("d, num_layers, context_mlp", [(8, 3, False), (7, 4, True), (6, 2, False), (3, 3, False)])
+def test_fused_density_equals_autograd_through_the_normflows_layers(d, num_layers, context_mlp, batched, monkeypatch):
+    """z, log-det and the gradients of input, context and every parameter, in float64."""
+    monkeypatch.setattr(flow_module, "_BATCHED_WEIGHT_GRADS_ON_CPU", batched)
+    fused = make_flow(d, num_blocks=3, num_layers=num_layers, context_mlp_width=5 if context_mlp else None)
+    layers = copy.deepcopy(fused)
+    layers.fused = False
+    x = F.normalize(torch.randn(11, d, dtype=torch.float64), dim=1).requires_grad_()
+    c = F.normalize(torch.randn(11, d, dtype=torch.float64), dim=1).requires_grad_()
+    z, log_det = fused.inverse_and_log_det(x, c)
+    z_ref, log_det_ref = layers.inverse_and_log_det(x, c)
+    assert _uses_fused_path(z) and not _uses_fused_path(z_ref)
+    torch.testing.assert_close(z, z_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(log_det, log_det_ref, atol=1e-12, rtol=0)
+    w_z, w_ld = torch.randn_like(z), torch.randn_like(log_det)
+    for name, objective in (("both", lambda z, ld: (z * w_z).sum() + (ld * w_ld).sum()),
+                            ("z only", lambda z, ld: (z * w_z).sum()),
+                            ("log-det only", lambda z, ld: (ld * w_ld).sum())):
+        got = torch.autograd.grad(objective(z, log_det), [x, c, *fused.parameters()], retain_graph=True)
+        expected = torch.autograd.grad(objective(z_ref, log_det_ref), [x, c, *layers.parameters()],
+                                       retain_graph=True, allow_unused=True)
+        names = ["x", "context"] + [n for n, _ in fused.named_parameters()]
+        for n, a, b in zip(names, got, expected):
+            b = torch.zeros_like(a) if b is None else b
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=f"{name}: gradient of {n}")
+
+
+def test_fused_density_with_class_encodings_and_without_grad():
+    """The matrix pass's route: class encodings computed once, gathered per row; and under no_grad."""
+    flow = make_flow(6, num_blocks=2)
+    layers = copy.deepcopy(flow)
+    layers.fused = False
+    classes, index = torch.randn(4, 6, dtype=torch.float64), torch.tensor([3, 0, 0, 2, 1, 3])
+    x = torch.randn(6, 6, dtype=torch.float64)
+    encoded = flow._encode(classes, x)
+    assert isinstance(encoded, torch.Tensor) and encoded.shape == (4, 4 * 16)
+    expected = layers.log_prob(x, classes[index])
+    torch.testing.assert_close(flow.log_prob(x, encoded=encoded, context_index=index), expected, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(flow.log_prob(x, classes[index]), expected, atol=1e-12, rtol=0)
+    # a per-layer encoding from the public encode_context still works (through the layers)
+    torch.testing.assert_close(flow.log_prob(x, encoded=flow.encode_context(classes), context_index=index),
+                               expected, atol=1e-12, rtol=0)
+
+
+def test_fused_path_applies_only_to_affine_flows_in_the_density_direction():
+    x, c = torch.randn(3, 6), torch.randn(3, 6)
+    assert ProxyConditionedFlow(6, num_blocks=1)._affine_plan(x) is not None
+    assert ProxyConditionedFlow(6, num_blocks=1, coupling="spline")._affine_plan(x) is None
+    assert ProxyConditionedFlow(6, num_blocks=1, fused=False)._affine_plan(x) is None
+    assert ProxyConditionedFlow(6, num_blocks=1)._affine_plan(x.double()) is None  # float32 weights
+    flow = ProxyConditionedFlow(6, num_blocks=1, identity_init=False)
+    assert not _uses_fused_path(flow.forward_and_log_det(x.requires_grad_(), c)[0])  # sampling direction
+    flow.flows[0].coupling.param_map.mlp.net[1] = torch.nn.Tanh()  # no longer the planned subnet
+    assert flow._affine_plan(x) is None
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["cpu_weight_grads", "batched_weight_grads"])
+@pytest.mark.parametrize("d", [7, 8])
+def test_fused_density_traced_by_torch_compile_equals_eager(d, batched, monkeypatch):
+    """The traced variant (no strided out=, results joined) gives eager's values and gradients."""
+    monkeypatch.setattr(flow_module, "_BATCHED_WEIGHT_GRADS_ON_CPU", batched)
+    torch._dynamo.reset()
+    flow = make_flow(d, num_blocks=2, num_layers=3)
+    x = F.normalize(torch.randn(5, d, dtype=torch.float64), dim=1).requires_grad_()
+    c = F.normalize(torch.randn(5, d, dtype=torch.float64), dim=1).requires_grad_()
+    compiled = torch.compile(flow.inverse_and_log_det, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (flow.inverse_and_log_det, compiled):
+        z, log_det = fn(x, c)
+        loss = (z * torch.arange(d, dtype=z.dtype)).sum() + log_det.square().sum()
+        results.append((z.detach(), log_det.detach(), *torch.autograd.grad(loss, [x, c, *flow.parameters()])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0)

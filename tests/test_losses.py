@@ -351,6 +351,36 @@ def test_whole_loss_compiles_with_inductor():
         torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
 
 
+def test_compile_nir_compiles_the_term_and_the_matrix_pass_once_each():
+    """One line switches the NIR term to torch.compile (fullgraph, static shape): same values and
+    gradients, one graph for the training term and one for the matrix pass however often called."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    eager = ProxyAnchorNIRLoss(C, D, validate=False, flow_options=FLOW, noise_std=0.0)
+    compiled = copy.deepcopy(eager).compile_nir(backend=counter)
+    for _ in range(3):
+        x, y = batch(requires_grad=False)
+        results = []
+        for fn in (eager, compiled):
+            emb = F.normalize(x, dim=1).requires_grad_()
+            loss = fn(emb, y)
+            results.append((loss.detach(), *torch.autograd.grad(loss, [emb, *fn.parameters()])))
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.log_likelihood_matrix(x, chunk_size=3), eager.log_likelihood_matrix(x))
+    assert counter.frame_count == 2  # the per-pass function: all passes have one shape
+    default = ProxyAnchorNIRLoss(C, D, flow_options=FLOW).compile_nir(backend=counter)  # noise, guard, validation
+    default(F.normalize(x, dim=1).requires_grad_(), y).backward()
+    assert counter.frame_count == 3
+    compiled.compile_nir(False)
+    compiled(F.normalize(x, dim=1), y)
+    assert counter.frame_count == 3
+
+
 def test_training_steps_change_proxies_and_flow():
     loss_fn = ProxyAnchorNIRLoss(C, D, nir_weight=1.0, flow_options=FLOW)
     opt = torch.optim.Adam(loss_fn.param_groups(1e-3))

@@ -1,6 +1,7 @@
 """The NIR term: agreement with a reference, batched likelihoods, miners, sampling."""
 
 import math
+import pathlib
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from nir_loss import NIRRegularizer, ProxyAnchorNIRLoss, miner_weights, weighted
 
 from . import reference
 
+DATA = pathlib.Path(__file__).resolve().parent / "data"
 FLOW = dict(num_blocks=3, hidden_features=16, num_layers=4, identity_init=False)
 # The plain NLL: no training noise, no tail guard (what the references compute).
 EXACT = dict(noise_std=0.0, guard_radius=math.inf)
@@ -149,3 +151,26 @@ def test_unnamed_samples_do_not_affect_nir_term():
     x2 = x.detach().clone()
     x2[10] = -x2[10]  # sample 10 is never named
     torch.testing.assert_close(weighted_element_losses(nir(x2), w).mean(), before)
+
+
+@pytest.mark.parametrize("d", [6, 7])
+def test_state_dicts_saved_by_0_2_0_give_the_same_term_and_gradients(d):
+    """A loss saved by nir-loss 0.2.0 (before the fused pass) loads and computes what it computed then.
+
+    tests/data/nir_0.2.0_float64.pt holds the state dict, a batch, and 0.2.0's per-sample term
+    (eval mode: no noise, default tail guard), log-likelihoods, matrix and gradients, in float64.
+    """
+    saved = torch.load(DATA / "nir_0.2.0_float64.pt", weights_only=True)[d]
+    loss_fn = ProxyAnchorNIRLoss(5, d, flow_options=dict(num_blocks=2, hidden_features=8, num_layers=4)).double()
+    loss_fn.load_state_dict(saved["state_dict"])
+    loss_fn.eval()
+    x, labels = saved["x"].clone().requires_grad_(), saved["labels"]
+    assert loss_fn.flow._affine_plan(x) is not None  # computed by the fused pass
+    per_sample = loss_fn.nir.per_sample_loss(x, loss_fn.proxies, labels)
+    torch.testing.assert_close(per_sample, saved["per_sample_loss"], atol=1e-10, rtol=0)
+    grads = torch.autograd.grad(per_sample.sum(), [x, *loss_fn.parameters()])
+    torch.testing.assert_close(grads[0], saved["grad_x"], atol=1e-10, rtol=0)
+    for (name, _), g in zip(loss_fn.named_parameters(), grads[1:]):
+        torch.testing.assert_close(g, saved["grads"][name], atol=1e-10, rtol=0, msg=name)
+    torch.testing.assert_close(loss_fn.log_likelihood(x, labels), saved["log_likelihood"], atol=1e-10, rtol=0)
+    torch.testing.assert_close(loss_fn.log_likelihood_matrix(x), saved["matrix"], atol=1e-10, rtol=0)

@@ -32,7 +32,7 @@ def test_switched_off_the_term_is_the_plain_nll():
 
 def test_defaults_scale_with_the_dimension():
     for d in (32, 128, 512):
-        assert default_noise_std(d) * math.sqrt(d) == pytest.approx(0.34)
+        assert default_noise_std(d) * math.sqrt(d) == pytest.approx(0.7)
         assert default_guard_radius(d) == pytest.approx(2 * math.sqrt(d))
     term = NIRTerm(32, **FLOW)
     assert term.noise_std == default_noise_std(32) and term.guard_radius == default_guard_radius(32)

@@ -1,0 +1,378 @@
+# ruff: noqa: E501  (wide tables)
+"""What the NIR term costs on a CUDA GPU, measured in one run of about 4 minutes.
+
+    bash benchmarks/gpu_run.sh                     # the one command (checks for a GPU first)
+    python benchmarks/gpu.py --out results/gpu.json
+
+Needs a CUDA GPU (it stops at once without one), nir-loss's dependencies and torchvision (for
+the ResNet50 step); FrEIA adds the reference flow's eager time if installed. No network, at
+most 4 compiles (the NIR term at 4 shapes, ``compile_nir()``). The JSON is rewritten after
+every section, so an interrupted run keeps what it measured. Sections:
+
+1. the machine: GPU, driver, torch, CUDA and triton versions.
+2. host syncs, with ``torch.cuda.set_sync_debug_mode("error")``: nir-loss's part of a default
+   ``ProxyAnchorNIRLoss`` call after its first call (validation, the NIR term forward and
+   backward, its reduction), and the whole default call (PML's ProxyAnchorLoss and reducer sync:
+   the first sync is reported).
+3. the NIR term forward+backward (training mode, C = 100) at B in {90, 180}, D in {128, 512}:
+   eager, eager captured in a CUDA graph by hand, and FrEIA's flow eager; per step the CUDA
+   kernels, the GPU busy time (union of kernel intervals) and the peak memory.
+4. a ResNet50 training step (224 px, bf16 autocast, channels_last, SGD, B = 90, D = 128,
+   C = 100): ProxyAnchorLoss vs ProxyAnchorNIRLoss with the term eager and compiled; the NIR
+   share of the step. (Compiles the term at B = 90, D = 128.)
+5. the NIR term compiled (``compile_nir()``: CUDA graphs, fullgraph, static shape) at the four
+   shapes of section 3 (three more compiles), with its kernels, busy time, memory and a sync
+   check.
+
+Times are CUDA-event medians over interleaved repeats. ``--dry-run`` runs every section on CPU
+with tiny shapes (no CUDA-only measurement), to check the script without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pytorch_metric_learning.losses import ProxyAnchorLoss  # noqa: E402
+
+from nir_loss import ProxyAnchorNIRLoss  # noqa: E402
+
+C = 100
+SHAPES = [(90, 128), (180, 128), (90, 512), (180, 512)]  # (B, D)
+
+
+class Run:
+    """Device-specific measurement; on CPU (``--dry-run``) wall-clock stand-ins."""
+
+    def __init__(self, device: torch.device, reps: int, out: Path):
+        self.device, self.reps, self.out = device, reps, out
+        self.cuda = device.type == "cuda"
+        self.results: dict = {}
+        self.compiled: dict = {}  # (B, D) -> [loss with compile_nir(), compile seconds]: one compile per shape
+
+    def save(self, key: str, value) -> None:
+        self.results[key] = value
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.results, indent=1, default=str))
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def times(self, fns: dict, warmup: int = 3) -> dict:
+        """Median seconds per call of each fn, interleaved."""
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        acc: dict = {k: [] for k in fns}
+        for _ in range(self.reps):
+            for k, fn in fns.items():
+                self.sync()
+                if self.cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    acc[k].append(start.elapsed_time(end) / 1e3)
+                else:
+                    t = time.perf_counter()
+                    fn()
+                    acc[k].append(time.perf_counter() - t)
+        return {k: statistics.median(v) for k, v in acc.items()}
+
+    def kernels(self, fn, steps: int = 3) -> dict:
+        """Per step: device kernels (and memcpy/memset), their busy time, host-side launch calls."""
+        fn()
+        self.sync()
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                fn()
+            self.sync()
+        device_events, launches = [], 0
+        for e in prof.events():
+            if self.cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+                device_events.append((e.time_range.start, e.time_range.end))
+            elif e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
+                            "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync"):
+                launches += 1
+        busy, end = 0.0, -1.0
+        for a, b in sorted(device_events):
+            if b > end:
+                busy += b - max(a, end)
+                end = b
+        ops = sum(1 for e in prof.events() if e.name.startswith("aten::")) if not self.cuda else None
+        return {"device_kernels": len(device_events) / steps, "busy_ms": busy / 1e3 / steps,
+                "host_launch_calls": launches / steps, **({"cpu_aten_events": ops / steps} if ops else {})}
+
+    def peak_bytes(self, fn) -> int | None:
+        if not self.cuda:
+            return None
+        self.sync()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        self.sync()
+        return torch.cuda.max_memory_allocated() - base
+
+    def sync_check(self, fn) -> str:
+        """'no sync', or the first synchronizing call's error; fn runs once outside the check first."""
+        if not self.cuda:
+            return "skipped (no CUDA)"
+        fn()
+        self.sync()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            fn()
+            result = "no sync"
+        except RuntimeError as e:
+            result = "sync: " + str(e).strip().splitlines()[0][:300]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        self.sync()
+        return result
+
+
+def term_setup(run: Run, B: int, D: int, flow_options: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    loss_fn = ProxyAnchorNIRLoss(C, D, flow_options={"identity_init": False, **flow_options}).to(run.device)
+    emb = F.normalize(torch.randn(B, D, device=run.device), dim=1).requires_grad_()
+    labels = torch.randint(0, C, (B,), device=run.device)
+    return loss_fn, emb, labels
+
+
+def zero(*tensors_or_modules) -> None:
+    for m in tensors_or_modules:
+        for p in ([m] if isinstance(m, torch.Tensor) else m.parameters()):
+            p.grad = None
+
+
+def term_step(loss_fn, emb, labels):
+    def f():
+        zero(loss_fn, emb)
+        loss_fn.nir.per_sample_loss(emb, loss_fn.proxies, labels).mean().backward()
+    return f
+
+
+def compiled_loss(run: Run, args, B: int, D: int, eager_loss, step):
+    """``eager_loss`` copied with ``compile_nir()``, compiled by a first ``step(loss)``: once per shape."""
+    if (B, D) not in run.compiled:
+        loss = copy.deepcopy(eager_loss).compile_nir(**args.compile)
+        w = time.perf_counter()
+        step(loss)()
+        run.compiled[(B, D)] = [loss, time.perf_counter() - w]
+    return run.compiled[(B, D)]
+
+
+def cuda_graph_of(fn, run: Run):
+    """fn (static inputs) captured in a CUDA graph by hand: returns its replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def section_machine(run: Run, args) -> None:
+    info = {"torch": torch.__version__, "cuda_runtime": torch.version.cuda, "python": platform.python_version(),
+            "device": str(run.device), "argv": sys.argv[1:]}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if run.cuda:
+        p = torch.cuda.get_device_properties(run.device)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}",
+                    sm_count=p.multi_processor_count)
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    print("== 1. machine ==")
+    for k, v in info.items():
+        print(f"  {k}: {v}")
+    run.save("machine", info)
+
+
+def section_syncs(run: Run, args) -> None:
+    print("\n== 2. host syncs (torch.cuda.set_sync_debug_mode('error'), after a first call) ==")
+    B, D = args.shapes[0]
+    loss_fn, emb, labels = term_setup(run, B, D, args.flow)  # defaults: validate=True, training mode
+
+    def nir_part():  # what ProxyAnchorNIRLoss.compute_loss adds to PML's ProxyAnchor, then its reduction
+        zero(loss_fn, emb)
+        loss_fn._checked_proxies(emb, labels)
+        entry = loss_fn._nir_loss_entry(emb, labels, None)
+        loss_fn.reducer({"nir_loss": entry}, emb, labels).backward()
+
+    def whole_call():
+        zero(loss_fn, emb)
+        loss_fn(emb, labels).backward()
+    loss_fn(emb, labels)  # the first call's value checks read values (one sync), by design
+    res = {"nir_loss_part_of_default_call": run.sync_check(nir_part),
+           "nir_term_eager": run.sync_check(term_step(loss_fn, emb, labels)),
+           "whole_default_call_with_pml": run.sync_check(whole_call)}
+    for k, v in res.items():
+        print(f"  {k}: {v}")
+    run.save("syncs", res)
+
+
+def section_term(run: Run, args) -> None:
+    print(f"\n== 3. NIR term forward+backward, C={C}: eager, CUDA graph (by hand), FrEIA eager ==")
+    try:
+        from benchmarks.freia_ref import build_freia_flow, freia_log_likelihood
+    except ImportError:
+        build_freia_flow = None
+        print("  (FrEIA not installed: no FrEIA arm)")
+    print(f"{'B':>4} {'D':>4} | {'eager ms':>9} {'graph ms':>9} {'FrEIA ms':>9} | {'kernels':>7} {'busy ms':>8} "
+          f"{'launch calls':>12} | {'graph kernels':>13} {'graph busy ms':>13} | {'peak MB':>7}")
+    rows = []
+    for B, D in args.shapes:
+        loss_fn, emb, labels = term_setup(run, B, D, args.flow)
+        fns = {"eager": term_step(loss_fn, emb, labels)}
+        if run.cuda:
+            fns["graph"] = cuda_graph_of(term_step(loss_fn, emb, labels), run)
+        if build_freia_flow is not None:
+            inn = build_freia_flow(D, **args.freia).to(run.device)
+
+            def freia(inn=inn, loss_fn=loss_fn, emb=emb, labels=labels):
+                zero(inn, loss_fn, emb)
+                (-freia_log_likelihood(inn, emb, loss_fn.proxies, labels)).mean().backward()
+            fns["freia"] = freia
+        t = run.times(fns)
+        k = run.kernels(fns["eager"])
+        kg = run.kernels(fns["graph"]) if "graph" in fns else {}
+        r = {"B": B, "D": D, **{f"{n}_s": v for n, v in t.items()}, "eager_kernels": k,
+             "graph_kernels": kg, "eager_peak_bytes": run.peak_bytes(fns["eager"])}
+        if "freia_s" in r:
+            r["eager_over_freia"] = r["eager_s"] / r["freia_s"]
+        rows.append(r)
+        peak = r["eager_peak_bytes"]
+        print(f"{B:>4} {D:>4} | {t['eager'] * 1e3:9.3f} {t.get('graph', float('nan')) * 1e3:9.3f} "
+              f"{t.get('freia', float('nan')) * 1e3:9.3f} | {k['device_kernels']:7.0f} {k['busy_ms']:8.3f} "
+              f"{k['host_launch_calls']:12.0f} | {kg.get('device_kernels', float('nan')):13.0f} "
+              f"{kg.get('busy_ms', float('nan')):13.3f} | {(peak or 0) / 2**20:7.1f}", flush=True)
+        run.save("term", rows)
+
+
+def section_resnet(run: Run, args) -> None:
+    try:
+        import torchvision
+    except ImportError:
+        print("\n== 4. ResNet50 step: skipped (torchvision is not installed) ==")
+        run.save("resnet_step", "skipped: torchvision is not installed")
+        return
+    B, D = args.shapes[0]
+    px = args.image_size
+    print(f"\n== 4. ResNet50 training step, B={B}, {px} px, bf16 autocast, channels_last, D={D}, C={C} ==")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None)
+    model.fc = torch.nn.Linear(model.fc.in_features, D)
+    model = model.to(run.device, memory_format=torch.channels_last).train()
+    images = torch.randn(B, 3, px, px, device=run.device).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, C, (B,), device=run.device)
+    pa = ProxyAnchorLoss(C, D).to(run.device)
+    nir, emb, _ = term_setup(run, B, D, args.flow)
+    if run.cuda:
+        torch.backends.cudnn.benchmark = True
+
+    def step(loss_fn):
+        opt = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=1e-4, momentum=0.9)
+
+        def f():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(run.device.type, dtype=torch.bfloat16):
+                out = model(images)
+            loss_fn(F.normalize(out.float(), dim=1), labels).backward()
+            opt.step()
+        return f
+    # The term compiles here (first call), for the shape section 5 starts with.
+    nir_compiled, compile_s = compiled_loss(run, args, B, D, nir, lambda loss: term_step(loss, emb, labels))
+    fns = {"pa": step(pa), "nir_eager": step(nir), "nir_compiled": step(nir_compiled)}
+    t = run.times(fns, warmup=3)
+    r = {"B": B, "D": D, "image_size": px, **{f"{k}_s": v for k, v in t.items()}, "compile_s": compile_s,
+         "peak_bytes": {k: run.peak_bytes(f) for k, f in fns.items()}}
+    for k in ("nir_eager", "nir_compiled"):
+        r[f"{k}_share"] = (r[f"{k}_s"] - r["pa_s"]) / r[f"{k}_s"]
+    print(f"  ProxyAnchor step {t['pa'] * 1e3:.2f} ms; with NIR eager {t['nir_eager'] * 1e3:.2f} ms "
+          f"(NIR share {r['nir_eager_share']:.1%}); with NIR compiled {t['nir_compiled'] * 1e3:.2f} ms "
+          f"(NIR share {r['nir_compiled_share']:.1%}); compile {compile_s:.0f} s")
+    run.save("resnet_step", r)
+
+
+def section_compiled(run: Run, args) -> None:
+    print("\n== 5. NIR term compiled (compile_nir(): CUDA graphs, fullgraph, static shape) ==")
+    print(f"{'B':>4} {'D':>4} | {'eager ms':>9} {'compiled ms':>11} {'compiled/eager':>14} | {'kernels':>7} "
+          f"{'busy ms':>8} {'launch calls':>12} | {'peak MB':>7} | {'compile s':>9} | sync")
+    rows = []
+    for B, D in args.shapes:
+        loss_fn, emb, labels = term_setup(run, B, D, args.flow)
+        compiled, compile_s = compiled_loss(run, args, B, D, loss_fn,
+                                            lambda loss, emb=emb, labels=labels: term_step(loss, emb, labels))
+        fns = {"eager": term_step(loss_fn, emb, labels), "compiled": term_step(compiled, emb, labels)}
+        t = run.times(fns)
+        k = run.kernels(fns["compiled"])
+        r = {"B": B, "D": D, **{f"{n}_s": v for n, v in t.items()}, "compile_s": compile_s, "kernels": k,
+             "peak_bytes": run.peak_bytes(fns["compiled"]), "sync": run.sync_check(fns["compiled"])}
+        r["compiled_over_eager"] = r["compiled_s"] / r["eager_s"]
+        rows.append(r)
+        print(f"{B:>4} {D:>4} | {t['eager'] * 1e3:9.3f} {t['compiled'] * 1e3:11.3f} {r['compiled_over_eager']:14.3f} | "
+              f"{k['device_kernels']:7.0f} {k['busy_ms']:8.3f} {k['host_launch_calls']:12.0f} | "
+              f"{(r['peak_bytes'] or 0) / 2**20:7.1f} | {compile_s:9.0f} | {r['sync']}", flush=True)
+        run.save("compiled", rows)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu.json"))
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--sections", default="machine,syncs,term,resnet,compiled")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script without a GPU")
+    a = p.parse_args(argv)
+    if not a.dry_run and not torch.cuda.is_available():
+        sys.exit("benchmarks/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+                 "--dry-run checks the script on CPU.")
+    device = torch.device("cpu" if a.dry_run else "cuda")
+    a.shapes, a.image_size, a.flow, a.freia, a.compile = SHAPES, 224, {}, {}, {}
+    if a.dry_run:
+        a.shapes, a.image_size, a.reps = [(6, 8), (10, 8)], 32, 2
+        a.flow = {"num_blocks": 2, "hidden_features": 16, "num_layers": 3}
+        a.freia = {"num_blocks": 2, "hidden": 16, "num_layers": 3}
+        a.compile = {"backend": "aot_eager"}
+    run = Run(device, a.reps, Path(a.out))
+    from torch._dynamo.utils import counters
+    counters.clear()  # compiles of this run only
+    t0 = time.perf_counter()
+    for name, fn in [("machine", section_machine), ("syncs", section_syncs), ("term", section_term),
+                     ("resnet", section_resnet), ("compiled", section_compiled)]:
+        if name in a.sections.split(","):
+            fn(run, a)
+    run.save("compiled_graphs", dict(counters["stats"]))  # unique_graphs: forward graphs compiled
+    run.save("total_seconds", time.perf_counter() - t0)
+    print(f"\ncompiled graphs: {counters['stats'].get('unique_graphs', 0)}; wrote {a.out}; "
+          f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
