@@ -4,7 +4,7 @@
     python benchmarks/speed.py            # default grid, CPU: about 7 minutes on 2 cores
     python benchmarks/speed.py --quick    # a smaller grid and fewer repeats (about 3 minutes)
 
-Sections (each a table on stdout; everything also in benchmarks/results/speed[_quick].json):
+Sections (each a table on stdout; everything also in benchmarks/results/<version>/speed[_quick].json):
 1. loss forward+backward time and peak memory: PML ProxyAnchorLoss alone, nir_loss
    ProxyAnchorNIRLoss, and ProxyAnchorLoss + the same flow written in FrEIA (benchmarks/freia_ref.py),
    at B in {90, 180}, D in {128, 512}, C in {100, 11318}; ratios to PA alone and NIR/FrEIA.
@@ -55,6 +55,7 @@ from pytorch_metric_learning.losses import ProxyAnchorLoss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import nir_loss  # noqa: E402
 from benchmarks.freia_ref import build_freia_flow, freia_log_likelihood  # noqa: E402
 from nir_loss import ProxyAnchorNIRLoss  # noqa: E402
 
@@ -695,7 +696,7 @@ def main(argv=None):
         if name in sections:
             fn(a, device, timer, out)
     out["meta"]["total_seconds"] = time.perf_counter() - t0
-    path = Path(a.out) if a.out else RESULTS / ("speed_quick.json" if a.quick else "speed.json")
+    path = Path(a.out) if a.out else RESULTS / nir_loss.__version__ / ("speed_quick.json" if a.quick else "speed.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(f"\nwrote {path}; total {out['meta']['total_seconds']:.0f}s")
