@@ -15,9 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def latest(name: str) -> Path | None:
+    """``results/<version>/name`` of the newest version that has it."""
+    found = sorted(RESULTS.glob(f"*/{name}"), key=lambda p: tuple(int(v) for v in p.parent.name.split(".")))
+    return found[-1] if found else None
+
+
 def load(name):
-    p = RESULTS / name
-    return json.loads(p.read_text()) if p.exists() else None
+    p = latest(name)
+    return json.loads(p.read_text()) if p else None
 
 
 def command(argv, name):
@@ -173,7 +179,6 @@ def compiled(d):
           f"(first call {w['compile_s']:.0f} s).\n")
 
 
-QUALITY = RESULTS / "0.3.0" / "quality.json"
 
 
 if __name__ == "__main__":
@@ -186,7 +191,8 @@ if __name__ == "__main__":
         profile(load("speed.json"))
     if "compiled" in which and load("speed.json"):
         compiled(load("speed.json"))
-    if "quality" in which and QUALITY.exists():
+    path = latest("quality.json")
+    if "quality" in which and path:
         # Written where the docs include them from: the tables as a snippet, the plot as an image.
         docs = RESULTS.parents[1] / "docs"
-        print(quality(json.loads(QUALITY.read_text()), QUALITY.with_suffix(".md"), docs / "img" / "quality.png"))
+        print(quality(json.loads(path.read_text()), path.with_suffix(".md"), docs / "img" / "quality.png"))
