@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import nir_loss.flow as flow_module
-from nir_loss import ContextAffineCoupling, ProxyConditionedFlow, soft_clamp
+from nir_loss import ProxyConditionedFlow
+from nir_loss.flow import ContextAffineCoupling, soft_clamp
 
 COUPLINGS = ["affine", "spline"]
 

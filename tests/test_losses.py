@@ -41,7 +41,7 @@ def batch(b=12, dtype=torch.float32, requires_grad=True):
 @pytest.mark.parametrize("name", sorted(SUPPORTED))
 def test_each_supported_loss_wrapped(name):
     base = SUPPORTED[name]()
-    loss_fn = NIRRegularizer(base, weight=0.1, **FLOW).to(TEST_DEVICE)
+    loss_fn = NIRRegularizer(base, nir_weight=0.1, flow_options=FLOW).to(TEST_DEVICE)
     proxies = get_proxies(base)
     assert proxies.shape[0] == C and proxies.shape[-1] == D
     x, y = batch()
@@ -61,7 +61,7 @@ def test_each_supported_loss_wrapped(name):
 @pytest.mark.parametrize("name", sorted(SUPPORTED))
 def test_weight_zero_equals_wrapped_loss(name):
     base = SUPPORTED[name]()
-    loss_fn = NIRRegularizer(copy.deepcopy(base), weight=0.0, **FLOW)
+    loss_fn = NIRRegularizer(copy.deepcopy(base), nir_weight=0.0, flow_options=FLOW)
     x, y = batch()
     a, b = base(x, y), loss_fn(x, y)
     assert torch.equal(a, b)
@@ -99,7 +99,7 @@ def test_sub_losses_are_named_for_reducers_and_stats():
     assert loss_fn.sub_loss_names() == ["pos_loss", "neg_loss", "nir_loss"]
     assert set(loss_fn.reducer.reducers) == {"pos_loss", "neg_loss", "nir_loss"}
     reg = NIRRegularizer(losses.ArcFaceLoss(C, D), collect_stats=True,
-                         reducer=reducers.MeanReducer(collect_stats=True), **FLOW)
+                         reducer=reducers.MeanReducer(collect_stats=True), flow_options=FLOW)
     assert reg.sub_loss_names() == ["proxy_loss", "nir_loss"]
     x, y = batch()
     reg(x, y)
@@ -119,8 +119,8 @@ def test_pml_reducers_combine_the_nir_term():
         m.load_state_dict(plain.state_dict(), strict=False)
     nir = 0.2 * mean_red.nir.per_sample_loss(x, mean_red.proxies, y).mean()
     torch.testing.assert_close(div_red(x, y) - plain(x, y), nir)
-    sum_red = NIRRegularizer(losses.ProxyNCALoss(C, D), weight=0.2, reducer=reducers.SumReducer(), **FLOW,
-                             **EXACT).double()
+    sum_red = NIRRegularizer(losses.ProxyNCALoss(C, D), nir_weight=0.2, reducer=reducers.SumReducer(),
+                             flow_options=FLOW, **EXACT).double()
     base = sum_red.loss(x, y)
     per = sum_red.nir.per_sample_loss(x, get_proxies(sum_red.loss), y)
     torch.testing.assert_close(sum_red(x, y) - base, 0.2 * per.sum())
@@ -130,7 +130,7 @@ THRESHOLDING = {
     "ProxyAnchorNIRLoss(reducer=AvgNonZeroReducer())":
         lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, reducer=reducers.AvgNonZeroReducer()),
     "NIRRegularizer(reducer=ThresholdReducer(low=0))":
-        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), reducer=reducers.ThresholdReducer(low=0), **FLOW),
+        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), reducer=reducers.ThresholdReducer(low=0), flow_options=FLOW),
     "MultipleReducers, thresholding default":
         lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, reducer=reducers.MultipleReducers(
             {"pos_loss": reducers.MeanReducer()}, default_reducer=reducers.AvgNonZeroReducer())),
@@ -142,7 +142,7 @@ def test_thresholding_reducers_are_refused_for_the_nir_term(name):
     """They keep only losses > 0 (or within bounds); a trained flow's NLLs are negative: the term would vanish."""
     with pytest.raises(ValueError, match=r"cannot reduce the NIR term.*MultipleReducers\(\{'nir_loss': MeanReducer"):
         THRESHOLDING[name]()
-    loss_fn = NIRRegularizer(losses.ProxyNCALoss(C, D), **FLOW)
+    loss_fn = NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=FLOW)
     loss_fn.set_reducer(reducers.AvgNonZeroReducer())  # set after construction: refused at the call
     with pytest.raises(ValueError, match="cannot reduce the NIR term"):
         loss_fn(*batch())
@@ -157,7 +157,8 @@ def test_thresholding_reducers_work_for_the_proxy_terms():
     plain.load_state_dict({"proxies": mixed.proxies.detach().clone()})
     nir = 0.2 * mixed.nir.per_sample_loss(x, mixed.proxies, y).mean()
     torch.testing.assert_close(mixed(x, y), plain(x, y) + nir)
-    inner = NIRRegularizer(losses.ProxyNCALoss(C, D, reducer=reducers.AvgNonZeroReducer()), weight=0.2, **FLOW)
+    inner = NIRRegularizer(losses.ProxyNCALoss(C, D, reducer=reducers.AvgNonZeroReducer()), nir_weight=0.2,
+                           flow_options=FLOW)
     inner(*batch()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in inner.flow.parameters())
 
@@ -165,7 +166,7 @@ def test_thresholding_reducers_work_for_the_proxy_terms():
 def test_multiple_losses_and_distributed_wrapper_in_single_process():
     from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
-    nir = NIRRegularizer(losses.ProxyNCALoss(C, D), weight=0.1, **FLOW, **EXACT)
+    nir = NIRRegularizer(losses.ProxyNCALoss(C, D), nir_weight=0.1, flow_options=FLOW, **EXACT)
     combo = losses.MultipleLosses([nir, losses.TripletMarginLoss()], weights=[1.0, 0.5])
     x, y = batch()
     total = combo(x, y)
@@ -193,7 +194,7 @@ class CustomGetterLoss(CustomParamLoss):
 @pytest.mark.parametrize("cls", [CustomParamLoss, CustomGetterLoss])
 def test_custom_losses_with_proxies(cls):
     base = cls()
-    loss_fn = NIRRegularizer(base, weight=0.1, **FLOW)
+    loss_fn = NIRRegularizer(base, nir_weight=0.1, flow_options=FLOW)
     x, y = batch()
     loss_fn(x, y).backward()
     assert base.proxies.grad.abs().sum() > 0
@@ -229,7 +230,7 @@ def test_bad_proxies_shape_is_a_type_error():
     ],
 )
 @pytest.mark.parametrize("make", [lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW),
-                                  lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), **FLOW)])
+                                  lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=FLOW)])
 def test_bad_input_is_a_clear_value_error(embeddings, labels, message, make):
     with pytest.raises(ValueError, match=message):
         make()(embeddings, labels)
@@ -258,7 +259,7 @@ def test_validation_can_be_switched_off():
 
 
 @pytest.mark.parametrize("make", [lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, validate=False),
-                                  lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), validate=False, **FLOW)])
+                                  lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), validate=False, flow_options=FLOW)])
 def test_device_mismatch_is_an_error_and_moves_nothing(make):
     """Embeddings on another device (here "meta", where a move would lose the weights): an error naming the fix."""
     loss_fn = make()
@@ -278,8 +279,8 @@ def test_device_mismatch_is_an_error_and_moves_nothing(make):
 @pytest.mark.parametrize("make", [
     lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW),
     lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, reducer=reducers.MeanReducer()),
-    lambda: NIRRegularizer(losses.ArcFaceLoss(C, D, reducer=reducers.MeanReducer()), **FLOW),
-    lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), reducer=reducers.MeanReducer(), **FLOW),
+    lambda: NIRRegularizer(losses.ArcFaceLoss(C, D, reducer=reducers.MeanReducer()), flow_options=FLOW),
+    lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), reducer=reducers.MeanReducer(), flow_options=FLOW),
 ])
 def test_empty_batch_gives_zero_loss_on_the_graph(make):
     x = torch.randn(0, D, requires_grad=True)
@@ -320,7 +321,8 @@ def test_autocast_keeps_nir_math_in_float32(objective):
 
 
 def test_param_groups_cover_every_parameter_once():
-    loss_fn = NIRRegularizer(losses.SoftTripleLoss(C, D, centers_per_class=2), context_mlp_width=4, **FLOW)
+    loss_fn = NIRRegularizer(losses.SoftTripleLoss(C, D, centers_per_class=2),
+                             flow_options={**FLOW, "context_mlp_width": 4})
     groups = loss_fn.param_groups(1e-5, proxy_lr_mult=4000, flow_lr_mult=50)
     assert [g["lr"] for g in groups] == pytest.approx([4e-2, 5e-4])
     ids = [id(p) for g in groups for p in g["params"]]

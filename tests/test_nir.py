@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from nir_loss import NIRRegularizer, ProxyAnchorNIRLoss, miner_weights, weighted_element_losses
+from nir_loss import NIRRegularizer, ProxyAnchorNIRLoss
+from nir_loss.nir import miner_weights, weighted_element_losses
 
 from . import reference
 
@@ -77,7 +78,7 @@ def test_matrix_keeps_no_graph_unless_asked():
 
 def test_multi_centre_losses_use_nearest_centre():
     base = losses.SoftTripleLoss(4, 6, centers_per_class=3)
-    loss_fn = NIRRegularizer(base, **FLOW).double()
+    loss_fn = NIRRegularizer(base, flow_options=FLOW).double()
     x, y = batch(b=9, d=6, c=4)
     centres = F.normalize(base.fc.t().reshape(4, 3, 6), dim=-1)
     nearest = centres[y, (torch.einsum("bkd,bd->bk", centres[y], x)).argmax(1)]
@@ -123,7 +124,7 @@ def test_miner_weights_match_pml_and_handle_empty():
 
 @pytest.mark.parametrize("miner", [miners.MultiSimilarityMiner(0.3), miners.TripletMarginMiner(0.3)])
 def test_nir_term_is_miner_weighted_mean(miner):
-    loss_fn = NIRRegularizer(losses.ProxyNCALoss(5, 8), weight=0.5, **FLOW, **EXACT).double()
+    loss_fn = NIRRegularizer(losses.ProxyNCALoss(5, 8), nir_weight=0.5, flow_options=FLOW, **EXACT).double()
     x, y = batch(b=16)
     tup = miner(x, y)
     w = lmu.convert_to_weights(tup, y, dtype=torch.float64)
@@ -133,7 +134,7 @@ def test_nir_term_is_miner_weighted_mean(miner):
 
 
 def test_miner_naming_nothing_gives_zero_nir_term():
-    loss_fn = NIRRegularizer(losses.ProxyNCALoss(5, 8), weight=0.5, **FLOW).double()
+    loss_fn = NIRRegularizer(losses.ProxyNCALoss(5, 8), nir_weight=0.5, flow_options=FLOW).double()
     x, y = batch()
     empty = tuple(torch.tensor([], dtype=torch.long) for _ in range(4))
     total = loss_fn(x, y, empty)

@@ -18,7 +18,8 @@ META = torch.device("meta")
 @pytest.mark.parametrize("objective", ["nll", "exp_nll"])
 @pytest.mark.parametrize("make", [
     lambda o: ProxyAnchorNIRLoss(7, 8, objective=o, flow_options=FLOW, validate=False),
-    lambda o: NIRRegularizer(losses.SoftTripleLoss(7, 8, centers_per_class=2), objective=o, validate=False, **FLOW),
+    lambda o: NIRRegularizer(losses.SoftTripleLoss(7, 8, centers_per_class=2), objective=o, validate=False,
+                             flow_options=FLOW),
 ])
 def test_nir_term_runs_on_meta_tensors(make, objective):
     loss_fn = make(objective).to(META)
@@ -35,8 +36,8 @@ def test_nir_term_runs_on_meta_tensors(make, objective):
 
 @pytest.mark.parametrize("make", [
     lambda: ProxyAnchorNIRLoss(7, 8, flow_options=FLOW),
-    lambda: NIRRegularizer(losses.SoftTripleLoss(7, 8, centers_per_class=2), **FLOW),
-    lambda: NIRRegularizer(losses.ProxyNCALoss(7, 8), objective="exp_nll", **FLOW),
+    lambda: NIRRegularizer(losses.SoftTripleLoss(7, 8, centers_per_class=2), flow_options=FLOW),
+    lambda: NIRRegularizer(losses.ProxyNCALoss(7, 8), objective="exp_nll", flow_options=FLOW),
 ])
 def test_nir_part_of_a_default_loss_call_runs_on_meta_tensors(make):
     """Defaults (validate=True, training mode: noise and tail guard): validation, the term, its reduction.

@@ -13,7 +13,8 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch import nn
 
-from nir_loss import ContextAffineCoupling, NIRRegularizer, ProxyAnchorNIRLoss, ProxyConditionedFlow
+from nir_loss import NIRRegularizer, ProxyAnchorNIRLoss, ProxyConditionedFlow
+from nir_loss.flow import ContextAffineCoupling
 from nir_loss.testing import check_flow, check_proxy_loss
 
 C, D = 5, 8
@@ -31,7 +32,7 @@ PML_LOSSES = {
     "SubCenterArcFaceLoss": lambda: pml_losses.SubCenterArcFaceLoss(num_classes=C, embedding_size=D),
     "SoftTripleLoss": lambda: pml_losses.SoftTripleLoss(C, D, centers_per_class=3),
     "ProxyAnchorNIRLoss": lambda: ProxyAnchorNIRLoss(C, D, flow_options=SMALL),
-    "NIRRegularizer(ProxyNCALoss)": lambda: NIRRegularizer(pml_losses.ProxyNCALoss(C, D), **SMALL),
+    "NIRRegularizer(ProxyNCALoss)": lambda: NIRRegularizer(pml_losses.ProxyNCALoss(C, D), flow_options=SMALL),
 }
 
 
