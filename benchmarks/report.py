@@ -1,7 +1,11 @@
 # ruff: noqa: B023, E501  (closures are called within their loop iteration; wide tables)
-"""Prints the markdown tables of docs/benchmarks.md from benchmarks/results/*.json.
+"""Renders the tables and the plot of docs/benchmarks.md from benchmarks/results/<version>/*.json.
 
-    python benchmarks/report.py > /tmp/tables.md
+    python benchmarks/report.py            # speed and quality, from the newest version of each
+    python benchmarks/report.py quality    # one of them
+
+Tables go to ``<results file>.md`` beside each results file (docs/benchmarks.md includes them);
+the quality plot goes to docs/img/quality.png.
 """
 
 from __future__ import annotations
@@ -89,21 +93,22 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
     """The quality tables (markdown) of a ``quality.py`` results file, and its per-seed plot."""
     m = d["meta"]
     rows = d["summary"]
-    lines = [f"Command: `python benchmarks/quality.py {' '.join(m['argv'])}` ({m['total_seconds'] / 60:.0f} min on "
+    seeds = sorted({r["seed"] for r in d["runs"]})
+    lines = [f"Command: `{' '.join(['python benchmarks/quality.py', *m['argv']])}` ({m['total_seconds'] / 60:.0f} min on "
              f"{m['machine']}, {m['jobs']} runs in parallel, one torch thread each; nir-loss {m['version']}, "
-             f"torch {m['torch']}).", ""]
-    lines += ["| data | D | arm | seeds | median ΔMAP@R | mean ΔMAP@R | W/L | worst (seed) | collapses "
-              "| median ΔR@1 | max NLL |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"torch {m['torch']}). Seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}), paired.", ""]
+    lines += ["| data | D | arm | median ΔMAP@R | mean | W/L | worst (seed) | coll. | median ΔR@1 | mean "
+              "| W/L | max NLL |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["dataset"], r["dim"]): r for r in rows if r["arm"] == "pa"}
     for r in rows:
         if r["arm"] == "pa":
             continue
         peak = "" if r["nll_peak_max"] is None else f"{r['nll_peak_max']:.3g}"
         lines.append(
-            f"| {r['dataset']} | {r['dim']} | {r['arm']} | {r['n']} | **{r['d_mapr_median']:+.4f}** | {r['d_mapr']:+.4f} | "
+            f"| {r['dataset']} | {r['dim']} | {r['arm']} | **{r['d_mapr_median']:+.3f}** | {r['d_mapr']:+.3f} | "
             f"{r['wins_mapr']}/{r['losses_mapr']} | {r['worst_mapr']:+.3f} ({r['worst_seed_mapr']}) | {r['collapses']} | "
-            f"{r['d_r1_median']:+.4f} | {peak} |")
+            f"{r['d_r1_median']:+.3f} | {r['d_r1']:+.3f} | {r['wins_r1']}/{r['losses_r1']} | {peak} |")
     lines += ["", "ProxyAnchor alone (the paired baseline), mean over the seeds:", "",
               "| data | D | R@1 | MAP@R |", "|---|---|---|---|"]
     for (ds, dim), r in base.items():
@@ -181,18 +186,29 @@ def compiled(d):
 
 
 
+def speed_tables(d) -> str:
+    """Every speed table of one ``speed.py`` results file, as markdown."""
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        speed(d)
+        if "profile" in d:
+            profile(d)
+        compiled(d)
+    return buf.getvalue()
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["speed", "resnet", "profile", "compiled", "quality"]
-    if "speed" in which and load("speed.json"):
-        speed(load("speed.json"))
-    if "resnet" in which and load("speed_resnet.json"):
-        speed(load("speed_resnet.json"), "speed_resnet.json")
-    if "profile" in which and load("speed.json") and "profile" in load("speed.json"):
-        profile(load("speed.json"))
-    if "compiled" in which and load("speed.json"):
-        compiled(load("speed.json"))
+    which = sys.argv[1:] or ["speed", "quality"]
+    # Each rendering is written where the docs include it from (a snippet beside its results file,
+    # the plot into docs/img) and printed.
+    path = latest("speed.json")
+    if "speed" in which and path:
+        text = speed_tables(json.loads(path.read_text()))
+        path.with_suffix(".md").write_text(text)
+        print(text)
     path = latest("quality.json")
     if "quality" in which and path:
-        # Written where the docs include them from: the tables as a snippet, the plot as an image.
         docs = RESULTS.parents[1] / "docs"
         print(quality(json.loads(path.read_text()), path.with_suffix(".md"), docs / "img" / "quality.png"))
