@@ -52,7 +52,7 @@ def speed(d, name="speed.json"):
                 best = max((r for r in d["matrix"] if r["D"] == row["D"]), key=lambda r: r["flop_per_s"])
                 row["flop_per_s"] = best["flop_per_s"]
                 row["fraction_of_peak"] = best["flop_per_s"] / rf["peak_flop_per_s"]
-    print(f"### Speed (`speed.py {command(m['argv'], name)}`: {m['total_seconds']:.0f} s wall, "
+    print(f"Run: (`{('speed.py ' + command(m['argv'], name)).strip()}`: {m['total_seconds']:.0f} s wall, "
           f"{m['threads']} torch thread, {m['time_base']})\n")
     if not d.get("loss"):
         for r in d.get("resnet_step", []):
@@ -97,18 +97,18 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
     lines = [f"Command: `{' '.join(['python benchmarks/quality.py', *m['argv']])}` ({m['total_seconds'] / 60:.0f} min on "
              f"{m['machine']}, {m['jobs']} runs in parallel, one torch thread each; nir-loss {m['version']}, "
              f"torch {m['torch']}). Seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}), paired.", ""]
-    lines += ["| data | D | arm | median ΔMAP@R | mean | W/L | worst (seed) | coll. | median ΔR@1 | mean "
-              "| W/L | max NLL |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    nir_rows = [r for r in rows if r["arm"] != "pa"]
+    lines += ["MAP@R, paired difference against ProxyAnchor:", "",
+              "| data | D | arm | median | mean | W/L | worst (seed) | collapses |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dataset']} | {r['dim']} | {r['arm']} | **{r['d_mapr_median']:+.3f}** | {r['d_mapr']:+.3f} | "
+              f"{r['wins_mapr']}/{r['losses_mapr']} | {r['worst_mapr']:+.3f} ({r['worst_seed_mapr']}) | {r['collapses']} |"
+              for r in nir_rows]
+    lines += ["", "R@1, paired difference against ProxyAnchor, and the largest per-sample training NLL:", "",
+              "| data | D | arm | median | mean | W/L | max NLL |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dataset']} | {r['dim']} | {r['arm']} | {r['d_r1_median']:+.3f} | {r['d_r1']:+.3f} | "
+              f"{r['wins_r1']}/{r['losses_r1']} | {'' if r['nll_peak_max'] is None else format(r['nll_peak_max'], '.3g')} |"
+              for r in nir_rows]
     base = {(r["dataset"], r["dim"]): r for r in rows if r["arm"] == "pa"}
-    for r in rows:
-        if r["arm"] == "pa":
-            continue
-        peak = "" if r["nll_peak_max"] is None else f"{r['nll_peak_max']:.3g}"
-        lines.append(
-            f"| {r['dataset']} | {r['dim']} | {r['arm']} | **{r['d_mapr_median']:+.3f}** | {r['d_mapr']:+.3f} | "
-            f"{r['wins_mapr']}/{r['losses_mapr']} | {r['worst_mapr']:+.3f} ({r['worst_seed_mapr']}) | {r['collapses']} | "
-            f"{r['d_r1_median']:+.3f} | {r['d_r1']:+.3f} | {r['wins_r1']}/{r['losses_r1']} | {peak} |")
     lines += ["", "ProxyAnchor alone (the paired baseline), mean over the seeds:", "",
               "| data | D | R@1 | MAP@R |", "|---|---|---|---|"]
     for (ds, dim), r in base.items():
