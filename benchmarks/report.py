@@ -52,8 +52,8 @@ def speed(d, name="speed.json"):
                 best = max((r for r in d["matrix"] if r["D"] == row["D"]), key=lambda r: r["flop_per_s"])
                 row["flop_per_s"] = best["flop_per_s"]
                 row["fraction_of_peak"] = best["flop_per_s"] / rf["peak_flop_per_s"]
-    print(f"Run: (`{('speed.py ' + command(m['argv'], name)).strip()}`: {m['total_seconds']:.0f} s wall, "
-          f"{m['threads']} torch thread, {m['time_base']})\n")
+    print(f"Command: `{('python benchmarks/speed.py ' + command(m['argv'], name)).strip()}` "
+          f"({m['total_seconds']:.0f} s wall, {m['threads']} torch thread, {m['time_base']}).\n")
     if not d.get("loss"):
         for r in d.get("resnet_step", []):
             print(f"ResNet50 step, {r['batch']} images of {r['image_size']} px, D=128, C=100, medians of "
