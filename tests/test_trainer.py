@@ -13,11 +13,11 @@ import torch
 
 from .trainer_helpers import import_example, make_mini_cub
 
-train_cub = import_example("train_cub")
-data = import_example("dml.data")
-engine = import_example("dml.engine")
-evaluation = import_example("dml.evaluation")
-models = import_example("dml.models")
+train_cub = import_example("train")
+data = import_example("trainer.data")
+engine = import_example("trainer.engine")
+evaluation = import_example("trainer.evaluation")
+models = import_example("trainer.models")
 LayoutError, read_cub = data.LayoutError, data.read_cub
 RECALL_KS, compute_metrics, recall_at_k = evaluation.RECALL_KS, evaluation.compute_metrics, evaluation.recall_at_k
 
@@ -272,7 +272,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(cub, tmp_path, capsy
     assert code == 130 and "Traceback" not in err
     assert f"interrupted in epoch 2; last checkpoint: {out / 'last.pt'} (epoch 1). Continue with:" in err
     command = shlex.split(err.strip().splitlines()[-1])
-    assert command[:2] == ["python", "examples/train_cub.py"] or command[1].endswith(".py")
+    assert command[:2] == ["python", "examples/cub/train.py"] or command[1].endswith(".py")
     resumed = train_cub.parse_args(command[2:])
     assert resumed.resume == str(out / "last.pt") and resumed.epochs == 3 and resumed.data == str(cub)
 
@@ -287,7 +287,7 @@ def test_workers_default_to_the_cores_available(monkeypatch):
 # -- plots -------------------------------------------------------------------------------------
 
 def test_curves_show_the_nll_panel_only_with_data(tmp_path):
-    report = import_example("dml.report")
+    report = import_example("trainer.report")
     base = [{"epoch": e, "loss": 1.0 / e, "nll": None, "nll_max": None, "recall_at_1": 0.5} for e in (1, 2)]
     nir = [dict(r, nll=-10.0 * r["epoch"], nll_max=5.0 - r["epoch"]) for r in base]
     titles = report.plot_history({"baseline": base}, tmp_path / "a.png")
@@ -299,7 +299,7 @@ def test_curves_show_the_nll_panel_only_with_data(tmp_path):
 
 def test_projection_plane_separates_classes_in_a_clump():
     """Embeddings in one clump, proxies elsewhere: the plane of the class means keeps the classes apart."""
-    report = import_example("dml.report")
+    report = import_example("trainer.report")
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(10).repeat_interleave(30)
     offsets = 0.25 * torch.randn(10, 128, generator=g)

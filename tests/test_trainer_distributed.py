@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from .trainer_helpers import EXAMPLES, ROOT, make_mini_cub
+from .trainer_helpers import CUB, ROOT, make_mini_cub
 
 
 def test_torchrun_two_processes(tmp_path):
@@ -16,7 +16,7 @@ def test_torchrun_two_processes(tmp_path):
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(EXAMPLES / "train_cub.py"), "--data", str(cub), "--out", str(out), "--arch", "resnet18",
+           str(CUB / "train.py"), "--data", str(cub), "--out", str(out), "--arch", "resnet18",
            "--weights", "none", "--image-size", "32", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "4",
            "--samples-per-class", "2", "--max-steps", "2", "--workers", "0", "--flow-blocks", "2",
            "--flow-hidden", "32", "--flow-layers", "3", "--no-progress", "--no-plots", "--threads", "1"]

@@ -9,8 +9,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
+CUB = EXAMPLES / "cub"  # the CUB trainer: train.py and its trainer package
+for _path in (EXAMPLES, CUB):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 
 def make_mini_cub(root: Path, num_classes: int = 4, per_class: int = 6, size: int = 40, seed: int = 0) -> Path:
@@ -44,7 +46,7 @@ def make_mini_cub(root: Path, num_classes: int = 4, per_class: int = 6, size: in
 
 
 def import_example(name: str):
-    """Imports a module of examples/ (train_cub, demo, dml.*); examples/ is not an installed package."""
+    """Imports a module of examples/ (demo, real_datasets) or examples/cub/ (train, trainer.*); neither is installed."""
     import importlib
 
     return importlib.import_module(name)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Deep metric learning on CUB200-2011 with ProxyAnchor (+ NIR), on the public nir_loss API.
 
-Single process:   python examples/train_cub.py --data /data/CUB_200_2011 --preset cub200-r128-pa-nir
-Several GPUs/CPUs: torchrun --nproc_per_node 4 examples/train_cub.py --data ... --preset ...
+Single process:   python examples/cub/train.py --data /data/CUB_200_2011 --preset cub200-r128-pa-nir
+Several GPUs/CPUs: torchrun --nproc_per_node 4 examples/cub/train.py --data ... --preset ...
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the dml package beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the trainer package beside this file
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from dml import report  # noqa: E402
-from dml.data import IMAGENET_NORM, LITE_NORM, ImageDataset, check_images, image_transforms, read_cub  # noqa: E402
-from dml.engine import (  # noqa: E402
+from trainer import report  # noqa: E402
+from trainer.data import IMAGENET_NORM, LITE_NORM, ImageDataset, check_images, image_transforms, read_cub  # noqa: E402
+from trainer.engine import (  # noqa: E402
     TrainConfig,
     TrainingInterrupted,
     check_batch_settings,
@@ -30,9 +30,9 @@ from dml.engine import (  # noqa: E402
     seed_everything,
     setup_distributed,
 )
-from dml.errors import UsageError  # noqa: E402
-from dml.losses import LOSSES, build_loss  # noqa: E402
-from dml.models import efficientnet_lite0_embedder, resnet_embedder  # noqa: E402
+from trainer.errors import UsageError  # noqa: E402
+from trainer.losses import LOSSES, build_loss  # noqa: E402
+from trainer.models import efficientnet_lite0_embedder, resnet_embedder  # noqa: E402
 
 import nir_loss  # noqa: E402
 
@@ -195,7 +195,7 @@ def resume_command(argv: list[str], checkpoint: Path) -> str:
             kept.append(a)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launcher = ["torchrun", "--nproc_per_node", str(world)] if world > 1 else ["python"]
-    script = sys.argv[0] if sys.argv[0].endswith(".py") else "examples/train_cub.py"
+    script = sys.argv[0] if sys.argv[0].endswith(".py") else "examples/cub/train.py"
     return shlex.join([*launcher, script, *kept, "--resume", str(checkpoint)])
 
 

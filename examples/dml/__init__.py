@@ -1,1 +1,0 @@
-"""Deep metric learning example trainer built on the public nir_loss API."""
