@@ -26,25 +26,39 @@ def subnet_constructor(hidden: int = 128, num_layers: int = 8):
             if i < num_layers - 1:
                 layers.append(nn.ReLU())
         return nn.Sequential(*layers)
+
     return make
 
 
-def build_freia_flow(features: int, context_features: int | None = None, num_blocks: int = 5,
-                     hidden: int = 128, num_layers: int = 8, clamp: float = 2.0) -> Ff.GraphINN:
+def build_freia_flow(
+    features: int,
+    context_features: int | None = None,
+    num_blocks: int = 5,
+    hidden: int = 128,
+    num_layers: int = 8,
+    clamp: float = 2.0,
+) -> Ff.GraphINN:
     context_features = features if context_features is None else context_features
     cond = Ff.ConditionNode(context_features, name="proxy")
     nodes = [Ff.InputNode(features, name="x")]
     for k in range(num_blocks):
         nodes.append(Ff.Node(nodes[-1], Fm.PermuteRandom, {"seed": k}, name=f"perm{k}"))
-        nodes.append(Ff.Node(nodes[-1], Fm.GLOWCouplingBlock,
-                             {"subnet_constructor": subnet_constructor(hidden, num_layers), "clamp": clamp},
-                             conditions=cond, name=f"glow{k}"))
+        nodes.append(
+            Ff.Node(
+                nodes[-1],
+                Fm.GLOWCouplingBlock,
+                {"subnet_constructor": subnet_constructor(hidden, num_layers), "clamp": clamp},
+                conditions=cond,
+                name=f"glow{k}",
+            )
+        )
     nodes.append(Ff.OutputNode(nodes[-1], name="z"))
     return Ff.GraphINN(nodes + [cond], verbose=False)
 
 
-def freia_log_likelihood(inn: Ff.GraphINN, embeddings: torch.Tensor, proxies: torch.Tensor,
-                         labels: torch.Tensor) -> torch.Tensor:
+def freia_log_likelihood(
+    inn: Ff.GraphINN, embeddings: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """log p(x_i | normalized proxy of y_i), (B,), with the -(D/2) log(2 pi) constant."""
     context = F.normalize(proxies.index_select(0, labels), dim=1)
     z, log_jac = inn(embeddings, c=[context])

@@ -107,8 +107,15 @@ class Run:
         for e in prof.events():
             if self.cuda and e.device_type == torch.autograd.DeviceType.CUDA:
                 device_events.append((e.time_range.start, e.time_range.end))
-            elif e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
-                            "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync"):
+            elif e.name in (
+                "cudaLaunchKernel",
+                "cuLaunchKernel",
+                "cudaLaunchKernelExC",
+                "cuLaunchKernelEx",
+                "cudaGraphLaunch",
+                "cudaMemcpyAsync",
+                "cudaMemsetAsync",
+            ):
                 launches += 1
         busy, end = 0.0, -1.0
         for a, b in sorted(device_events):
@@ -116,8 +123,12 @@ class Run:
                 busy += b - max(a, end)
                 end = b
         ops = sum(1 for e in prof.events() if e.name.startswith("aten::")) if not self.cuda else None
-        return {"device_kernels": len(device_events) / steps, "busy_ms": busy / 1e3 / steps,
-                "host_launch_calls": launches / steps, **({"cpu_aten_events": ops / steps} if ops else {})}
+        return {
+            "device_kernels": len(device_events) / steps,
+            "busy_ms": busy / 1e3 / steps,
+            "host_launch_calls": launches / steps,
+            **({"cpu_aten_events": ops / steps} if ops else {}),
+        }
 
     def peak_bytes(self, fn) -> int | None:
         if not self.cuda:
@@ -157,7 +168,7 @@ def term_setup(run: Run, B: int, D: int, flow_options: dict, seed: int = 0):
 
 def zero(*tensors_or_modules) -> None:
     for m in tensors_or_modules:
-        for p in ([m] if isinstance(m, torch.Tensor) else m.parameters()):
+        for p in [m] if isinstance(m, torch.Tensor) else m.parameters():
             p.grad = None
 
 
@@ -165,6 +176,7 @@ def term_step(loss_fn, emb, labels):
     def f():
         zero(loss_fn, emb)
         loss_fn.nir.per_sample_loss(emb, loss_fn.proxies, labels).mean().backward()
+
     return f
 
 
@@ -193,20 +205,34 @@ def cuda_graph_of(fn, run: Run):
 
 
 def section_machine(run: Run, args) -> None:
-    info = {"torch": torch.__version__, "cuda_runtime": torch.version.cuda, "python": platform.python_version(),
-            "device": str(run.device), "argv": sys.argv[1:]}
+    info = {
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": str(run.device),
+        "argv": sys.argv[1:],
+    }
     try:
         import triton
+
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
     if run.cuda:
         p = torch.cuda.get_device_properties(run.device)
-        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}",
-                    sm_count=p.multi_processor_count)
+        info.update(
+            gpu=p.name,
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            capability=f"{p.major}.{p.minor}",
+            sm_count=p.multi_processor_count,
+        )
         try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=20).stdout.strip()
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             info["driver"] = None
     print("== 1. machine ==")
@@ -229,10 +255,13 @@ def section_syncs(run: Run, args) -> None:
     def whole_call():
         zero(loss_fn, emb)
         loss_fn(emb, labels).backward()
+
     loss_fn(emb, labels)  # the first call's value checks read values (one sync), by design
-    res = {"nir_loss_part_of_default_call": run.sync_check(nir_part),
-           "nir_term_eager": run.sync_check(term_step(loss_fn, emb, labels)),
-           "whole_default_call_with_pml": run.sync_check(whole_call)}
+    res = {
+        "nir_loss_part_of_default_call": run.sync_check(nir_part),
+        "nir_term_eager": run.sync_check(term_step(loss_fn, emb, labels)),
+        "whole_default_call_with_pml": run.sync_check(whole_call),
+    }
     for k, v in res.items():
         print(f"  {k}: {v}")
     run.save("syncs", res)
@@ -245,8 +274,10 @@ def section_term(run: Run, args) -> None:
     except ImportError:
         build_freia_flow = None
         print("  (FrEIA not installed: no FrEIA arm)")
-    print(f"{'B':>4} {'D':>4} | {'eager ms':>9} {'graph ms':>9} {'FrEIA ms':>9} | {'kernels':>7} {'busy ms':>8} "
-          f"{'launch calls':>12} | {'graph kernels':>13} {'graph busy ms':>13} | {'peak MB':>7}")
+    print(
+        f"{'B':>4} {'D':>4} | {'eager ms':>9} {'graph ms':>9} {'FrEIA ms':>9} | {'kernels':>7} {'busy ms':>8} "
+        f"{'launch calls':>12} | {'graph kernels':>13} {'graph busy ms':>13} | {'peak MB':>7}"
+    )
     rows = []
     for B, D in args.shapes:
         loss_fn, emb, labels = term_setup(run, B, D, args.flow)
@@ -259,20 +290,30 @@ def section_term(run: Run, args) -> None:
             def freia(inn=inn, loss_fn=loss_fn, emb=emb, labels=labels):
                 zero(inn, loss_fn, emb)
                 (-freia_log_likelihood(inn, emb, loss_fn.proxies, labels)).mean().backward()
+
             fns["freia"] = freia
         t = run.times(fns)
         k = run.kernels(fns["eager"])
         kg = run.kernels(fns["graph"]) if "graph" in fns else {}
-        r = {"B": B, "D": D, **{f"{n}_s": v for n, v in t.items()}, "eager_kernels": k,
-             "graph_kernels": kg, "eager_peak_bytes": run.peak_bytes(fns["eager"])}
+        r = {
+            "B": B,
+            "D": D,
+            **{f"{n}_s": v for n, v in t.items()},
+            "eager_kernels": k,
+            "graph_kernels": kg,
+            "eager_peak_bytes": run.peak_bytes(fns["eager"]),
+        }
         if "freia_s" in r:
             r["eager_over_freia"] = r["eager_s"] / r["freia_s"]
         rows.append(r)
         peak = r["eager_peak_bytes"]
-        print(f"{B:>4} {D:>4} | {t['eager'] * 1e3:9.3f} {t.get('graph', float('nan')) * 1e3:9.3f} "
-              f"{t.get('freia', float('nan')) * 1e3:9.3f} | {k['device_kernels']:7.0f} {k['busy_ms']:8.3f} "
-              f"{k['host_launch_calls']:12.0f} | {kg.get('device_kernels', float('nan')):13.0f} "
-              f"{kg.get('busy_ms', float('nan')):13.3f} | {(peak or 0) / 2**20:7.1f}", flush=True)
+        print(
+            f"{B:>4} {D:>4} | {t['eager'] * 1e3:9.3f} {t.get('graph', float('nan')) * 1e3:9.3f} "
+            f"{t.get('freia', float('nan')) * 1e3:9.3f} | {k['device_kernels']:7.0f} {k['busy_ms']:8.3f} "
+            f"{k['host_launch_calls']:12.0f} | {kg.get('device_kernels', float('nan')):13.0f} "
+            f"{kg.get('busy_ms', float('nan')):13.3f} | {(peak or 0) / 2**20:7.1f}",
+            flush=True,
+        )
         run.save("term", rows)
 
 
@@ -306,40 +347,63 @@ def section_resnet(run: Run, args) -> None:
                 out = model(images)
             loss_fn(F.normalize(out.float(), dim=1), labels).backward()
             opt.step()
+
         return f
+
     # The term compiles here (first call), for the shape section 5 starts with.
     nir_compiled, compile_s = compiled_loss(run, args, B, D, nir, lambda loss: term_step(loss, emb, labels))
     fns = {"pa": step(pa), "nir_eager": step(nir), "nir_compiled": step(nir_compiled)}
     t = run.times(fns, warmup=3)
-    r = {"B": B, "D": D, "image_size": px, **{f"{k}_s": v for k, v in t.items()}, "compile_s": compile_s,
-         "peak_bytes": {k: run.peak_bytes(f) for k, f in fns.items()}}
+    r = {
+        "B": B,
+        "D": D,
+        "image_size": px,
+        **{f"{k}_s": v for k, v in t.items()},
+        "compile_s": compile_s,
+        "peak_bytes": {k: run.peak_bytes(f) for k, f in fns.items()},
+    }
     for k in ("nir_eager", "nir_compiled"):
         r[f"{k}_share"] = (r[f"{k}_s"] - r["pa_s"]) / r[f"{k}_s"]
-    print(f"  ProxyAnchor step {t['pa'] * 1e3:.2f} ms; with NIR eager {t['nir_eager'] * 1e3:.2f} ms "
-          f"(NIR share {r['nir_eager_share']:.1%}); with NIR compiled {t['nir_compiled'] * 1e3:.2f} ms "
-          f"(NIR share {r['nir_compiled_share']:.1%}); compile {compile_s:.0f} s")
+    print(
+        f"  ProxyAnchor step {t['pa'] * 1e3:.2f} ms; with NIR eager {t['nir_eager'] * 1e3:.2f} ms "
+        f"(NIR share {r['nir_eager_share']:.1%}); with NIR compiled {t['nir_compiled'] * 1e3:.2f} ms "
+        f"(NIR share {r['nir_compiled_share']:.1%}); compile {compile_s:.0f} s"
+    )
     run.save("resnet_step", r)
 
 
 def section_compiled(run: Run, args) -> None:
     print("\n== 5. NIR term compiled (compile_nir(): CUDA graphs, fullgraph, static shape) ==")
-    print(f"{'B':>4} {'D':>4} | {'eager ms':>9} {'compiled ms':>11} {'compiled/eager':>14} | {'kernels':>7} "
-          f"{'busy ms':>8} {'launch calls':>12} | {'peak MB':>7} | {'compile s':>9} | sync")
+    print(
+        f"{'B':>4} {'D':>4} | {'eager ms':>9} {'compiled ms':>11} {'compiled/eager':>14} | {'kernels':>7} "
+        f"{'busy ms':>8} {'launch calls':>12} | {'peak MB':>7} | {'compile s':>9} | sync"
+    )
     rows = []
     for B, D in args.shapes:
         loss_fn, emb, labels = term_setup(run, B, D, args.flow)
-        compiled, compile_s = compiled_loss(run, args, B, D, loss_fn,
-                                            lambda loss, emb=emb, labels=labels: term_step(loss, emb, labels))
+        compiled, compile_s = compiled_loss(
+            run, args, B, D, loss_fn, lambda loss, emb=emb, labels=labels: term_step(loss, emb, labels)
+        )
         fns = {"eager": term_step(loss_fn, emb, labels), "compiled": term_step(compiled, emb, labels)}
         t = run.times(fns)
         k = run.kernels(fns["compiled"])
-        r = {"B": B, "D": D, **{f"{n}_s": v for n, v in t.items()}, "compile_s": compile_s, "kernels": k,
-             "peak_bytes": run.peak_bytes(fns["compiled"]), "sync": run.sync_check(fns["compiled"])}
+        r = {
+            "B": B,
+            "D": D,
+            **{f"{n}_s": v for n, v in t.items()},
+            "compile_s": compile_s,
+            "kernels": k,
+            "peak_bytes": run.peak_bytes(fns["compiled"]),
+            "sync": run.sync_check(fns["compiled"]),
+        }
         r["compiled_over_eager"] = r["compiled_s"] / r["eager_s"]
         rows.append(r)
-        print(f"{B:>4} {D:>4} | {t['eager'] * 1e3:9.3f} {t['compiled'] * 1e3:11.3f} {r['compiled_over_eager']:14.3f} | "
-              f"{k['device_kernels']:7.0f} {k['busy_ms']:8.3f} {k['host_launch_calls']:12.0f} | "
-              f"{(r['peak_bytes'] or 0) / 2**20:7.1f} | {compile_s:9.0f} | {r['sync']}", flush=True)
+        print(
+            f"{B:>4} {D:>4} | {t['eager'] * 1e3:9.3f} {t['compiled'] * 1e3:11.3f} {r['compiled_over_eager']:14.3f} | "
+            f"{k['device_kernels']:7.0f} {k['busy_ms']:8.3f} {k['host_launch_calls']:12.0f} | "
+            f"{(r['peak_bytes'] or 0) / 2**20:7.1f} | {compile_s:9.0f} | {r['sync']}",
+            flush=True,
+        )
         run.save("compiled", rows)
 
 
@@ -351,8 +415,10 @@ def main(argv=None) -> None:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the script without a GPU")
     a = p.parse_args(argv)
     if not a.dry_run and not torch.cuda.is_available():
-        sys.exit("benchmarks/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); "
-                 "--dry-run checks the script on CPU.")
+        sys.exit(
+            "benchmarks/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+            "--dry-run checks the script on CPU."
+        )
     device = torch.device("cpu" if a.dry_run else "cuda")
     a.shapes, a.image_size, a.flow, a.freia, a.compile = SHAPES, 224, {}, {}, {}
     if a.dry_run:
@@ -362,16 +428,24 @@ def main(argv=None) -> None:
         a.compile = {"backend": "aot_eager"}
     run = Run(device, a.reps, Path(a.out))
     from torch._dynamo.utils import counters
+
     counters.clear()  # compiles of this run only
     t0 = time.perf_counter()
-    for name, fn in [("machine", section_machine), ("syncs", section_syncs), ("term", section_term),
-                     ("resnet", section_resnet), ("compiled", section_compiled)]:
+    for name, fn in [
+        ("machine", section_machine),
+        ("syncs", section_syncs),
+        ("term", section_term),
+        ("resnet", section_resnet),
+        ("compiled", section_compiled),
+    ]:
         if name in a.sections.split(","):
             fn(run, a)
     run.save("compiled_graphs", dict(counters["stats"]))  # unique_graphs: forward graphs compiled
     run.save("total_seconds", time.perf_counter() - t0)
-    print(f"\ncompiled graphs: {counters['stats'].get('unique_graphs', 0)}; wrote {a.out}; "
-          f"total {time.perf_counter() - t0:.0f} s")
+    print(
+        f"\ncompiled graphs: {counters['stats'].get('unique_graphs', 0)}; wrote {a.out}; "
+        f"total {time.perf_counter() - t0:.0f} s"
+    )
 
 
 if __name__ == "__main__":

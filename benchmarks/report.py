@@ -40,6 +40,7 @@ def command(argv, name):
 
 def speed(d, name="speed.json"):
     from speed import flow_flops_per_row
+
     m = d["meta"]
     # Matrix FLOPs without the per-class context projection (results written before that fix
     # counted it per row): recompute from the measured rows/s.
@@ -52,40 +53,57 @@ def speed(d, name="speed.json"):
                 best = max((r for r in d["matrix"] if r["D"] == row["D"]), key=lambda r: r["flop_per_s"])
                 row["flop_per_s"] = best["flop_per_s"]
                 row["fraction_of_peak"] = best["flop_per_s"] / rf["peak_flop_per_s"]
-    print(f"Command: `{('python benchmarks/speed.py ' + command(m['argv'], name)).strip()}` "
-          f"({m['total_seconds']:.0f} s wall, {m['threads']} torch thread, {m['time_base']}).\n")
+    print(
+        f"Command: `{('python benchmarks/speed.py ' + command(m['argv'], name)).strip()}` "
+        f"({m['total_seconds']:.0f} s wall, {m['threads']} torch thread, {m['time_base']}).\n"
+    )
     if not d.get("loss"):
         for r in d.get("resnet_step", []):
-            print(f"ResNet50 step, {r['batch']} images of {r['image_size']} px, D=128, C=100, medians of "
-                  f"{m['argv']}: ProxyAnchor {r['pa_step']*1e3:.0f} ms, ProxyAnchor+NIR {r['nir_step']*1e3:.0f} ms, "
-                  f"NIR term alone {r['nir_term']*1e3:.1f} ms = **{r['nir_term_share']:.1%}** of the step; step "
-                  f"difference {r['nir_share_of_step']:.1%}.\n")
+            print(
+                f"ResNet50 step, {r['batch']} images of {r['image_size']} px, D=128, C=100, medians of "
+                f"{m['argv']}: ProxyAnchor {r['pa_step'] * 1e3:.0f} ms, ProxyAnchor+NIR {r['nir_step'] * 1e3:.0f} ms, "
+                f"NIR term alone {r['nir_term'] * 1e3:.1f} ms = **{r['nir_term_share']:.1%}** of the step; step "
+                f"difference {r['nir_share_of_step']:.1%}.\n"
+            )
         return
-    print("| B | D | C | PA ms | PA+NIR ms | PA+FrEIA ms | NIR/PA | FrEIA/PA | NIR/FrEIA | NIR term / FrEIA term "
-          "| saved MB PA / NIR / FrEIA |")
+    print(
+        "| B | D | C | PA ms | PA+NIR ms | PA+FrEIA ms | NIR/PA | FrEIA/PA | NIR/FrEIA | NIR term / FrEIA term "
+        "| saved MB PA / NIR / FrEIA |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in d.get("loss", []):
         term = f"{r['nir_term_over_freia_term']:.2f}" if r["C"] <= 1000 else "(PA-dominated)"
-        print(f"| {r['B']} | {r['D']} | {r['C']} | {r['pa_s']*1e3:.1f} | {r['nir_s']*1e3:.1f} | {r['freia_s']*1e3:.1f} | "
-              f"{r['nir_over_pa']:.2f} | {r['freia_over_pa']:.2f} | **{r['nir_over_freia']:.2f}** | {term} | "
-              f"{r['pa_peak_bytes']/2**20:.1f} / {r['nir_peak_bytes']/2**20:.1f} / {r['freia_peak_bytes']/2**20:.1f} |")
+        print(
+            f"| {r['B']} | {r['D']} | {r['C']} | {r['pa_s'] * 1e3:.1f} | {r['nir_s'] * 1e3:.1f} | {r['freia_s'] * 1e3:.1f} | "
+            f"{r['nir_over_pa']:.2f} | {r['freia_over_pa']:.2f} | **{r['nir_over_freia']:.2f}** | {term} | "
+            f"{r['pa_peak_bytes'] / 2**20:.1f} / {r['nir_peak_bytes'] / 2**20:.1f} / {r['freia_peak_bytes'] / 2**20:.1f} |"
+        )
     print("\n| D | B x C | chunk (samples) | rows/pass | rows/s | GFLOP/s |")
     print("|---|---|---|---|---|---|")
     for r in d.get("matrix", []):
-        print(f"| {r['D']} | {r['B']} x {r['C']} | {r['chunk']} | {r['rows_per_pass']} | {r['rows_per_s']:.0f} | "
-              f"{r['flop_per_s']/1e9:.1f} |")
+        print(
+            f"| {r['D']} | {r['B']} x {r['C']} | {r['chunk']} | {r['rows_per_pass']} | {r['rows_per_s']:.0f} | "
+            f"{r['flop_per_s'] / 1e9:.1f} |"
+        )
     rf = d.get("roofline")
     if rf:
-        print("\nMeasured dense matmul: " + ", ".join(f"{k}: {v/1e9:.0f} GFLOP/s" for k, v in rf["matmul_flop_per_s"].items()))
+        print(
+            "\nMeasured dense matmul: "
+            + ", ".join(f"{k}: {v / 1e9:.0f} GFLOP/s" for k, v in rf["matmul_flop_per_s"].items())
+        )
         print("\n| pass | D | B | achieved GFLOP/s | fraction of best matmul |")
         print("|---|---|---|---|---|")
         for r in rf["rows"]:
-            print(f"| {r['pass']} | {r['D']} | {r.get('B', '')} | {r['flop_per_s']/1e9:.1f} | {r['fraction_of_peak']:.0%} |")
+            print(
+                f"| {r['pass']} | {r['D']} | {r.get('B', '')} | {r['flop_per_s'] / 1e9:.1f} | {r['fraction_of_peak']:.0%} |"
+            )
     for r in d.get("resnet_step", []):
-        print(f"\nResNet50 step (B={r['batch']}, {r['image_size']} px, D=128, C=100): ProxyAnchor "
-              f"{r['pa_step']*1e3:.0f} ms, ProxyAnchor+NIR {r['nir_step']*1e3:.0f} ms; NIR term alone "
-              f"{r['nir_term']*1e3:.1f} ms = **{r['nir_term_share']:.1%}** of the NIR step; step difference "
-              f"{r['nir_share_of_step']:.1%} (includes the flow's optimizer update, and noise).")
+        print(
+            f"\nResNet50 step (B={r['batch']}, {r['image_size']} px, D=128, C=100): ProxyAnchor "
+            f"{r['pa_step'] * 1e3:.0f} ms, ProxyAnchor+NIR {r['nir_step'] * 1e3:.0f} ms; NIR term alone "
+            f"{r['nir_term'] * 1e3:.1f} ms = **{r['nir_term_share']:.1%}** of the NIR step; step difference "
+            f"{r['nir_share_of_step']:.1%} (includes the flow's optimizer update, and noise)."
+        )
     print()
 
 
@@ -94,23 +112,44 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
     m = d["meta"]
     rows = d["summary"]
     seeds = sorted({r["seed"] for r in d["runs"]})
-    lines = [f"Command: `{' '.join(['python benchmarks/quality.py', *m['argv']])}` ({m['total_seconds'] / 60:.0f} min on "
-             f"{m['machine']}, {m['jobs']} runs in parallel, one torch thread each; nir-loss {m['version']}, "
-             f"torch {m['torch']}). Seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}), paired.", ""]
+    lines = [
+        f"Command: `{' '.join(['python benchmarks/quality.py', *m['argv']])}` ({m['total_seconds'] / 60:.0f} min on "
+        f"{m['machine']}, {m['jobs']} runs in parallel, one torch thread each; nir-loss {m['version']}, "
+        f"torch {m['torch']}). Seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}), paired.",
+        "",
+    ]
     nir_rows = [r for r in rows if r["arm"] != "pa"]
-    lines += ["MAP@R, paired difference against ProxyAnchor:", "",
-              "| data | D | arm | median | mean | W/L | worst (seed) | collapses |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dataset']} | {r['dim']} | {r['arm']} | **{r['d_mapr_median']:+.3f}** | {r['d_mapr']:+.3f} | "
-              f"{r['wins_mapr']}/{r['losses_mapr']} | {r['worst_mapr']:+.3f} ({r['worst_seed_mapr']}) | {r['collapses']} |"
-              for r in nir_rows]
-    lines += ["", "R@1, paired difference against ProxyAnchor, and the largest per-sample training NLL:", "",
-              "| data | D | arm | median | mean | W/L | max NLL |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dataset']} | {r['dim']} | {r['arm']} | {r['d_r1_median']:+.3f} | {r['d_r1']:+.3f} | "
-              f"{r['wins_r1']}/{r['losses_r1']} | {'' if r['nll_peak_max'] is None else format(r['nll_peak_max'], '.3g')} |"
-              for r in nir_rows]
+    lines += [
+        "MAP@R, paired difference against ProxyAnchor:",
+        "",
+        "| data | D | arm | median | mean | W/L | worst (seed) | collapses |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['dataset']} | {r['dim']} | {r['arm']} | **{r['d_mapr_median']:+.3f}** | {r['d_mapr']:+.3f} | "
+        f"{r['wins_mapr']}/{r['losses_mapr']} | {r['worst_mapr']:+.3f} ({r['worst_seed_mapr']}) | {r['collapses']} |"
+        for r in nir_rows
+    ]
+    lines += [
+        "",
+        "R@1, paired difference against ProxyAnchor, and the largest per-sample training NLL:",
+        "",
+        "| data | D | arm | median | mean | W/L | max NLL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['dataset']} | {r['dim']} | {r['arm']} | {r['d_r1_median']:+.3f} | {r['d_r1']:+.3f} | "
+        f"{r['wins_r1']}/{r['losses_r1']} | {'' if r['nll_peak_max'] is None else format(r['nll_peak_max'], '.3g')} |"
+        for r in nir_rows
+    ]
     base = {(r["dataset"], r["dim"]): r for r in rows if r["arm"] == "pa"}
-    lines += ["", "ProxyAnchor alone (the paired baseline), mean over the seeds:", "",
-              "| data | D | R@1 | MAP@R |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "ProxyAnchor alone (the paired baseline), mean over the seeds:",
+        "",
+        "| data | D | R@1 | MAP@R |",
+        "|---|---|---|---|",
+    ]
     for (ds, dim), r in base.items():
         lines.append(f"| {ds} | {dim} | {r['r1']:.4f} | {r['mapr']:.4f} |")
     text = "\n".join(lines) + "\n"
@@ -124,8 +163,10 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
 def _quality_plot(d, path: Path) -> None:
     """Paired per-seed MAP@R differences against ProxyAnchor, one panel per data set."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     runs = d["runs"]
     datasets = list(dict.fromkeys(r["dataset"] for r in runs))
     fig, axes = plt.subplots(1, len(datasets), figsize=(3.2 * len(datasets), 3.4), squeeze=False, sharey=True)
@@ -133,8 +174,11 @@ def _quality_plot(d, path: Path) -> None:
         base = {(r["dim"], r["seed"]): r["mapr"] for r in runs if r["dataset"] == ds and r["arm"] == "pa"}
         groups = list(dict.fromkeys((r["dim"], r["arm"]) for r in runs if r["dataset"] == ds and r["arm"] != "pa"))
         for i, (dim, arm) in enumerate(groups):
-            diffs = [r["mapr"] - base[(dim, r["seed"])] for r in runs
-                     if r["dataset"] == ds and r["arm"] == arm and r["dim"] == dim and (dim, r["seed"]) in base]
+            diffs = [
+                r["mapr"] - base[(dim, r["seed"])]
+                for r in runs
+                if r["dataset"] == ds and r["arm"] == arm and r["dim"] == dim and (dim, r["seed"]) in base
+            ]
             ax.scatter([i] * len(diffs), diffs, s=12, alpha=0.6)
             ax.plot([i - 0.3, i + 0.3], [sorted(diffs)[len(diffs) // 2]] * 2, color="k", lw=1.5)
         ax.axhline(0, color="grey", lw=0.8)
@@ -142,8 +186,7 @@ def _quality_plot(d, path: Path) -> None:
         ax.set_xticks(range(len(groups)), [f"D={dim}\n{arm}" for dim, arm in groups], fontsize=7)
         ax.set_title(ds, fontsize=9)
     axes[0][0].set_ylabel("MAP@R − ProxyAnchor (same seed)")
-    fig.suptitle("Held-out classes: paired MAP@R difference per seed (bar: median; dotted: collapse line)",
-                 fontsize=9)
+    fig.suptitle("Held-out classes: paired MAP@R difference per seed (bar: median; dotted: collapse line)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -158,38 +201,47 @@ def profile(d):
         print(f"| rank | {ours}: op | ms/iter | calls | share | {theirs}: op | ms/iter | calls | share |")
         print("|---|---|---|---|---|---|---|---|---|")
         for i, (x, y) in enumerate(zip(a["top"], b["top"])):
-            print(f"| {i+1} | {x['op'][:45]} | {x['self_ms_per_iter']:.2f} | {x['calls_per_iter']:.0f} | {x['share']:.0%} | "
-                  f"{y['op'][:45]} | {y['self_ms_per_iter']:.2f} | {y['calls_per_iter']:.0f} | {y['share']:.0%} |")
+            print(
+                f"| {i + 1} | {x['op'][:45]} | {x['self_ms_per_iter']:.2f} | {x['calls_per_iter']:.0f} | {x['share']:.0%} | "
+                f"{y['op'][:45]} | {y['self_ms_per_iter']:.2f} | {y['calls_per_iter']:.0f} | {y['share']:.0%} |"
+            )
         gemm = (f" (GEMMs {a['gemm_share']:.0%})", f" (GEMMs {b['gemm_share']:.0%})") if "gemm_share" in a else ("", "")
-        print(f"| total | {a['ops_per_iter']:.0f} op calls{gemm[0]} | {a['self_ms_per_iter']:.1f} | | | "
-              f"{b['ops_per_iter']:.0f} op calls{gemm[1]} | {b['self_ms_per_iter']:.1f} | | |\n")
+        print(
+            f"| total | {a['ops_per_iter']:.0f} op calls{gemm[0]} | {a['self_ms_per_iter']:.1f} | | | "
+            f"{b['ops_per_iter']:.0f} op calls{gemm[1]} | {b['self_ms_per_iter']:.1f} | | |\n"
+        )
 
 
 def compiled(d):
     c = d.get("compiled")
     if not c:
         return
-    print("| B | D | NIR eager ms | NIR compiled ms | FrEIA eager ms | FrEIA compiled ms | NIR / FrEIA | "
-          "NIR compiled / FrEIA | FrEIA compiled / FrEIA | NIR compiled / FrEIA compiled | GEMMs alone / FrEIA | "
-          "compile s (NIR, FrEIA) |")
+    print(
+        "| B | D | NIR eager ms | NIR compiled ms | FrEIA eager ms | FrEIA compiled ms | NIR / FrEIA | "
+        "NIR compiled / FrEIA | FrEIA compiled / FrEIA | NIR compiled / FrEIA compiled | GEMMs alone / FrEIA | "
+        "compile s (NIR, FrEIA) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in c["term"]:
-        print(f"| {r['B']} | {r['D']} | {r['nir_s']*1e3:.1f} | {r['nir_compiled_s']*1e3:.1f} | {r['freia_s']*1e3:.1f} | "
-              f"{r['freia_compiled_s']*1e3:.1f} | {r['nir_over_freia']:.2f} | **{r['nir_compiled_over_freia']:.2f}** | "
-              f"{r['freia_compiled_over_freia']:.2f} | {r['nir_compiled_over_freia_compiled']:.2f} | "
-              f"{r['gemm_floor_over_freia']:.2f} | {r['nir_compiled_compile_s']:.0f}, {r['freia_compiled_compile_s']:.0f} |")
+        print(
+            f"| {r['B']} | {r['D']} | {r['nir_s'] * 1e3:.1f} | {r['nir_compiled_s'] * 1e3:.1f} | {r['freia_s'] * 1e3:.1f} | "
+            f"{r['freia_compiled_s'] * 1e3:.1f} | {r['nir_over_freia']:.2f} | **{r['nir_compiled_over_freia']:.2f}** | "
+            f"{r['freia_compiled_over_freia']:.2f} | {r['nir_compiled_over_freia_compiled']:.2f} | "
+            f"{r['gemm_floor_over_freia']:.2f} | {r['nir_compiled_compile_s']:.0f}, {r['freia_compiled_compile_s']:.0f} |"
+        )
     w = c["whole_loss"]
-    print(f"\nWhole loss, `torch.compile(ProxyAnchorNIRLoss(...))`, B={w['B']} D={w['D']} C={w['C']}: eager "
-          f"{w['loss_s']*1e3:.1f} ms, compiled {w['loss_compiled_s']*1e3:.1f} ms = **{w['compiled_over_eager']:.2f}x** "
-          f"(first call {w['compile_s']:.0f} s).\n")
-
-
+    print(
+        f"\nWhole loss, `torch.compile(ProxyAnchorNIRLoss(...))`, B={w['B']} D={w['D']} C={w['C']}: eager "
+        f"{w['loss_s'] * 1e3:.1f} ms, compiled {w['loss_compiled_s'] * 1e3:.1f} ms = **{w['compiled_over_eager']:.2f}x** "
+        f"(first call {w['compile_s']:.0f} s).\n"
+    )
 
 
 def speed_tables(d) -> str:
     """Every speed table of one ``speed.py`` results file, as markdown."""
     import contextlib
     import io
+
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         speed(d)

@@ -47,15 +47,17 @@ class CosineProxyLoss(BaseMetricLossFunction):
         losses = F.cross_entropy(logits, labels, reduction="none")
         # Miners give per-sample weights, as in PML's own proxy losses.
         losses = losses * lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)
-        return {"loss": {"losses": losses, "indices": c_f.torch_arange_from_size(embeddings),
-                         "reduction_type": "element"}}
+        return {
+            "loss": {"losses": losses, "indices": c_f.torch_arange_from_size(embeddings), "reduction_type": "element"}
+        }
+
+
 # --8<-- [end:loss]
 
 
 def build_loss(num_classes: int, embedding_size: int, **flow_options) -> NIRRegularizer:
     """The custom loss with NIR added (the flow conditions on its normalized proxies)."""
-    return NIRRegularizer(CosineProxyLoss(num_classes, embedding_size), nir_weight=0.01,
-                          flow_options=flow_options)
+    return NIRRegularizer(CosineProxyLoss(num_classes, embedding_size), nir_weight=0.01, flow_options=flow_options)
 
 
 def train(steps: int, seed: int = 0) -> tuple[float, float]:

@@ -44,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; the table shows means")
     p.add_argument("--epochs", type=int, help="default: per dataset (digits 10, pigcvp 30)")
-    p.add_argument("--nir-weight", type=float, default=None,
-                   help="default: nir_loss.default_nir_weight(dim, objective), 1.28/dim for nll")
+    p.add_argument(
+        "--nir-weight",
+        type=float,
+        default=None,
+        help="default: nir_loss.default_nir_weight(dim, objective), 1.28/dim for nll",
+    )
     p.add_argument("--nir-objective", default=nir_loss.DEFAULT_OBJECTIVE, choices=list(nir_loss.nir.OBJECTIVES))
     p.add_argument("--proxy-lr-mult", type=float, default=nir_loss.DEFAULT_PROXY_LR_MULT)
     p.add_argument("--flow-lr-mult", type=float, default=nir_loss.DEFAULT_FLOW_LR_MULT)
@@ -78,8 +82,10 @@ class TensorPairs(Dataset):
 
 def shift_augment(max_shift: int):
     """Random circular shift of a series by up to ``max_shift`` steps (train-time only)."""
+
     def augment(x: torch.Tensor) -> torch.Tensor:
         return torch.roll(x, int(torch.randint(-max_shift, max_shift + 1, ())), -1)
+
     return augment
 
 
@@ -109,24 +115,49 @@ def run_pair(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     for name, nir in (("ProxyAnchor", False), ("ProxyAnchor+NIR", True)):
         seed_everything(seed)  # identical backbone and proxy init for both runs
         model = backbone(settings["dim"])
-        loss_fn = build_loss("proxyanchor", int(labels.max()) + 1, settings["dim"], nir=nir,
-                             nir_weight=args.nir_weight, objective=args.nir_objective, flow_options=flow_options)
+        loss_fn = build_loss(
+            "proxyanchor",
+            int(labels.max()) + 1,
+            settings["dim"],
+            nir=nir,
+            nir_weight=args.nir_weight,
+            objective=args.nir_objective,
+            flow_options=flow_options,
+        )
         cfg = TrainConfig(
-            out_dir=str(Path(args.out) / args.dataset / f"seed{seed}" / name.replace("+", "_")), epochs=epochs,
-            batch_size=settings["batch_size"], m=settings["m"], lr=settings["lr"], proxy_lr_mult=args.proxy_lr_mult,
-            flow_lr_mult=args.flow_lr_mult, weight_decay=0.0, warmup_epochs=0,
-            lr_steps=(int(epochs * 0.75),), lr_gamma=0.3, seed=seed, eval_every=max(1, epochs // 8),
-            eval_batch_size=512, samples_per_epoch=settings["samples_per_epoch"],
-            max_steps_per_epoch=args.max_steps, progress=not args.no_progress, run_name=name,
+            out_dir=str(Path(args.out) / args.dataset / f"seed{seed}" / name.replace("+", "_")),
+            epochs=epochs,
+            batch_size=settings["batch_size"],
+            m=settings["m"],
+            lr=settings["lr"],
+            proxy_lr_mult=args.proxy_lr_mult,
+            flow_lr_mult=args.flow_lr_mult,
+            weight_decay=0.0,
+            warmup_epochs=0,
+            lr_steps=(int(epochs * 0.75),),
+            lr_gamma=0.3,
+            seed=seed,
+            eval_every=max(1, epochs // 8),
+            eval_batch_size=512,
+            samples_per_epoch=settings["samples_per_epoch"],
+            max_steps_per_epoch=args.max_steps,
+            progress=not args.no_progress,
+            run_name=name,
         )
         t0 = time.time()
         results[name] = fit(cfg, model, loss_fn, train, labels, test, log=lambda *a: None)
         results[name]["seconds"] = time.time() - t0
         last = results[name]["history"][-1]
-        nll = (f", NIR NLL last epoch mean {last['nll']:.1f} max {last['nll_max']:.1f}"
-               if last.get("nll") is not None else "")
-        print(f"  seed {seed} {name}: R@1 {100 * results[name]['final']['recall_at_1']:.2f}{nll} "
-              f"({results[name]['seconds']:.0f} s)", flush=True)
+        nll = (
+            f", NIR NLL last epoch mean {last['nll']:.1f} max {last['nll_max']:.1f}"
+            if last.get("nll") is not None
+            else ""
+        )
+        print(
+            f"  seed {seed} {name}: R@1 {100 * results[name]['final']['recall_at_1']:.2f}{nll} "
+            f"({results[name]['seconds']:.0f} s)",
+            flush=True,
+        )
     return results
 
 
@@ -138,21 +169,27 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.nir_weight is None:
         args.nir_weight = nir_loss.default_nir_weight(DATASETS[args.dataset]["dim"], args.nir_objective)
-    print(f"demo on {args.dataset}: ProxyAnchor vs ProxyAnchor+NIR (weight {args.nir_weight:g}, "
-          f"{args.nir_objective}), held-out classes, seeds {seeds}", flush=True)
+    print(
+        f"demo on {args.dataset}: ProxyAnchor vs ProxyAnchor+NIR (weight {args.nir_weight:g}, "
+        f"{args.nir_objective}), held-out classes, seeds {seeds}",
+        flush=True,
+    )
     _, test, _, _ = load(args.dataset)
     rows = {"input (untrained)": compute_metrics(test.x.flatten(1), test.labels)}
     runs = [run_pair(args, s) for s in seeds]
     for name in runs[0]:
         finals = [r[name]["final"] for r in runs]
         rows[name] = {k: float(np.mean([f[k] for f in finals])) for k in finals[0] if isinstance(finals[0][k], float)}
-    table = report.format_table(rows, f"{args.dataset}: held-out-class retrieval, last epoch, mean of "
-                                      f"{len(seeds)} seed(s) (%)")
+    table = report.format_table(
+        rows, f"{args.dataset}: held-out-class retrieval, last epoch, mean of {len(seeds)} seed(s) (%)"
+    )
     print(table)
     (out / "comparison.txt").write_text(table + "\n")
     report.plot_history({n: runs[0][n]["history"] for n in runs[0]}, out / "comparison.png")
-    print(f"wrote {out / 'comparison.txt'}, {out / 'comparison.png'} (curves of seed {seeds[0]}, with the NIR "
-          f"NLL's mean and max per epoch) and per-run logs/plots under {out}/seed*/ (metrics.jsonl: nll, nll_max)")
+    print(
+        f"wrote {out / 'comparison.txt'}, {out / 'comparison.png'} (curves of seed {seeds[0]}, with the NIR "
+        f"NLL's mean and max per epoch) and per-run logs/plots under {out}/seed*/ (metrics.jsonl: nll, nll_max)"
+    )
     return {"rows": rows, "runs": runs}
 
 

@@ -28,9 +28,7 @@ from nir_loss import ProxyAnchorNIRLoss
 class Net(nn.Module):
     def __init__(self, embedding_size: int = 32) -> None:
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, embedding_size)
-        )
+        self.layers = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, embedding_size))
 
     def forward(self, x):
         return F.normalize(self.layers(x), dim=1)  # NIR models unit-norm embeddings
@@ -58,8 +56,7 @@ def train(model, loss_func, device, loader, optimizer, epoch, max_steps=None):
         optimizer.step()
         if batch_idx % 10 == 0:
             nll = float(loss_func.nir_nll_mean)
-            print(f"Epoch {epoch} Iteration {batch_idx}: "
-                  f"Loss = {loss.item():.4f}, mean NLL = {nll:.1f}")
+            print(f"Epoch {epoch} Iteration {batch_idx}: Loss = {loss.item():.4f}, mean NLL = {nll:.1f}")
 
 
 @torch.no_grad()
@@ -72,10 +69,11 @@ def get_all_embeddings(dataset, model, device):
 def test(train_set, test_set, model, accuracy_calculator, device):
     train_embeddings, train_labels = get_all_embeddings(train_set, model, device)
     test_embeddings, test_labels = get_all_embeddings(test_set, model, device)
-    accuracies = accuracy_calculator.get_accuracy(
-        test_embeddings, test_labels, train_embeddings, train_labels)
-    print(f"Test set: Precision@1 = {accuracies['precision_at_1']:.3f}, "
-          f"MAP@R = {accuracies['mean_average_precision_at_r']:.3f}")
+    accuracies = accuracy_calculator.get_accuracy(test_embeddings, test_labels, train_embeddings, train_labels)
+    print(
+        f"Test set: Precision@1 = {accuracies['precision_at_1']:.3f}, "
+        f"MAP@R = {accuracies['mean_average_precision_at_r']:.3f}"
+    )
     return accuracies
 
 
@@ -89,19 +87,18 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     train_set, test_set = digits_split()
-    sampler = MPerClassSampler(train_set.tensors[1], m=8, batch_size=40,
-                               length_before_new_iter=len(train_set))
+    sampler = MPerClassSampler(train_set.tensors[1], m=8, batch_size=40, length_before_new_iter=len(train_set))
     loader = DataLoader(train_set, batch_size=40, sampler=sampler, drop_last=True)
 
     model = Net(embedding_size=32).to(device)
-    loss_func = ProxyAnchorNIRLoss(num_classes=10, embedding_size=32,
-                                   flow_options={"num_blocks": 2}).to(device)
+    loss_func = ProxyAnchorNIRLoss(num_classes=10, embedding_size=32, flow_options={"num_blocks": 2}).to(device)
     # The loss owns parameters (proxies, flow): they train with their own groups.
-    optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3},
-                                  *loss_func.param_groups(lr=1e-3)])
+    optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *loss_func.param_groups(lr=1e-3)])
     accuracy_calculator = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r"),
-        k="max_bin_count", knn_func=CustomKNN(CosineSimilarity()))
+        k="max_bin_count",
+        knn_func=CustomKNN(CosineSimilarity()),
+    )
 
     history = [test(train_set, test_set, model, accuracy_calculator, device)]
     for epoch in range(1, args.epochs + 1):

@@ -101,8 +101,9 @@ def load_vowels(length: int = 16) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         s, lab = _read_ts(root / f"JapaneseVowels_{part}.ts")
         series += s
         labels += lab
-    x = torch.stack([F.interpolate(torch.from_numpy(s)[None], size=length, mode="linear",
-                                   align_corners=True)[0] for s in series])
+    x = torch.stack(
+        [F.interpolate(torch.from_numpy(s)[None], size=length, mode="linear", align_corners=True)[0] for s in series]
+    )
     x = (x - x.mean((0, 2), keepdim=True)) / x.std((0, 2), keepdim=True)
     return _class_split(x.flatten(1), np.array([int(v) for v in labels]))
 

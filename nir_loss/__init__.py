@@ -60,6 +60,9 @@ if not TYPE_CHECKING:  # type checkers should see only the names above
         if name not in _MOVED:
             raise AttributeError(f"module 'nir_loss' has no attribute {name!r}")
         module = f"nir_loss.{_MOVED[name]}"
-        warnings.warn(f"nir_loss.{name} is deprecated and will be removed in 0.4.0: "
-                      f"use from {module} import {name}.", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"nir_loss.{name} is deprecated and will be removed in 0.4.0: use from {module} import {name}.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(importlib.import_module(module), name)

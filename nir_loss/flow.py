@@ -67,8 +67,13 @@ class _ConditionedParamMap(nn.Module):
     _version = 2
 
     def __init__(
-        self, in_features: int, out_features: int, hidden: int, num_layers: int,
-        clamp: float, identity_init: bool,
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: int,
+        num_layers: int,
+        clamp: float,
+        identity_init: bool,
     ) -> None:
         super().__init__()
         if num_layers < 2:
@@ -79,8 +84,9 @@ class _ConditionedParamMap(nn.Module):
         self.mlp = nf.nets.MLP([hidden] * (num_layers - 1) + [2 * out_features], init_zeros=identity_init)
         self.clamp = clamp
 
-    def shift_and_log_scale(self, x_cond: Tensor, encoded: Tensor | None,
-                            index: Tensor | None) -> tuple[Tensor, Tensor]:
+    def shift_and_log_scale(
+        self, x_cond: Tensor, encoded: Tensor | None, index: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """The affine parameters ``(shift, soft-clamped log-scale)``, each (N, out_features)."""
         h = F.linear(x_cond, self.input_layer.weight, self.input_layer.bias)
         if encoded is not None:
@@ -194,15 +200,27 @@ class ContextAffineCoupling(nf.flows.Flow):
         parts = (y_t, x_c) if self.transform_first else (x_c, y_t)
         return torch.cat(parts, dim=1), log_det
 
-    def inverse(self, z: Tensor, context: Tensor | None = None, *, encoded: Tensor | None = None,
-                context_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def inverse(
+        self,
+        z: Tensor,
+        context: Tensor | None = None,
+        *,
+        encoded: Tensor | None = None,
+        context_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Density direction x -> z; returns ``(z, log|det dz/dx|)``."""
         if encoded is None:
             encoded = self.encode_context(context)
         return self._transform(z, encoded, context_index, density=True)
 
-    def forward(self, z: Tensor, context: Tensor | None = None, *, encoded: Tensor | None = None,
-                context_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        z: Tensor,
+        context: Tensor | None = None,
+        *,
+        encoded: Tensor | None = None,
+        context_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Sampling direction z -> x; returns ``(x, log|det dx/dz|)``."""
         if encoded is None:
             encoded = self.encode_context(context)
@@ -228,26 +246,35 @@ def _affine_plan(flows: Sequence[nn.Module]) -> _AffinePlan | None:
     permutes, couplings, hidden, last, scales = [], [], [], [], []
     width = num_hidden = -1
     for j in range(0, len(density), 3):
-        permute, *pair = density[j:j + 3]
+        permute, *pair = density[j : j + 3]
         if not isinstance(permute, nf.flows.Permute):
             return None
         permutes.append(permute)
         for layer, first in zip(pair, (True, False)):
-            if not (isinstance(layer, ContextAffineCoupling) and layer.transform_first is first
-                    and layer.context_layer is not None):
+            if not (
+                isinstance(layer, ContextAffineCoupling)
+                and layer.transform_first is first
+                and layer.context_layer is not None
+            ):
                 return None
             pm = layer.coupling.param_map
             net = list(pm.mlp.net)
             linears = net[0::2]
-            if not (isinstance(pm, _ConditionedParamMap) and pm.input_layer.bias is not None
-                    and all(isinstance(m, nn.Linear) and m.bias is not None for m in linears)
-                    and all(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.0 for m in net[1::2])
-                    and len(net) == 2 * len(linears) - 1):
+            if not (
+                isinstance(pm, _ConditionedParamMap)
+                and pm.input_layer.bias is not None
+                and all(isinstance(m, nn.Linear) and m.bias is not None for m in linears)
+                and all(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.0 for m in net[1::2])
+                and len(net) == 2 * len(linears) - 1
+            ):
                 return None
             h = pm.input_layer.out_features
-            if width not in (-1, h) or num_hidden not in (-1, len(linears) - 1) or any(
-                    (m.in_features, m.out_features) != (h, h) for m in linears[:-1]) or \
-                    layer.context_layer.out_features != h:
+            if (
+                width not in (-1, h)
+                or num_hidden not in (-1, len(linears) - 1)
+                or any((m.in_features, m.out_features) != (h, h) for m in linears[:-1])
+                or layer.context_layer.out_features != h
+            ):
                 return None
             width, num_hidden = h, len(linears) - 1
             couplings.append(layer)
@@ -345,7 +372,7 @@ def _fused_forward(spec, x: Tensor, enc: Tensor, perms: Sequence[Tensor], params
         for t in (0, 1):
             k = 2 * j + t
             slot = t * num_blocks + j if keep else 0
-            w = params[k * stride:(k + 1) * stride]
+            w = params[k * stride : (k + 1) * stride]
             x_c = x_parts[1] if t == 0 else ys[0]
             h = hs.write(slot, torch.addmm, encs[k], x_c, w[0].t()).relu_()
             for layer in range(1, num_hidden + 1):
@@ -388,9 +415,9 @@ class _FusedDensity(torch.autograd.Function):
     def backward(ctx: Any, g_z: Tensor | None, g_log_det: Tensor | None):
         num_blocks, split, width, num_hidden, scales = spec = ctx.spec
         num_couplings = 2 * num_blocks
-        hs, rest = ctx.saved_tensors[:ctx.num_h], ctx.saved_tensors[ctx.num_h:]  # activations [layer * K + slot]
-        per_block = rest[:6 * num_blocks]  # per block: out, e (coupling 2j), out, e (2j + 1), X, Y
-        perms, params = rest[6 * num_blocks:8 * num_blocks], rest[8 * num_blocks:]
+        hs, rest = ctx.saved_tensors[: ctx.num_h], ctx.saved_tensors[ctx.num_h :]  # activations [layer * K + slot]
+        per_block = rest[: 6 * num_blocks]  # per block: out, e (coupling 2j), out, e (2j + 1), X, Y
+        perms, params = rest[6 * num_blocks : 8 * num_blocks], rest[8 * num_blocks :]
         stride = 2 * num_hidden + 3
         n, d = per_block[4].shape
         sizes = (split, d - split)
@@ -407,8 +434,10 @@ class _FusedDensity(torch.autograd.Function):
         g_enc = _Slots.columns(like, traced, n, [width] * num_couplings)  # [coupling]
         g_hidden = _Slots.stacked(like, traced, num_hidden * num_couplings, (n, width))  # [(layer - 1) * K + slot]
         same = sizes[0] == sizes[1]
-        g_last = [_Slots.stacked(like, traced, num_couplings if same else num_blocks, (n, 2 * m))
-                  for m in (sizes[:1] if same else sizes)]  # [0][slot], or [t][j]
+        g_last = [
+            _Slots.stacked(like, traced, num_couplings if same else num_blocks, (n, 2 * m))
+            for m in (sizes[:1] if same else sizes)
+        ]  # [0][slot], or [t][j]
         g_w: list[list[Tensor]] = [[like] * num_couplings for _ in range(stride)]  # [param][slot]
         inv_scale = {c: like.new_full((), 1 / c) for c in set(scales)}
         g_s_base = None if g_log_det is None else g_log_det[:, None]
@@ -423,7 +452,7 @@ class _FusedDensity(torch.autograd.Function):
             for t in (1, 0):
                 k = 2 * j + t
                 slot = t * num_blocks + j
-                w = params[k * stride:(k + 1) * stride]
+                w = params[k * stride : (k + 1) * stride]
                 out, e = per_block[6 * j + 2 * t], per_block[6 * j + 2 * t + 1]
                 x_t, x_c = x_parts[t], (x_parts[1] if t == 0 else y_first)
                 g_y_t = g_y_parts[1] if t == 1 else g_y_first
@@ -442,11 +471,14 @@ class _FusedDensity(torch.autograd.Function):
                     torch.div(g_s, den, out=g_raw)
                 g_h = torch.mm(g_out, w[-2])
                 if not batched:
-                    g_w[-2][slot], g_w[-1][slot] = torch.mm(g_out.t(), hs[num_hidden * num_couplings + slot]), \
-                        g_out.sum(0)
+                    g_w[-2][slot], g_w[-1][slot] = (
+                        torch.mm(g_out.t(), hs[num_hidden * num_couplings + slot]),
+                        g_out.sum(0),
+                    )
                 for layer in range(num_hidden, 0, -1):
-                    g_pre = g_hidden.write((layer - 1) * num_couplings + slot, _relu_backward,
-                                           g_h, hs[layer * num_couplings + slot])
+                    g_pre = g_hidden.write(
+                        (layer - 1) * num_couplings + slot, _relu_backward, g_h, hs[layer * num_couplings + slot]
+                    )
                     g_h = torch.mm(g_pre, w[layer])
                     if not batched:
                         g_w[layer][slot] = torch.mm(g_pre.t(), hs[(layer - 1) * num_couplings + slot])
@@ -461,14 +493,16 @@ class _FusedDensity(torch.autograd.Function):
         if batched:
             if h_all is None:
                 h_all = torch.stack(hs)
-            _batched_weight_grads(spec, h_all, g_hidden.whole() if num_hidden else None,
-                                  [g.whole() for g in g_last], g_w)
+            _batched_weight_grads(
+                spec, h_all, g_hidden.whole() if num_hidden else None, [g.whole() for g in g_last], g_w
+            )
         grads = [g_w[i][(k % 2) * num_blocks + k // 2] for k in range(num_couplings) for i in range(stride)]
         return (None, g_y, g_enc.whole(), *[None] * (2 * num_blocks), *grads)
 
 
-def _batched_weight_grads(spec, h_all: Tensor, g_hidden: Tensor | None, g_last: list[Tensor],
-                          g_w: list[list[Tensor]]) -> None:
+def _batched_weight_grads(
+    spec, h_all: Tensor, g_hidden: Tensor | None, g_last: list[Tensor], g_w: list[list[Tensor]]
+) -> None:
     """Fills ``g_w[param][slot]`` (all but the first layers') from batched GEMMs over all couplings.
 
     ``h_all`` and ``g_hidden`` are (layer * K + slot, N, hidden); ``g_last`` is one (K, N, 2m)
@@ -476,18 +510,18 @@ def _batched_weight_grads(spec, h_all: Tensor, g_hidden: Tensor | None, g_last: 
     """
     num_blocks, _, width, num_hidden, _ = spec
     num_couplings = 2 * num_blocks
-    h_in = h_all[num_hidden * num_couplings:]  # (K, N, hidden): the last layers' input, slot order
+    h_in = h_all[num_hidden * num_couplings :]  # (K, N, hidden): the last layers' input, slot order
     groups = [(g_last[0], h_in)] if len(g_last) == 1 else list(zip(g_last, h_in.split(num_blocks)))
     g_w[-2], g_w[-1] = [], []
     for g, h in groups:
         g_w[-2] += torch.bmm(g.transpose(1, 2), h).unbind(0)
         g_w[-1] += g.sum(1).unbind(0)
     if g_hidden is not None:
-        w = torch.bmm(g_hidden.transpose(1, 2), h_all[:num_hidden * num_couplings]).unbind(0)
+        w = torch.bmm(g_hidden.transpose(1, 2), h_all[: num_hidden * num_couplings]).unbind(0)
         b = g_hidden.sum(1).unbind(0)
         for layer in range(1, num_hidden + 1):
-            g_w[layer] = list(w[(layer - 1) * num_couplings:layer * num_couplings])
-            g_w[num_hidden + layer] = list(b[(layer - 1) * num_couplings:layer * num_couplings])
+            g_w[layer] = list(w[(layer - 1) * num_couplings : layer * num_couplings])
+            g_w[num_hidden + layer] = list(b[(layer - 1) * num_couplings : layer * num_couplings])
 
 
 class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
@@ -570,15 +604,29 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
             density_order.append(permute)
             for transform_first in (True, False):
                 if coupling == "affine":
-                    density_order.append(ContextAffineCoupling(
-                        features, context_features, hidden_features, num_layers, clamp,
-                        transform_first=transform_first, identity_init=identity_init))
+                    density_order.append(
+                        ContextAffineCoupling(
+                            features,
+                            context_features,
+                            hidden_features,
+                            num_layers,
+                            clamp,
+                            transform_first=transform_first,
+                            identity_init=identity_init,
+                        )
+                    )
                 else:
-                    density_order.append(nf.flows.CoupledRationalQuadraticSpline(
-                        features, num_blocks=max(1, (num_layers - 2) // 2),
-                        num_hidden_channels=hidden_features, num_context_channels=context_features,
-                        num_bins=spline_bins, tail_bound=spline_tail_bound,
-                        reverse_mask=not transform_first))
+                    density_order.append(
+                        nf.flows.CoupledRationalQuadraticSpline(
+                            features,
+                            num_blocks=max(1, (num_layers - 2) // 2),
+                            num_hidden_channels=hidden_features,
+                            num_context_channels=context_features,
+                            num_bins=spline_bins,
+                            tail_bound=spline_tail_bound,
+                            reverse_mask=not transform_first,
+                        )
+                    )
         q0 = nf.distributions.DiagGaussian(features, trainable=False)
         # normflows stores layers in sampling order (z -> x); density is the reverse.
         super().__init__(q0, list(reversed(density_order)))
@@ -586,9 +634,13 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
         self.context_features = context_features
         self.coupling_type = coupling
         self.context_net = (
-            nn.Identity() if context_mlp_width is None else nn.Sequential(
-                nn.Linear(context_features, context_mlp_width), nn.ReLU(),
-                nn.Linear(context_mlp_width, context_features))
+            nn.Identity()
+            if context_mlp_width is None
+            else nn.Sequential(
+                nn.Linear(context_features, context_mlp_width),
+                nn.ReLU(),
+                nn.Linear(context_mlp_width, context_features),
+            )
         )
         self.fused = fused
         self._plan_cache: _AffinePlan | None = None
@@ -622,8 +674,11 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
 
     def _affine_plan(self, x: Tensor) -> _AffinePlan | None:
         """The fused path's plan if it applies to this flow and input, else None."""
-        if not getattr(self, "fused", True) or self.coupling_type != "affine" or \
-                type(self).encode_context is not ProxyConditionedFlow.encode_context:
+        if (
+            not getattr(self, "fused", True)
+            or self.coupling_type != "affine"
+            or type(self).encode_context is not ProxyConditionedFlow.encode_context
+        ):
             return None  # (a subclass that changes encode_context gets the per-layer path)
         if torch.compiler.is_compiling():  # no cache: setting it would invalidate the compiled graph
             plan = _affine_plan(self.flows)
@@ -650,8 +705,9 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
             bias = torch.cat([c.coupling.param_map.input_layer.bias for c in plan.couplings])
             return torch.addmm(bias, self.context_net(context).to(weight.dtype), weight.t())
 
-    def _fused_density(self, x: Tensor, encoded: Tensor, context_index: Tensor | None,
-                       plan: _AffinePlan) -> tuple[Tensor, Tensor]:
+    def _fused_density(
+        self, x: Tensor, encoded: Tensor, context_index: Tensor | None, plan: _AffinePlan
+    ) -> tuple[Tensor, Tensor]:
         enc = _gather_rows(encoded, context_index)
         perms = [b for p in plan.permutes for b in (p.perm, p.inv_perm)]
         params: list[Tensor] = []
@@ -665,13 +721,25 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
         z, log_det, _, _ = _fused_forward(plan.spec, x, enc, perms, params, keep=False)
         return z, log_det
 
-    def _run(self, x: Tensor, context: Tensor | None, encoded: Sequence[Tensor | None] | Tensor | None,
-             context_index: Tensor | None, density: bool) -> tuple[Tensor, Tensor]:
+    def _run(
+        self,
+        x: Tensor,
+        context: Tensor | None,
+        encoded: Sequence[Tensor | None] | Tensor | None,
+        context_index: Tensor | None,
+        density: bool,
+    ) -> tuple[Tensor, Tensor]:
         with _autocast_off(x):
             return self._run_layers(x, context, encoded, context_index, density)
 
-    def _run_layers(self, x: Tensor, context: Tensor | None, encoded: Sequence[Tensor | None] | Tensor | None,
-                    context_index: Tensor | None, density: bool) -> tuple[Tensor, Tensor]:
+    def _run_layers(
+        self,
+        x: Tensor,
+        context: Tensor | None,
+        encoded: Sequence[Tensor | None] | Tensor | None,
+        context_index: Tensor | None,
+        density: bool,
+    ) -> tuple[Tensor, Tensor]:
         if encoded is None and context is None:
             raise ValueError("ProxyConditionedFlow is conditional: pass context=(N, context_features).")
         dtype = _compute_dtype(x)
@@ -707,15 +775,25 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
         return x, log_det
 
     # -- normflows API --------------------------------------------------------------------
-    def inverse_and_log_det(self, x: Tensor, context: Tensor | None = None, *,
-                            encoded: Sequence[Tensor | None] | Tensor | None = None,
-                            context_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def inverse_and_log_det(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        encoded: Sequence[Tensor | None] | Tensor | None = None,
+        context_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Maps embeddings x (N, D) to latents z; returns ``(z, log|det dz/dx|)``."""
         return self._run(x, context, encoded, context_index, density=True)
 
-    def forward_and_log_det(self, z: Tensor, context: Tensor | None = None, *,
-                            encoded: Sequence[Tensor | None] | None = None,
-                            context_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward_and_log_det(
+        self,
+        z: Tensor,
+        context: Tensor | None = None,
+        *,
+        encoded: Sequence[Tensor | None] | None = None,
+        context_index: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Maps latents z (N, D) to embeddings x; returns ``(x, log|det dx/dz|)``."""
         return self._run(z, context, encoded, context_index, density=False)
 
@@ -736,8 +814,9 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
         z, log_det = self.inverse_and_log_det(x, context, **kwargs)
         return standard_normal_log_prob(z) + log_det
 
-    def sample(self, num_samples: int = 1, context: Tensor | None = None,
-               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample(
+        self, num_samples: int = 1, context: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Draws x ~ p(x | context); returns ``(x, log p(x | context))``.
 
         Example:

@@ -26,8 +26,14 @@ from .validation import (
     values_checked,
 )
 
-__all__ = ["NIRRegularizer", "ProxyAnchorNIRLoss", "default_nir_weight", "DEFAULT_OBJECTIVE",
-           "DEFAULT_PROXY_LR_MULT", "DEFAULT_FLOW_LR_MULT"]
+__all__ = [
+    "NIRRegularizer",
+    "ProxyAnchorNIRLoss",
+    "default_nir_weight",
+    "DEFAULT_OBJECTIVE",
+    "DEFAULT_PROXY_LR_MULT",
+    "DEFAULT_FLOW_LR_MULT",
+]
 
 # Defaults and the measurements behind them: docs/choosing.md.
 DEFAULT_OBJECTIVE = "nll"
@@ -57,30 +63,44 @@ def default_nir_weight(embedding_size: int, objective: str = DEFAULT_OBJECTIVE) 
     return _EXP_NLL_WEIGHT if objective == "exp_nll" else _NLL_WEIGHT_TIMES_DIM / embedding_size
 
 
-def _old_spelling(nir_weight: float | None, flow_options: Mapping[str, Any] | None,
-                  deprecated: dict[str, Any]) -> tuple[float | None, Mapping[str, Any] | None]:
+def _old_spelling(
+    nir_weight: float | None, flow_options: Mapping[str, Any] | None, deprecated: dict[str, Any]
+) -> tuple[float | None, Mapping[str, Any] | None]:
     """NIRRegularizer's keywords before 0.3.0 (``weight=``, flow options as keywords), translated."""
     flow_names = set(inspect.signature(ProxyConditionedFlow).parameters) - {"features"}
     unknown = sorted(set(deprecated) - flow_names - {"weight"})
     if unknown:
-        raise TypeError(f"NIRRegularizer got unexpected keyword arguments {unknown}; expected its own "
-                        f"parameters, or ProxyConditionedFlow options inside flow_options={{...}} "
-                        f"({', '.join(sorted(flow_names))}).")
+        raise TypeError(
+            f"NIRRegularizer got unexpected keyword arguments {unknown}; expected its own "
+            f"parameters, or ProxyConditionedFlow options inside flow_options={{...}} "
+            f"({', '.join(sorted(flow_names))})."
+        )
     if "weight" in deprecated:
         if nir_weight is not None:
-            raise TypeError(f"NIRRegularizer got both nir_weight={nir_weight} and weight={deprecated['weight']}; "
-                            "weight= is the old spelling of nir_weight=: pass nir_weight= only.")
+            raise TypeError(
+                f"NIRRegularizer got both nir_weight={nir_weight} and weight={deprecated['weight']}; "
+                "weight= is the old spelling of nir_weight=: pass nir_weight= only."
+            )
         nir_weight = deprecated.pop("weight")
-        warnings.warn("NIRRegularizer(weight=...) is deprecated and will be removed in 0.4.0: "
-                      "use nir_weight=..., as in ProxyAnchorNIRLoss.", DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            "NIRRegularizer(weight=...) is deprecated and will be removed in 0.4.0: "
+            "use nir_weight=..., as in ProxyAnchorNIRLoss.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
     if deprecated:
         if flow_options is not None:
-            raise TypeError(f"NIRRegularizer got flow_options= and flow options as keywords {sorted(deprecated)}; "
-                            "pass all of them in flow_options={...}.")
+            raise TypeError(
+                f"NIRRegularizer got flow_options= and flow options as keywords {sorted(deprecated)}; "
+                "pass all of them in flow_options={...}."
+            )
         flow_options = deprecated
-        warnings.warn(f"NIRRegularizer(..., {', '.join(f'{k}=...' for k in deprecated)}) is deprecated and will "
-                      "be removed in 0.4.0: pass flow options as flow_options={...}, as in ProxyAnchorNIRLoss.",
-                      DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"NIRRegularizer(..., {', '.join(f'{k}=...' for k in deprecated)}) is deprecated and will "
+            "be removed in 0.4.0: pass flow options as flow_options={...}, as in ProxyAnchorNIRLoss.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
     return nir_weight, flow_options
 
 
@@ -97,11 +117,27 @@ class _NIRMixin:
     add_to_recordable_attributes: Any  # from PML's ModuleWithRecords
     reducer: Any  # from PML's BaseMetricLossFunction
 
-    def _init_nir(self, embedding_size: int, weight: float | None, objective: str, detach_proxies: bool,
-                  validate: bool, flow: ProxyConditionedFlow | None, flow_options: Mapping[str, Any],
-                  noise_std: float | None, guard_radius: float | None) -> None:
-        self.nir = NIRTerm(embedding_size, objective, detach_proxies, flow, noise_std=noise_std,
-                           guard_radius=guard_radius, **flow_options)
+    def _init_nir(
+        self,
+        embedding_size: int,
+        weight: float | None,
+        objective: str,
+        detach_proxies: bool,
+        validate: bool,
+        flow: ProxyConditionedFlow | None,
+        flow_options: Mapping[str, Any],
+        noise_std: float | None,
+        guard_radius: float | None,
+    ) -> None:
+        self.nir = NIRTerm(
+            embedding_size,
+            objective,
+            detach_proxies,
+            flow,
+            noise_std=noise_std,
+            guard_radius=guard_radius,
+            **flow_options,
+        )
         self.nir_weight = default_nir_weight(embedding_size, objective) if weight is None else float(weight)
         self.validate = validate
         if self.nir_weight != 0:
@@ -110,8 +146,7 @@ class _NIRMixin:
         # Detached device tensors set by every call: reading them is the caller's (only) sync.
         self.nir_nll_mean: Tensor | float = math.nan
         self.nir_nll_max: Tensor | float = math.nan
-        self.add_to_recordable_attributes(list_of_names=["nir_weight", "nir_nll_mean", "nir_nll_max"],
-                                          is_stat=False)
+        self.add_to_recordable_attributes(list_of_names=["nir_weight", "nir_nll_mean", "nir_nll_max"], is_stat=False)
 
     def _class_proxies(self) -> Tensor:
         raise NotImplementedError
@@ -125,8 +160,9 @@ class _NIRMixin:
         """
         return self._class_proxies()
 
-    def compile_nir(self: _Loss, enabled: bool = True, *, mode: str | None = "auto",
-                    backend: str | Callable = "inductor") -> _Loss:
+    def compile_nir(
+        self: _Loss, enabled: bool = True, *, mode: str | None = "auto", backend: str | Callable = "inductor"
+    ) -> _Loss:
         """Compiles the NIR term (PML's loss stays eager); returns the loss. See ``NIRTerm.compile_nir``.
 
         Fullgraph with static shapes; CUDA graphs (``mode="reduce-overhead"``) on CUDA.
@@ -174,8 +210,11 @@ class _NIRMixin:
         if type(reducer) is DivisorReducer and not reducer.collect_stats:
             # What DivisorReducer computes (sum / divisor, divisor = B), without its isnan check,
             # which reads a value on the host (a sync on CUDA, and a graph break under torch.compile).
-            return {"losses": torch.sum(losses) / embeddings.shape[0], "indices": None,
-                    "reduction_type": "already_reduced"}
+            return {
+                "losses": torch.sum(losses) / embeddings.shape[0],
+                "indices": None,
+                "reduction_type": "already_reduced",
+            }
         return {
             "losses": losses,
             "indices": c_f.torch_arange_from_size(embeddings),
@@ -194,8 +233,9 @@ class _NIRMixin:
         proxies = self._checked_proxies(embeddings, labels)
         return self.nir.log_likelihood(embeddings, proxies, labels.to(embeddings.device))
 
-    def log_likelihood_matrix(self, embeddings: Tensor, chunk_size: int | None = None, *,
-                              requires_grad: bool = False) -> Tensor:
+    def log_likelihood_matrix(
+        self, embeddings: Tensor, chunk_size: int | None = None, *, requires_grad: bool = False
+    ) -> Tensor:
         """log p(x_i | proxy_c) for all samples and classes, shape (B, C), in chunked passes.
 
         ``chunk_size`` samples per pass, each pass evaluating chunk_size x C pairs. No autograd
@@ -219,27 +259,34 @@ class _NIRMixin:
         """
         proxies = self._class_proxies()
         # One draw per label: any count is right, the shape must be (N,) (0-d labels get the 1-D error).
-        check_labels(labels, labels.numel() if isinstance(labels, Tensor) else -1, proxies.shape[0],
-                     values_checked(self.validate))
+        check_labels(
+            labels,
+            labels.numel() if isinstance(labels, Tensor) else -1,
+            proxies.shape[0],
+            values_checked(self.validate),
+        )
         return self.nir.sample(proxies, labels.to(proxies.device), generator)
 
-    def param_groups(self, lr: float, proxy_lr_mult: float = DEFAULT_PROXY_LR_MULT,
-                     flow_lr_mult: float = DEFAULT_FLOW_LR_MULT) -> list[dict]:
+    def param_groups(
+        self, lr: float, proxy_lr_mult: float = DEFAULT_PROXY_LR_MULT, flow_lr_mult: float = DEFAULT_FLOW_LR_MULT
+    ) -> list[dict]:
         """Optimizer groups for the loss's own parameters: proxies at lr x proxy_lr_mult, flow at
         lr x flow_lr_mult. Add your model's group(s) beside them.
 
         Example:
             >>> loss_fn = ProxyAnchorNIRLoss(num_classes=3, embedding_size=4)
             >>> model = torch.nn.Linear(8, 4)
-            >>> opt = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3},
-            ...                         *loss_fn.param_groups(1e-3)])
+            >>> groups = [{"params": model.parameters(), "lr": 1e-3}]
+            >>> opt = torch.optim.Adam(groups + loss_fn.param_groups(1e-3))
             >>> [g["lr"] for g in opt.param_groups]
             [0.001, 0.1, 0.001]
         """
         flow_ids = {id(p) for p in self.nir.parameters()}
         own = [p for p in self.parameters() if id(p) not in flow_ids]  # type: ignore[attr-defined]
-        groups = [{"params": own, "lr": lr * proxy_lr_mult, "name": "proxies"},
-                  {"params": list(self.nir.parameters()), "lr": lr * flow_lr_mult, "name": "flow"}]
+        groups = [
+            {"params": own, "lr": lr * proxy_lr_mult, "name": "proxies"},
+            {"params": list(self.nir.parameters()), "lr": lr * flow_lr_mult, "name": "flow"},
+        ]
         return [g for g in groups if g["params"]]
 
 
@@ -303,8 +350,17 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         proxies = get_proxies(loss)
         super().__init__(reducer=reducer, collect_stats=collect_stats)
         self.loss = loss
-        self._init_nir(proxies.shape[-1], nir_weight, objective, detach_proxies, validate, flow,
-                       flow_options or {}, noise_std, guard_radius)
+        self._init_nir(
+            proxies.shape[-1],
+            nir_weight,
+            objective,
+            detach_proxies,
+            validate,
+            flow,
+            flow_options or {},
+            noise_std,
+            guard_radius,
+        )
 
     def _class_proxies(self) -> Tensor:
         return get_proxies(self.loss)
@@ -373,8 +429,17 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         **kwargs,
     ) -> None:
         super().__init__(num_classes, embedding_size, margin=margin, alpha=alpha, **kwargs)
-        self._init_nir(embedding_size, nir_weight, objective, detach_proxies, validate, flow, flow_options or {},
-                       noise_std, guard_radius)
+        self._init_nir(
+            embedding_size,
+            nir_weight,
+            objective,
+            detach_proxies,
+            validate,
+            flow,
+            flow_options or {},
+            noise_std,
+            guard_radius,
+        )
 
     def _class_proxies(self) -> Tensor:
         return self.proxies

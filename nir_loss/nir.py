@@ -14,8 +14,15 @@ from torch import Tensor, nn
 from .flow import ProxyConditionedFlow, _compute_dtype, standard_normal_log_prob
 from .validation import check_device
 
-__all__ = ["OBJECTIVES", "NIRTerm", "default_guard_radius", "default_noise_std", "guarded_energy",
-           "miner_weights", "weighted_element_losses"]
+__all__ = [
+    "OBJECTIVES",
+    "NIRTerm",
+    "default_guard_radius",
+    "default_noise_std",
+    "guarded_energy",
+    "miner_weights",
+    "weighted_element_losses",
+]
 
 OBJECTIVES = ("nll", "exp_nll")
 # Training noise: its norm, as a fraction of the unit-norm embedding, is the same at every D.
@@ -160,8 +167,9 @@ class NIRTerm(nn.Module):
         self._compile_options: tuple[str | None, str | Callable] | None = None
 
     # -- compiled path --------------------------------------------------------------------
-    def compile_nir(self, enabled: bool = True, *, mode: str | None = "auto",
-                    backend: str | Callable = "inductor") -> NIRTerm:
+    def compile_nir(
+        self, enabled: bool = True, *, mode: str | None = "auto", backend: str | Callable = "inductor"
+    ) -> NIRTerm:
         """Runs the training term and the B x C matrix passes through ``torch.compile``; returns self.
 
         Each is compiled whole (``fullgraph=True``) for static shapes (``dynamic=False``): a new
@@ -241,8 +249,9 @@ class NIRTerm(nn.Module):
         z, log_det = self.latent(embeddings, proxies, labels)
         return standard_normal_log_prob(z) + log_det
 
-    def log_likelihood_matrix(self, embeddings: Tensor, proxies: Tensor, chunk_size: int | None = None,
-                              *, requires_grad: bool = False) -> Tensor:
+    def log_likelihood_matrix(
+        self, embeddings: Tensor, proxies: Tensor, chunk_size: int | None = None, *, requires_grad: bool = False
+    ) -> Tensor:
         """log p(x_i | proxy_c) for every sample and class, shape (B, C).
 
         Runs in passes of ``chunk_size`` samples x C classes (default: about 1024 pairs per pass
@@ -274,11 +283,12 @@ class NIRTerm(nn.Module):
         out = x.new_empty(num_chunks * chunk_size, num_classes)
         for i, chunk in enumerate(padded.split(chunk_size)):
             # Copied out at once: a CUDA-graph replay of the next pass reuses the output memory.
-            out[i * chunk_size:(i + 1) * chunk_size] = one_pass(chunk, centres, encoded, num_classes)
+            out[i * chunk_size : (i + 1) * chunk_size] = one_pass(chunk, centres, encoded, num_classes)
         return out[:batch]
 
-    def _matrix_pass(self, chunk: Tensor, centres: Tensor, encoded: Tensor | list[Tensor | None],
-                     num_classes: int) -> Tensor:
+    def _matrix_pass(
+        self, chunk: Tensor, centres: Tensor, encoded: Tensor | list[Tensor | None], num_classes: int
+    ) -> Tensor:
         """log p(x_i | proxy_c) of one chunk of samples and every class, (chunk, C)."""
         rows = chunk.repeat_interleave(num_classes, dim=0)  # row = i * C + c
         class_index = torch.arange(num_classes, device=chunk.device)
@@ -292,8 +302,9 @@ class NIRTerm(nn.Module):
         return (standard_normal_log_prob(z) + log_det).view(chunk.shape[0], num_classes)
 
     # -- objective and sampling -----------------------------------------------------------
-    def loss_and_nll(self, embeddings: Tensor, proxies: Tensor, labels: Tensor,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def loss_and_nll(
+        self, embeddings: Tensor, proxies: Tensor, labels: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The training term per sample and the NLL it was computed from, each (B,).
 
         The NLL (with the (D/2) log(2 pi) constant, no guard) is that of the flow's input, noisy
@@ -306,8 +317,9 @@ class NIRTerm(nn.Module):
         fn = self._compiled("_loss_and_nll", embeddings.device) if generator is None else None
         return (fn or self._loss_and_nll)(embeddings, proxies, labels, dtype, generator)
 
-    def _loss_and_nll(self, embeddings: Tensor, proxies: Tensor, labels: Tensor, dtype: torch.dtype,
-                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def _loss_and_nll(
+        self, embeddings: Tensor, proxies: Tensor, labels: Tensor, dtype: torch.dtype, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
         context = self._context(embeddings, proxies, labels, dtype)
         x = embeddings.to(dtype)
         if self.training and self.noise_std > 0:
@@ -322,8 +334,9 @@ class NIRTerm(nn.Module):
             return _guarded_exp(energy), nll
         return energy + constant, nll
 
-    def per_sample_loss(self, embeddings: Tensor, proxies: Tensor, labels: Tensor,
-                        generator: torch.Generator | None = None) -> Tensor:
+    def per_sample_loss(
+        self, embeddings: Tensor, proxies: Tensor, labels: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
         """The objective's per-sample training term, (B,): see ``loss_and_nll``.
 
         Example:
@@ -349,8 +362,9 @@ class NIRTerm(nn.Module):
         return self.flow.sample(labels.shape[0], rows, generator=generator)[0]
 
 
-def miner_weights(indices_tuple: tuple[Tensor, ...] | None, batch_size: int, dtype: torch.dtype,
-                  device: torch.device) -> Tensor | None:
+def miner_weights(
+    indices_tuple: tuple[Tensor, ...] | None, batch_size: int, dtype: torch.dtype, device: torch.device
+) -> Tensor | None:
     """Per-sample weights from a PML miner's output, without a host sync.
 
     Like ``pytorch_metric_learning.utils.loss_and_miner_utils.convert_to_weights``: a sample

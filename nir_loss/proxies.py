@@ -73,4 +73,3 @@ def _check_shape(loss: nn.Module, proxies: object) -> None:
             f"{type(loss).__name__} gave proxies of shape {shape}; expected a tensor of shape "
             "(C, D), or (C, K, D) for K centres per class."
         )
-

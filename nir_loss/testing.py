@@ -64,8 +64,9 @@ def _without_nir(nir_loss: nn.Module) -> nn.Module:
     return plain
 
 
-def _batch(num_classes: int, embedding_size: int, batch_size: int, dtype: torch.dtype, device: torch.device,
-           seed: int) -> tuple[Tensor, Tensor]:
+def _batch(
+    num_classes: int, embedding_size: int, batch_size: int, dtype: torch.dtype, device: torch.device, seed: int
+) -> tuple[Tensor, Tensor]:
     """Unit-norm embeddings (a leaf that requires grad) and labels naming each class twice in turn."""
     g = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.randn(batch_size, embedding_size, generator=g, dtype=torch.float64), dim=1)
@@ -86,12 +87,16 @@ def _proxy_params(loss: nn.Module) -> list[nn.Parameter]:
 def _scalar(value: Any, what: str) -> Tensor:
     if not isinstance(value, Tensor) or value.dim() != 0:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise _fail(f"{what} returned {shape}, expected a scalar tensor.",
-                    "let the reducer reduce: return {name: {'losses', 'indices', 'reduction_type'}} from "
-                    "compute_loss and do not override forward.")
+        raise _fail(
+            f"{what} returned {shape}, expected a scalar tensor.",
+            "let the reducer reduce: return {name: {'losses', 'indices', 'reduction_type'}} from "
+            "compute_loss and do not override forward.",
+        )
     if not bool(torch.isfinite(value)):
-        raise _fail(f"{what} is {value.item()} (not finite).",
-                    "check compute_loss for a log of zero, a division by zero or an overflow.")
+        raise _fail(
+            f"{what} is {value.item()} (not finite).",
+            "check compute_loss for a log of zero, a division by zero or an overflow.",
+        )
     return value
 
 
@@ -164,9 +169,17 @@ def check_proxy_loss(
         _check_proxy_loss(loss, num_classes, embedding_size, batch_size, miners, dtypes, devices, nir_options, seed)
 
 
-def _check_proxy_loss(loss: nn.Module, num_classes: int, embedding_size: int, batch_size: int, miners: bool,
-                      dtypes: Sequence[torch.dtype], devices: Sequence[str | torch.device],
-                      nir_options: Mapping[str, Any] | None, seed: int) -> None:
+def _check_proxy_loss(
+    loss: nn.Module,
+    num_classes: int,
+    embedding_size: int,
+    batch_size: int,
+    miners: bool,
+    dtypes: Sequence[torch.dtype],
+    devices: Sequence[str | torch.device],
+    nir_options: Mapping[str, Any] | None,
+    seed: int,
+) -> None:
     name = type(loss).__name__
     if _is_nir_loss(loss):
         nir_loss = copy.deepcopy(loss).cpu().float()
@@ -176,8 +189,11 @@ def _check_proxy_loss(loss: nn.Module, num_classes: int, embedding_size: int, ba
         plain = copy.deepcopy(loss).cpu().float()
         _check_proxies(plain, name, num_classes, embedding_size)
         options = _wrap_options(nir_options or {})
-        nir_loss = _guarded(f"NIRRegularizer({name}(...), **{options})", "check nir_options.",
-                            lambda: NIRRegularizer(copy.deepcopy(plain), **options))
+        nir_loss = _guarded(
+            f"NIRRegularizer({name}(...), **{options})",
+            "check nir_options.",
+            lambda: NIRRegularizer(copy.deepcopy(plain), **options),
+        )
     # The checks compare values across calls, copies and dtypes: no training noise (eval mode).
     nir_loss.eval()
     _check_own_term(plain, name, num_classes, embedding_size, batch_size, seed)
@@ -188,15 +204,18 @@ def _check_proxy_loss(loss: nn.Module, num_classes: int, embedding_size: int, ba
     _check_reducers(nir_loss, name, num_classes, embedding_size, batch_size, seed)
     for device in devices:
         for dtype in dtypes:
-            _check_dtype_device(plain, nir_loss, name, num_classes, embedding_size, batch_size, seed, dtype,
-                                torch.device(device))
+            _check_dtype_device(
+                plain, nir_loss, name, num_classes, embedding_size, batch_size, seed, dtype, torch.device(device)
+            )
     _check_state_dict(nir_loss, name, num_classes, embedding_size, batch_size, seed)
 
 
 def _check_proxies(plain: nn.Module, name: str, num_classes: int, embedding_size: int) -> None:
-    proxies = _guarded(f"get_proxies({name})",
-                       "give the loss a `proxies` nn.Parameter of shape (C, D), or a get_proxies() method.",
-                       lambda: get_proxies(plain))
+    proxies = _guarded(
+        f"get_proxies({name})",
+        "give the loss a `proxies` nn.Parameter of shape (C, D), or a get_proxies() method.",
+        lambda: get_proxies(plain),
+    )
     shape = tuple(proxies.shape)
     ok = proxies.dim() in (2, 3) and shape[0] == num_classes and shape[-1] == embedding_size
     if not ok:
@@ -204,12 +223,14 @@ def _check_proxies(plain: nn.Module, name: str, num_classes: int, embedding_size
             f"get_proxies({name}) has shape {shape}; expected ({num_classes}, {embedding_size}) or "
             f"({num_classes}, K, {embedding_size}).",
             "proxies are one row per class: store them as (num_classes, embedding_size) (PML's W-style "
-            "(D, C) matrices are transposed by get_proxies), or fix num_classes/embedding_size in the check.")
+            "(D, C) matrices are transposed by get_proxies), or fix num_classes/embedding_size in the check.",
+        )
     if not proxies.requires_grad or not _proxy_params(plain):
         raise _fail(
             f"{name}'s proxies are not computed from a trainable parameter of the loss "
             f"(requires_grad={proxies.requires_grad}), so no optimizer can learn them.",
-            "store them as `self.proxies = torch.nn.Parameter(...)` and do not .detach() them in get_proxies().")
+            "store them as `self.proxies = torch.nn.Parameter(...)` and do not .detach() them in get_proxies().",
+        )
 
 
 def _rows_of(plain: nn.Module, params: list[nn.Parameter], grads: Sequence[Tensor]) -> Tensor:
@@ -253,9 +274,11 @@ def _check_class_rows(plain: nn.Module, name: str, num_classes: int, embedding_s
         value = _scalar(_guarded(what, fix, functools.partial(plain, x, torch.full((2,), c))), what)
         grads = torch.autograd.grad(value, params, allow_unused=True)
         grads = tuple(torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads))
-        row_grads = _guarded(f"get_proxies({name}) differentiated twice",
-                             "compute get_proxies() with torch operations.",
-                             functools.partial(_rows_of, plain, params, grads))
+        row_grads = _guarded(
+            f"get_proxies({name}) differentiated twice",
+            "compute get_proxies() with torch operations.",
+            functools.partial(_rows_of, plain, params, grads),
+        )
         pull = (row_grads * x[0]).sum(-1).reshape(num_classes, -1).sum(1)
         best = int(pull.argmin())
         # Ties (no gradient, or a parameter shared by every row) tell nothing.
@@ -266,56 +289,78 @@ def _check_class_rows(plain: nn.Module, name: str, num_classes: int, embedding_s
                 f"not row {c} ({pull[c].item():.3g}).",
                 "get_proxies() must return row c = the representative the loss uses for class c: for a (D, C) "
                 "matrix W return W.t() (W.reshape(C, D) or W.view(C, D) has the right shape but mixes the classes' "
-                "columns).")
+                "columns).",
+            )
 
 
-def _check_own_term(plain: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int,
-                    seed: int) -> None:
+def _check_own_term(
+    plain: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int, seed: int
+) -> None:
     x, labels = _batch(num_classes, embedding_size, batch_size, torch.float32, torch.device("cpu"), seed)
-    value = _scalar(_guarded(f"{name}(embeddings, labels) without NIR",
-                             "make compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels) work "
-                             "on (B, D) float embeddings and int64 labels.",
-                             lambda: plain(x, labels)), f"{name}(embeddings, labels) without NIR")
+    value = _scalar(
+        _guarded(
+            f"{name}(embeddings, labels) without NIR",
+            "make compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels) work "
+            "on (B, D) float embeddings and int64 labels.",
+            lambda: plain(x, labels),
+        ),
+        f"{name}(embeddings, labels) without NIR",
+    )
     params = _proxy_params(plain)
     grads = torch.autograd.grad(value, [x, *params], allow_unused=True)
     if all(g is None or not bool(g.abs().sum() > 0) for g in grads[1:]):
         raise _fail(
             f"{name}'s own loss (without NIR) gives no gradient to its proxies: they would never train.",
             "use the proxies parameter itself in compute_loss: no .detach(), .data or torch.no_grad(), and "
-            "do not copy it into a new tensor; get_proxies() must return the same tensor the loss uses.")
+            "do not copy it into a new tensor; get_proxies() must return the same tensor the loss uses.",
+        )
     if grads[0] is None or not bool(grads[0].abs().sum() > 0):
-        raise _fail(f"{name}'s own loss gives no gradient to the embeddings.",
-                    "compute the loss from the embeddings passed in, without detaching them.")
+        raise _fail(
+            f"{name}'s own loss gives no gradient to the embeddings.",
+            "compute the loss from the embeddings passed in, without detaching them.",
+        )
 
 
-def _check_nir_gradients(nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int,
-                         batch_size: int, seed: int) -> None:
+def _check_nir_gradients(
+    nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int, seed: int
+) -> None:
     x, labels = _batch(num_classes, embedding_size, batch_size, torch.float32, torch.device("cpu"), seed)
     nir_loss.zero_grad(set_to_none=True)
-    value = _scalar(_guarded(f"NIR-wrapped {name}(embeddings, labels)", "see the message above.",
-                             lambda: nir_loss(x, labels)), f"NIR-wrapped {name}(embeddings, labels)")
+    value = _scalar(
+        _guarded(f"NIR-wrapped {name}(embeddings, labels)", "see the message above.", lambda: nir_loss(x, labels)),
+        f"NIR-wrapped {name}(embeddings, labels)",
+    )
     if getattr(nir_loss, "nir_weight", 1.0) == 0:
-        raise _fail(f"the NIR weight of {name} is 0, so NIR adds nothing.",
-                    "check the loss with a non-zero weight (NIRRegularizer(loss, nir_weight=...)).")
+        raise _fail(
+            f"the NIR weight of {name} is 0, so NIR adds nothing.",
+            "check the loss with a non-zero weight (NIRRegularizer(loss, nir_weight=...)).",
+        )
     value.backward()
     if x.grad is None or not bool(x.grad.abs().sum() > 0):
-        raise _fail(f"NIR-wrapped {name} gives no gradient to the embeddings.",
-                    "compute the loss from the embeddings passed in, without detaching them.")
+        raise _fail(
+            f"NIR-wrapped {name} gives no gradient to the embeddings.",
+            "compute the loss from the embeddings passed in, without detaching them.",
+        )
     flow: nn.Module = cast(NIRTerm, nir_loss.nir).flow
     missing = [n for n, p in flow.named_parameters() if p.requires_grad and p.grad is None]
     if missing:
-        raise _fail(f"flow parameters get no gradient from the NIR term: {missing[:5]}.",
-                    "every flow layer must be used in the density direction; a custom flow must return "
-                    "log-dets computed from its parameters.")
+        raise _fail(
+            f"flow parameters get no gradient from the NIR term: {missing[:5]}.",
+            "every flow layer must be used in the density direction; a custom flow must return "
+            "log-dets computed from its parameters.",
+        )
     if not any(bool(p.grad.abs().sum() > 0) for p in flow.parameters() if p.grad is not None):
         raise _fail("every flow gradient is zero.", "check the NIR weight and the flow's log-det.")
 
 
-def _check_miners(nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int,
-                  seed: int) -> None:
+def _check_miners(
+    nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int, seed: int
+) -> None:
     x, labels = _batch(num_classes, embedding_size, batch_size, torch.float32, torch.device("cpu"), seed)
-    for miner in (pml_miners.MultiSimilarityMiner(epsilon=0.5),
-                  pml_miners.TripletMarginMiner(margin=1.0, type_of_triplets="all")):
+    for miner in (
+        pml_miners.MultiSimilarityMiner(epsilon=0.5),
+        pml_miners.TripletMarginMiner(margin=1.0, type_of_triplets="all"),
+    ):
         pairs = isinstance(miner, pml_miners.MultiSimilarityMiner)
         kind = f"{type(miner).__name__} ({'pairs' if pairs else 'triplets'})"
         indices_tuple = miner(x.detach(), labels)
@@ -323,21 +368,27 @@ def _check_miners(nir_loss: nn.Module, name: str, num_classes: int, embedding_si
             f"NIR-wrapped {name}(embeddings, labels, indices_tuple) with {kind}",
             "accept indices_tuple in compute_loss (e.g. lmu.convert_to_weights(indices_tuple, labels, dtype)); if "
             "your loss rejects miners by design, call check_proxy_loss(..., miners=False).",
-            functools.partial(nir_loss, x, labels, indices_tuple))
+            functools.partial(nir_loss, x, labels, indices_tuple),
+        )
         _scalar(value, f"NIR-wrapped {name} with {kind}")
         _guarded(f"backward with {kind}", "see the message above.", functools.partial(torch.autograd.grad, value, x))
 
 
-def _check_reducers(nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int,
-                    seed: int) -> None:
+def _check_reducers(
+    nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int, seed: int
+) -> None:
     """PML reducers on the loss's own terms; the NIR term stays in (its flow gets a gradient).
 
     Thresholding reducers cannot reduce the NIR term (a log-likelihood, usually negative): they
     go to the wrapped loss (``NIRRegularizer``) or to every sub-loss but ``nir_loss``.
     """
     x, labels = _batch(num_classes, embedding_size, batch_size, torch.float32, torch.device("cpu"), seed)
-    for reducer in (pml_reducers.MeanReducer(), pml_reducers.SumReducer(), pml_reducers.AvgNonZeroReducer(),
-                    pml_reducers.ThresholdReducer(low=0.0)):
+    for reducer in (
+        pml_reducers.MeanReducer(),
+        pml_reducers.SumReducer(),
+        pml_reducers.AvgNonZeroReducer(),
+        pml_reducers.ThresholdReducer(low=0.0),
+    ):
         with_reducer: Any = copy.deepcopy(nir_loss)
         if isinstance(with_reducer, NIRRegularizer):
             inner: Any = with_reducer.loss
@@ -345,52 +396,83 @@ def _check_reducers(nir_loss: nn.Module, name: str, num_classes: int, embedding_
                 continue
             inner.set_reducer(reducer)
         elif isinstance(reducer, pml_reducers.ThresholdReducer):
-            with_reducer.set_reducer(pml_reducers.MultipleReducers({"nir_loss": pml_reducers.MeanReducer()},
-                                                                   default_reducer=reducer))
+            with_reducer.set_reducer(
+                pml_reducers.MultipleReducers({"nir_loss": pml_reducers.MeanReducer()}, default_reducer=reducer)
+            )
         else:
             with_reducer.set_reducer(reducer)
         what = f"NIR-wrapped {name} with reducer={type(reducer).__name__}()"
-        fix = ("return sub-losses with a PML reduction_type (element, pos_pair, neg_pair, triplet or "
-               "already_reduced) and the matching indices.")
+        fix = (
+            "return sub-losses with a PML reduction_type (element, pos_pair, neg_pair, triplet or "
+            "already_reduced) and the matching indices."
+        )
         value = _scalar(_guarded(what, fix, functools.partial(with_reducer, x, labels)), what)
         flow: nn.Module = cast(NIRTerm, with_reducer.nir).flow
-        grads = _guarded(f"backward of {what}", fix, functools.partial(
-            torch.autograd.grad, value, list(flow.parameters()), allow_unused=True))
+        grads = _guarded(
+            f"backward of {what}",
+            fix,
+            functools.partial(torch.autograd.grad, value, list(flow.parameters()), allow_unused=True),
+        )
         if not any(g is not None and bool(g.abs().sum() > 0) for g in grads):
-            raise _fail(f"{what}: the NIR term drops out (no flow parameter gets a gradient).",
-                        "keep the NIR term as the `nir_loss` sub-loss (_sub_loss_names) and reduce it with a "
-                        "MeanReducer.")
+            raise _fail(
+                f"{what}: the NIR term drops out (no flow parameter gets a gradient).",
+                "keep the NIR term as the `nir_loss` sub-loss (_sub_loss_names) and reduce it with a MeanReducer.",
+            )
 
 
-def _check_dtype_device(plain: nn.Module, nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int,
-                        batch_size: int, seed: int, dtype: torch.dtype, device: torch.device) -> None:
+def _check_dtype_device(
+    plain: nn.Module,
+    nir_loss: nn.Module,
+    name: str,
+    num_classes: int,
+    embedding_size: int,
+    batch_size: int,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
     x, labels = _batch(num_classes, embedding_size, batch_size, dtype, device, seed)
     where = f"on {device} in {dtype}"
-    fix = ("cast the proxies to the embeddings' dtype and device in compute_loss with a differentiable "
-           "proxies.to(embeddings) (no .float(), .data or hard-coded dtype), and compute in the embeddings' dtype.")
-    own = _guarded(f"{name} without NIR {where}", fix,
-                   lambda: copy.deepcopy(plain).to(device=device, dtype=dtype)(x, labels))
+    fix = (
+        "cast the proxies to the embeddings' dtype and device in compute_loss with a differentiable "
+        "proxies.to(embeddings) (no .float(), .data or hard-coded dtype), and compute in the embeddings' dtype."
+    )
+    own = _guarded(
+        f"{name} without NIR {where}", fix, lambda: copy.deepcopy(plain).to(device=device, dtype=dtype)(x, labels)
+    )
     if not isinstance(own, Tensor) or own.dtype != dtype:
-        raise _fail(f"{name} without NIR returns {getattr(own, 'dtype', type(own).__name__)} for {dtype} embeddings.",
-                    fix)
-    moved = _guarded(f"NIR-wrapped {name}.to({device}, {dtype})", "see the message above.",
-                     lambda: copy.deepcopy(nir_loss).to(device=device, dtype=dtype))
+        raise _fail(
+            f"{name} without NIR returns {getattr(own, 'dtype', type(own).__name__)} for {dtype} embeddings.", fix
+        )
+    moved = _guarded(
+        f"NIR-wrapped {name}.to({device}, {dtype})",
+        "see the message above.",
+        lambda: copy.deepcopy(nir_loss).to(device=device, dtype=dtype),
+    )
     proxies = _proxies_of(moved)
     if proxies.device.type != device.type:
-        raise _fail(f"after .to({device!s}) {name}'s proxies are on {proxies.device}.",
-                    "register them as an nn.Parameter (or buffer) so Module.to() moves them.")
+        raise _fail(
+            f"after .to({device!s}) {name}'s proxies are on {proxies.device}.",
+            "register them as an nn.Parameter (or buffer) so Module.to() moves them.",
+        )
     what = f"NIR-wrapped {name} {where}"
     value = _scalar(_guarded(what, fix, lambda: moved(x, labels)), what)
     _guarded(f"backward of {what}", fix, value.backward)
     if x.grad is None or x.grad.dtype != dtype or x.grad.device.type != device.type:
-        raise _fail(f"{what}: the embeddings' gradient is missing or has the wrong dtype/device.",
-                    "do not detach or move the embeddings inside the loss.")
+        raise _fail(
+            f"{what}: the embeddings' gradient is missing or has the wrong dtype/device.",
+            "do not detach or move the embeddings inside the loss.",
+        )
 
 
 def _plain_tensors(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
     """(owner, attribute, dotted name) of the floating tensors held as plain attributes, which state_dict leaves out."""
-    return [(m, key, f"{prefix}.{key}".lstrip(".")) for prefix, m in module.named_modules()
-            for key, value in vars(m).items() if isinstance(value, Tensor) and value.is_floating_point()]
+    return [
+        (m, key, f"{prefix}.{key}".lstrip("."))
+        for prefix, m in module.named_modules()
+        for key, value in vars(m).items()
+        if isinstance(value, Tensor) and value.is_floating_point()
+    ]
 
 
 def _proxy_plain_tensors(loss: nn.Module) -> list[str]:
@@ -411,13 +493,16 @@ def _proxy_plain_tensors(loss: nn.Module) -> list[str]:
 
 def _scramble(module: nn.Module, generator: torch.Generator, plain_tensors: bool) -> None:
     """Adds noise to the parameters and persistent buffers of ``module`` (and its plain tensor attributes)."""
+
     def noise(t: Tensor) -> Tensor:
         return torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
 
     with torch.no_grad():
         for m in module.modules():
-            state = [*m.parameters(recurse=False),
-                     *(b for k, b in m.named_buffers(recurse=False) if k not in m._non_persistent_buffers_set)]
+            state = [
+                *m.parameters(recurse=False),
+                *(b for k, b in m.named_buffers(recurse=False) if k not in m._non_persistent_buffers_set),
+            ]
             for t in state:
                 if t.is_floating_point():
                     t.add_(noise(t))
@@ -426,14 +511,17 @@ def _scramble(module: nn.Module, generator: torch.Generator, plain_tensors: bool
             setattr(owner, key, (value + noise(value)).requires_grad_(value.requires_grad))
 
 
-def _check_state_dict(nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int,
-                      seed: int) -> None:
+def _check_state_dict(
+    nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int, seed: int
+) -> None:
     buffer = io.BytesIO()
     torch.save(nir_loss.state_dict(), buffer)
     buffer.seek(0)
-    state = _guarded("torch.load(weights_only=True) of the state_dict",
-                     "keep only tensors in the state_dict (no custom objects in buffers or extra state).",
-                     lambda: torch.load(buffer, weights_only=True))
+    state = _guarded(
+        "torch.load(weights_only=True) of the state_dict",
+        "keep only tensors in the state_dict (no custom objects in buffers or extra state).",
+        lambda: torch.load(buffer, weights_only=True),
+    )
     # Scrambled copies that only load_state_dict can make equal again. A deep copy alone would
     # carry over what state_dict loses, so the proxies are also compared on a copy whose plain
     # tensor attributes are scrambled too (the loss's other plain tensors may be constants its
@@ -444,24 +532,33 @@ def _check_state_dict(nir_loss: nn.Module, name: str, num_classes: int, embeddin
     for plain_tensors in (False, True):
         other = copy.deepcopy(nir_loss)
         _scramble(other, g, plain_tensors)
-        _guarded(f"{name}.load_state_dict(state)", "see the message above.",
-                 functools.partial(other.load_state_dict, state))
+        _guarded(
+            f"{name}.load_state_dict(state)", "see the message above.", functools.partial(other.load_state_dict, state)
+        )
         if not torch.equal(_proxies_of(other), expected):
             unsaved = _proxy_plain_tensors(copy.deepcopy(nir_loss))
-            where = f" (computed from plain tensor attributes, which state_dict leaves out: {', '.join(unsaved)})" \
-                if unsaved else ""
-            raise _fail(f"load_state_dict does not restore {name}'s proxies{where}.",
-                        "register them with nn.Parameter (or register_buffer), not as a plain tensor attribute.")
+            where = (
+                f" (computed from plain tensor attributes, which state_dict leaves out: {', '.join(unsaved)})"
+                if unsaved
+                else ""
+            )
+            raise _fail(
+                f"load_state_dict does not restore {name}'s proxies{where}.",
+                "register them with nn.Parameter (or register_buffer), not as a plain tensor attribute.",
+            )
         loaded.append(other)
     x, labels = _batch(num_classes, embedding_size, batch_size, torch.float32, torch.device("cpu"), seed)
     with torch.no_grad():
         a, b = nir_loss(x, labels), loaded[0](x, labels)
     if not torch.equal(a, b):
-        raise _fail(f"after a state_dict round trip {name} gives {b.item()} instead of {a.item()}.",
-                    "every tensor the loss computes with must be a parameter or a buffer.")
+        raise _fail(
+            f"after a state_dict round trip {name} gives {b.item()} instead of {a.item()}.",
+            "every tensor the loss computes with must be a parameter or a buffer.",
+        )
 
 
 # -- flows -------------------------------------------------------------------------------------
+
 
 def _flow_steps(flow: nn.Module) -> tuple[Callable[..., tuple[Tensor, Tensor]], Callable[..., tuple[Tensor, Tensor]]]:
     """(density x -> (z, log|det dz/dx|), sampling z -> (x, log|det dx/dz|)) of a flow or layer."""
@@ -470,9 +567,11 @@ def _flow_steps(flow: nn.Module) -> tuple[Callable[..., tuple[Tensor, Tensor]], 
         return f.inverse_and_log_det, f.forward_and_log_det
     if isinstance(flow, nf.flows.Flow):  # a single normflows layer: forward is z -> x
         return f.inverse, f.forward
-    raise _fail(f"{type(flow).__name__} is not a flow: it has neither inverse_and_log_det/forward_and_log_det "
-                "nor normflows.flows.Flow's inverse/forward.",
-                "pass a ProxyConditionedFlow, a normflows (Conditional)NormalizingFlow or a normflows Flow layer.")
+    raise _fail(
+        f"{type(flow).__name__} is not a flow: it has neither inverse_and_log_det/forward_and_log_det "
+        "nor normflows.flows.Flow's inverse/forward.",
+        "pass a ProxyConditionedFlow, a normflows (Conditional)NormalizingFlow or a normflows Flow layer.",
+    )
 
 
 def _flow_widths(flow: nn.Module, features: int | None, context_features: int | None) -> tuple[int, int | None]:
@@ -535,43 +634,58 @@ def check_flow(
             p.add_(perturb * torch.randn(p.shape, generator=g, dtype=p.dtype))
     density, sampling = _flow_steps(flow)
     x = F.normalize(torch.randn(num_samples, features, generator=g, dtype=torch.float64), dim=1)
-    ctx = (None if context_features is None
-           else F.normalize(torch.randn(num_samples, context_features, generator=g, dtype=torch.float64), dim=1))
+    ctx = (
+        None
+        if context_features is None
+        else F.normalize(torch.randn(num_samples, context_features, generator=g, dtype=torch.float64), dim=1)
+    )
 
     def run(step: Callable[..., tuple[Tensor, Tensor]], inputs: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
         return step(inputs) if c is None else step(inputs, context=c)
 
-    z, log_det = _guarded(f"{name} density direction (x -> z)",
-                          "the density direction must accept (N, D) float64 inputs and context=(N, C_ctx).",
-                          lambda: run(density, x, ctx))
+    z, log_det = _guarded(
+        f"{name} density direction (x -> z)",
+        "the density direction must accept (N, D) float64 inputs and context=(N, C_ctx).",
+        lambda: run(density, x, ctx),
+    )
     if tuple(z.shape) != tuple(x.shape) or tuple(log_det.shape) != (num_samples,):
-        raise _fail(f"{name}: x {tuple(x.shape)} gave z {tuple(z.shape)} and log_det {tuple(log_det.shape)}; "
-                    f"expected z {tuple(x.shape)} and log_det ({num_samples},).",
-                    "return (z, log_det) with one log-det per sample (sum over features).")
+        raise _fail(
+            f"{name}: x {tuple(x.shape)} gave z {tuple(z.shape)} and log_det {tuple(log_det.shape)}; "
+            f"expected z {tuple(x.shape)} and log_det ({num_samples},).",
+            "return (z, log_det) with one log-det per sample (sum over features).",
+        )
     if z.dtype != torch.float64 or log_det.dtype != torch.float64:
-        raise _fail(f"{name} computes in {z.dtype}/{log_det.dtype} for float64 input.",
-                    "accumulate log-dets in the input's dtype (normflows' own accumulator is float32).")
+        raise _fail(
+            f"{name} computes in {z.dtype}/{log_det.dtype} for float64 input.",
+            "accumulate log-dets in the input's dtype (normflows' own accumulator is float32).",
+        )
     x_back, log_det_back = run(sampling, z, ctx)
     err = (x_back - x).abs().max().item()
     if err > 1e3 * atol:
-        raise _fail(f"{name} is not invertible: forward(inverse(x)) differs from x by {err:.3g}.",
-                    "forward (z -> x) must undo inverse (x -> z) exactly: same parameters, same context, "
-                    "same permutation (inv_perm in one direction, perm in the other).")
+        raise _fail(
+            f"{name} is not invertible: forward(inverse(x)) differs from x by {err:.3g}.",
+            "forward (z -> x) must undo inverse (x -> z) exactly: same parameters, same context, "
+            "same permutation (inv_perm in one direction, perm in the other).",
+        )
     err = (log_det + log_det_back).abs().max().item()
     if err > 1e3 * atol:
-        raise _fail(f"{name}'s log-dets do not cancel: log|det dz/dx| + log|det dx/dz| = {err:.3g}, expected 0.",
-                    "the sampling direction must return minus the density direction's log-det.")
+        raise _fail(
+            f"{name}'s log-dets do not cancel: log|det dz/dx| + log|det dx/dz| = {err:.3g}, expected 0.",
+            "the sampling direction must return minus the density direction's log-det.",
+        )
 
     for i in range(num_samples):
-        ci = None if ctx is None else ctx[i:i + 1]
+        ci = None if ctx is None else ctx[i : i + 1]
         jac = torch.autograd.functional.jacobian(lambda xi, c=ci: run(density, xi[None], c)[0][0], x[i])
         exact = torch.linalg.slogdet(jac).logabsdet.item()
         err = abs(exact - log_det[i].item())
         if err > max(atol, 1e-9 * abs(exact)) * 1e2:
-            raise _fail(f"{name}'s log-det is wrong: sample {i} reports {log_det[i].item():.10g}, but slogdet of "
-                        f"the autograd Jacobian dz/dx is {exact:.10g} (difference {err:.3g}).",
-                        "return the log|det| of the map actually applied: for an affine coupling "
-                        "z = x * exp(s) + t it is sum(s) over the transformed features, with the clamped s.")
+            raise _fail(
+                f"{name}'s log-det is wrong: sample {i} reports {log_det[i].item():.10g}, but slogdet of "
+                f"the autograd Jacobian dz/dx is {exact:.10g} (difference {err:.3g}).",
+                "return the log|det| of the map actually applied: for an affine coupling "
+                "z = x * exp(s) + t it is sum(s) over the transformed features, with the clamped s.",
+            )
 
     x_req = x.clone().requires_grad_(True)
     ctx_req = None if ctx is None else ctx.clone().requires_grad_(True)
@@ -581,11 +695,14 @@ def check_flow(
     inputs: list[Tensor] = [x_req] + ([] if ctx_req is None else [ctx_req])
     grads = torch.autograd.grad(log_prob.sum(), inputs + params, allow_unused=True)
     names = [n for n, p in flow.named_parameters() if p.requires_grad]
-    unused = [n for n, gr in zip(names, grads[len(inputs):]) if gr is None]
+    unused = [n for n, gr in zip(names, grads[len(inputs) :]) if gr is None]
     if unused:
-        raise _fail(f"{name}: parameters get no gradient from the log-density: {unused[:5]}.",
-                    "remove unused parameters, or use them in the density direction.")
+        raise _fail(
+            f"{name}: parameters get no gradient from the log-density: {unused[:5]}.",
+            "remove unused parameters, or use them in the density direction.",
+        )
     if ctx_req is not None and (grads[1] is None or not bool(grads[1].abs().sum() > 0)):
-        raise _fail(f"{name}'s log-density does not depend on its context.",
-                    "feed the context to the couplings' subnets (ProxyConditionedFlow does this for you).")
-
+        raise _fail(
+            f"{name}'s log-density does not depend on its context.",
+            "feed the context to the couplings' subnets (ProxyConditionedFlow does this for you).",
+        )

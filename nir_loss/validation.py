@@ -6,14 +6,15 @@ import torch
 from pytorch_metric_learning import reducers as pml_reducers
 from torch import Tensor, nn
 
-__all__ = ["blocking_checks", "check_device", "check_embeddings", "check_labels", "check_nir_reducer",
-           "values_checked"]
+__all__ = ["blocking_checks", "check_device", "check_embeddings", "check_labels", "check_nir_reducer", "values_checked"]
 
 # Blocking value checks on an accelerator: only the first calls (they read values: a host sync).
 _BLOCKING_CALLS_ON_ACCELERATORS = 1
 _LABELS_OUT_OF_RANGE = "labels must lie in [0, {num_classes}) (one label per class proxy)"
-_NOT_FINITE = ("embeddings contain NaN or inf: check the model's output (learning rate, fp16 "
-               "overflow, a division by a zero norm) before the loss.")
+_NOT_FINITE = (
+    "embeddings contain NaN or inf: check the model's output (learning rate, fp16 "
+    "overflow, a division by a zero norm) before the loss."
+)
 
 
 def values_checked(validate: bool) -> bool:
@@ -41,8 +42,7 @@ def blocking_checks(device: torch.device | str, calls_so_far: int) -> bool:
     return kind != "meta" and calls_so_far < _BLOCKING_CALLS_ON_ACCELERATORS
 
 
-def check_embeddings(embeddings: Tensor, embedding_size: int, check_values: bool = True,
-                     blocking: bool = True) -> None:
+def check_embeddings(embeddings: Tensor, embedding_size: int, check_values: bool = True, blocking: bool = True) -> None:
     """Raises ValueError, naming the fix, for embeddings NIR cannot use.
 
     With ``check_values`` it also rejects NaN/inf: with ``blocking`` by reading the result on the
@@ -82,8 +82,9 @@ def check_embeddings(embeddings: Tensor, embedding_size: int, check_values: bool
         )
 
 
-def check_labels(labels: Tensor | None, batch_size: int, num_classes: int, check_values: bool = True,
-                 blocking: bool = True) -> None:
+def check_labels(
+    labels: Tensor | None, batch_size: int, num_classes: int, check_values: bool = True, blocking: bool = True
+) -> None:
     """Raises ValueError, naming the fix, for labels that are not 1-D int64 in [0, num_classes).
 
     With ``check_values`` it also checks the range: with ``blocking`` by reading the labels'
@@ -112,9 +113,14 @@ def check_labels(labels: Tensor | None, batch_size: int, num_classes: int, check
         return
     if not blocking:
         in_range = labels.clamp(0, num_classes - 1).eq(labels).all()
-        torch._assert_async(in_range, _LABELS_OUT_OF_RANGE.format(num_classes=num_classes) + (
-            ": a label outside it reached the loss (checked on the device, so the values are not shown). "
-            "Map your class ids to 0..C-1 first, or build the loss with a larger num_classes."))
+        torch._assert_async(
+            in_range,
+            _LABELS_OUT_OF_RANGE.format(num_classes=num_classes)
+            + (
+                ": a label outside it reached the loss (checked on the device, so the values are not shown). "
+                "Map your class ids to 0..C-1 first, or build the loss with a larger num_classes."
+            ),
+        )
         return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
@@ -135,9 +141,15 @@ def check_nir_reducer(reducer: object, sub_loss: str = "nir_loss") -> None:
 
     Example:
         >>> from pytorch_metric_learning.reducers import (
-        ...     AvgNonZeroReducer, MeanReducer, MultipleReducers)
-        >>> check_nir_reducer(MultipleReducers(
-        ...     {"nir_loss": MeanReducer()}, default_reducer=AvgNonZeroReducer()))
+        ...     AvgNonZeroReducer,
+        ...     MeanReducer,
+        ...     MultipleReducers,
+        ... )
+        >>> check_nir_reducer(
+        ...     MultipleReducers(
+        ...         {"nir_loss": MeanReducer()}, default_reducer=AvgNonZeroReducer()
+        ...     )
+        ... )
         >>> check_nir_reducer(AvgNonZeroReducer())
         Traceback (most recent call last):
         ...

@@ -60,15 +60,39 @@ def main() -> int:
         venv = tmp / "venv"
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=env)
         python = venv / "bin" / "python"
-        subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                        "--no-index", "--ignore-installed", str(wheel)], check=True, env=env)
-        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              check=True, capture_output=True, text=True, env=env).stdout.strip()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--python",
+                str(python),
+                "install",
+                "-q",
+                "--no-deps",
+                "--no-index",
+                "--ignore-installed",
+                str(wheel),
+            ],
+            check=True,
+            env=env,
+        )
+        site = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout.strip()
         (pathlib.Path(site) / "_nir_wheel_check_deps.pth").write_text(deps_site + "\n")
         probe = tmp / "probe.py"
         probe.write_text(_PROBE)
-        subprocess.run([str(python), "-I", str(probe), str(wheel), site, str(ROOT / "docs" / "quickstart.py")],
-                       check=True, cwd=tmp, env=env)
+        subprocess.run(
+            [str(python), "-I", str(probe), str(wheel), site, str(ROOT / "docs" / "quickstart.py")],
+            check=True,
+            cwd=tmp,
+            env=env,
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

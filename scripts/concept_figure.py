@@ -75,8 +75,11 @@ def _stats(emb: torch.Tensor, y: torch.Tensor, proxies: torch.Tensor) -> dict[st
     p = F.normalize(proxies, dim=1)
     cos_own = (emb * p[y]).sum(1)
     nearest = (emb @ p.t()).argmax(1)
-    return {"mean_cos_to_own_proxy": cos_own.mean().item(), "std_cos_to_own_proxy": cos_own.std().item(),
-            "nearest_proxy_accuracy": (nearest == y).float().mean().item()}
+    return {
+        "mean_cos_to_own_proxy": cos_own.mean().item(),
+        "std_cos_to_own_proxy": cos_own.std().item(),
+        "nearest_proxy_accuracy": (nearest == y).float().mean().item(),
+    }
 
 
 def main() -> None:
@@ -90,14 +93,21 @@ def main() -> None:
     _, _, xt, yt = _data(args.seed)
 
     lon, lat = np.meshgrid(np.linspace(-180, 180, 181), np.linspace(-89, 89, 90))
-    grid = np.stack([np.cos(np.radians(lat)) * np.cos(np.radians(lon)),
-                     np.cos(np.radians(lat)) * np.sin(np.radians(lon)), np.sin(np.radians(lat))], -1).reshape(-1, 3)
+    grid = np.stack(
+        [
+            np.cos(np.radians(lat)) * np.cos(np.radians(lon)),
+            np.cos(np.radians(lat)) * np.sin(np.radians(lon)),
+            np.sin(np.radians(lat)),
+        ],
+        -1,
+    ).reshape(-1, 3)
     grid_t = torch.tensor(grid, dtype=torch.float32)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     colors = plt.get_cmap("tab10")
-    for ax, (title, weight) in zip(axes, [("ProxyAnchorLoss", None),
-                                          (f"ProxyAnchorNIRLoss (nir_weight={args.nir_weight})", args.nir_weight)]):
+    for ax, (title, weight) in zip(
+        axes, [("ProxyAnchorLoss", None), (f"ProxyAnchorNIRLoss (nir_weight={args.nir_weight})", args.nir_weight)]
+    ):
         model, loss_fn = train(weight, args.steps, args.seed)
         with torch.no_grad():
             emb = F.normalize(model(xt), dim=1)
@@ -121,8 +131,11 @@ def main() -> None:
         ax.set_ylim(-90, 90)
         print(title, {k: round(v, 3) for k, v in stats.items()})
     axes[0].set_ylabel("latitude (deg)")
-    fig.suptitle(f"sklearn digits 0-3, 3-D unit embeddings, {args.steps} steps, held-out samples; "
-                 "stars: proxies; contours: flow density of the nearest proxy's class", fontsize=9)
+    fig.suptitle(
+        f"sklearn digits 0-3, 3-D unit embeddings, {args.steps} steps, held-out samples; "
+        "stars: proxies; contours: flow density of the nearest proxy's class",
+        fontsize=9,
+    )
     fig.tight_layout()
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

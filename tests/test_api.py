@@ -26,8 +26,10 @@ def _value(loss_fn, embeddings, labels):
     return loss_fn(embeddings, labels)
 
 
-@pytest.mark.parametrize("name", ["nir_weight", "objective", "flow", "flow_options", "detach_proxies", "noise_std",
-                                  "guard_radius", "validate"])
+@pytest.mark.parametrize(
+    "name",
+    ["nir_weight", "objective", "flow", "flow_options", "detach_proxies", "noise_std", "guard_radius", "validate"],
+)
 def test_both_losses_spell_nir_arguments_alike(name):
     for loss_class in (NIRRegularizer, ProxyAnchorNIRLoss):
         assert name in inspect.signature(loss_class).parameters, f"{loss_class.__name__} lacks {name}="
@@ -92,18 +94,36 @@ def test_unknown_keyword_names_the_valid_ones():
 
 
 def test_top_level_is_what_users_call():
-    assert sorted(nir_loss.__all__) == sorted([
-        "NIRRegularizer", "ProxyAnchorNIRLoss", "ProxyConditionedFlow", "get_proxies", "DistributedLossWrapper",
-        "DEFAULT_OBJECTIVE", "DEFAULT_PROXY_LR_MULT", "DEFAULT_FLOW_LR_MULT", "default_nir_weight",
-        "default_noise_std", "default_guard_radius"])
+    assert sorted(nir_loss.__all__) == sorted(
+        [
+            "NIRRegularizer",
+            "ProxyAnchorNIRLoss",
+            "ProxyConditionedFlow",
+            "get_proxies",
+            "DistributedLossWrapper",
+            "DEFAULT_OBJECTIVE",
+            "DEFAULT_PROXY_LR_MULT",
+            "DEFAULT_FLOW_LR_MULT",
+            "default_nir_weight",
+            "default_noise_std",
+            "default_guard_radius",
+        ]
+    )
     assert all(hasattr(nir_loss, name) for name in nir_loss.__all__)
     assert isinstance(nir_loss.__version__, str)
 
 
-@pytest.mark.parametrize("name, module", [(name, module) for module, names in [
-    ("flow", ["ContextAffineCoupling", "soft_clamp", "standard_normal_log_prob"]),
-    ("nir", ["NIRTerm", "OBJECTIVES", "guarded_energy", "miner_weights", "weighted_element_losses"]),
-] for name in names])
+@pytest.mark.parametrize(
+    "name, module",
+    [
+        (name, module)
+        for module, names in [
+            ("flow", ["ContextAffineCoupling", "soft_clamp", "standard_normal_log_prob"]),
+            ("nir", ["NIRTerm", "OBJECTIVES", "guarded_energy", "miner_weights", "weighted_element_losses"]),
+        ]
+        for name in names
+    ],
+)
 def test_building_blocks_moved_to_their_modules_still_import_from_the_top_with_a_warning(name, module):
     submodule = getattr(nir_loss, module)
     assert name in submodule.__all__ and name not in nir_loss.__all__
@@ -124,8 +144,9 @@ def test_check_proxy_loss_takes_nir_options_in_either_spelling():
     quick = {"miners": False, "dtypes": (torch.float32,), "devices": ["cpu"]}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_proxy_loss(losses.ProxyNCALoss(C, D), C, D, **quick,
-                         nir_options={"nir_weight": 0.5, "flow_options": FLOW})
+        check_proxy_loss(
+            losses.ProxyNCALoss(C, D), C, D, **quick, nir_options={"nir_weight": 0.5, "flow_options": FLOW}
+        )
     with pytest.warns(DeprecationWarning) as record:
         check_proxy_loss(losses.ProxyNCALoss(C, D), C, D, **quick, nir_options={"weight": 0.5, "num_blocks": 1})
     messages = [str(w.message) for w in record]

@@ -33,9 +33,18 @@ def test_one_seed_reruns_identically_and_pairs_with_proxy_anchor():
 
 
 def _run(arm, seed, mapr, r1=0.9):
-    return {"dataset": "x", "dim": 8, "arm": arm, "seed": seed, "weight": None if arm == "pa" else 1.0,
-            "mapr": mapr, "r1": r1, "seconds": 1.0, "nonfinite": math.isnan(mapr),
-            "nll_mean_max": [] if arm == "pa" else [(1.0, 5.0 + seed)]}
+    return {
+        "dataset": "x",
+        "dim": 8,
+        "arm": arm,
+        "seed": seed,
+        "weight": None if arm == "pa" else 1.0,
+        "mapr": mapr,
+        "r1": r1,
+        "seconds": 1.0,
+        "nonfinite": math.isnan(mapr),
+        "nll_mean_max": [] if arm == "pa" else [(1.0, 5.0 + seed)],
+    }
 
 
 def test_summary_reports_median_worst_seed_and_collapses():

@@ -14,8 +14,21 @@ from .trainer_helpers import import_example
 
 demo = import_example("demo")
 
-SMALL = ["--epochs", "2", "--max-steps", "3", "--no-progress", "--flow-blocks", "2", "--flow-hidden", "32",
-         "--flow-layers", "3", "--threads", "1"]
+SMALL = [
+    "--epochs",
+    "2",
+    "--max-steps",
+    "3",
+    "--no-progress",
+    "--flow-blocks",
+    "2",
+    "--flow-hidden",
+    "32",
+    "--flow-layers",
+    "3",
+    "--threads",
+    "1",
+]
 
 
 def test_digits_demo(tmp_path, capsys):
@@ -31,8 +44,12 @@ def test_digits_demo(tmp_path, capsys):
     for record in pair["ProxyAnchor+NIR"]["history"]:  # per epoch: mean of batch means <= max of batch maxes
         assert math.isfinite(record["nll"]) and math.isfinite(record["nll_max"]) and record["nll"] <= record["nll_max"]
     assert all(r["steps"] == 3 for r in pair["ProxyAnchor+NIR"]["history"])
-    for name in ("comparison.txt", "comparison.png", "seed0/ProxyAnchor_NIR/metrics.jsonl",
-                 "seed0/ProxyAnchor/projection.png"):
+    for name in (
+        "comparison.txt",
+        "comparison.png",
+        "seed0/ProxyAnchor_NIR/metrics.jsonl",
+        "seed0/ProxyAnchor/projection.png",
+    ):
         assert (tmp_path / "digits" / name).stat().st_size > 0, name
     assert "ProxyAnchor+NIR" in (tmp_path / "digits" / "comparison.txt").read_text()
 

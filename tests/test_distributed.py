@@ -115,11 +115,11 @@ def test_two_gloo_processes_match_one_process():
     for (rank, variant), rank_grads in per_rank.items():
         assert rank_grads.keys() == expected.keys()
         for name, g in expected.items():
-            torch.testing.assert_close(rank_grads[name], g, atol=1e-10, rtol=1e-8,
-                                       msg=f"{variant}, rank {rank}: {name}")
+            torch.testing.assert_close(
+                rank_grads[name], g, atol=1e-10, rtol=1e-8, msg=f"{variant}, rank {rank}: {name}"
+            )
 
 
 def test_efficient_mode_is_rejected_with_the_fix():
     with pytest.raises(ValueError, match="use efficient=False"):
         nir_loss.DistributedLossWrapper(make_model_and_loss()[1], efficient=True)
-

@@ -38,9 +38,13 @@ def _raised_messages() -> list[tuple[str, str]]:
             if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args):
                 continue
             arg = node.exc.args[0]
-            pieces = ([arg.value] if isinstance(arg, ast.Constant) else
-                      [v.value for v in arg.values if isinstance(v, ast.Constant)] if isinstance(arg, ast.JoinedStr)
-                      else [])
+            pieces = (
+                [arg.value]
+                if isinstance(arg, ast.Constant)
+                else [v.value for v in arg.values if isinstance(v, ast.Constant)]
+                if isinstance(arg, ast.JoinedStr)
+                else []
+            )
             pieces = [p for p in pieces if isinstance(p, str) and len(p.strip()) >= 8]
             if pieces:
                 found.append((path.name, pieces[0]))
@@ -73,8 +77,10 @@ def test_api_page_lists_every_public_name(module_name):
     """Names exported at the top are documented there; the rest under their module."""
     api = (DOCS / "api.md").read_text()
     module = importlib.import_module(f"nir_loss.{module_name}")
-    expected = [f"nir_loss.{name}" if name in nir_loss.__all__ else f"nir_loss.{module_name}.{name}"
-                for name in getattr(module, "__all__", [])]
+    expected = [
+        f"nir_loss.{name}" if name in nir_loss.__all__ else f"nir_loss.{module_name}.{name}"
+        for name in getattr(module, "__all__", [])
+    ]
     missing = [path for path in expected if f"::: {path}\n" not in api]
     assert not missing, f"docs/api.md lacks ::: entries for {missing}"
 
@@ -90,8 +96,13 @@ def test_api_page_lists_the_whole_top_level():
 @pytest.mark.parametrize("module_name", MODULES)
 def test_each_module_declares_all_once(module_name):
     tree = ast.parse((ROOT / "nir_loss" / f"{module_name}.py").read_text())
-    targets = [t.id for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
-               for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)]
+    targets = [
+        t.id
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+        for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(t, ast.Name)
+    ]
     assert targets.count("__all__") == 1, "one __all__ = [...] per module"
 
 
@@ -100,7 +111,7 @@ def _fenced_code(path: pathlib.Path) -> list[tuple[str, str]]:
     shown = []
     for match in re.finditer(r"^( *)```[^\n]*\n(.*?)^\1```", path.read_text(), re.S | re.M):
         for line in match.group(2).splitlines():
-            line = line[len(match.group(1)):]
+            line = line[len(match.group(1)) :]
             snippet = re.match(r'--8<-- "([^":]+)(?::(\w+))?"', line)
             if not snippet:
                 shown.append((str(path.relative_to(ROOT)), line))
@@ -119,8 +130,11 @@ def _docstring_examples(path: pathlib.Path) -> list[tuple[str, str]]:
     shown = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node):
-            shown += [(f"{path.name}:{getattr(node, 'name', '')}", line.strip())
-                      for line in ast.get_docstring(node).splitlines() if line.strip().startswith((">>>", "..."))]
+            shown += [
+                (f"{path.name}:{getattr(node, 'name', '')}", line.strip())
+                for line in ast.get_docstring(node).splitlines()
+                if line.strip().startswith((">>>", "..."))
+            ]
     return shown
 
 
@@ -157,5 +171,3 @@ def test_changelog_is_in_the_site():
 
 def test_concept_figure_is_committed():
     assert (DOCS / "img" / "concept.png").stat().st_size > 10_000
-
-

@@ -137,6 +137,7 @@ def test_permutations_depend_on_seed_only():
 
 def test_weights_come_from_the_global_rng():
     """As documented: torch.manual_seed makes the weights reproducible, `seed` does not change them."""
+
     def weights(global_seed, seed):
         torch.manual_seed(global_seed)
         flow = ProxyConditionedFlow(8, num_blocks=2, hidden_features=16, num_layers=3, seed=seed)
@@ -179,8 +180,9 @@ def test_normflows_affine_coupling_behaviour_is_pinned():
 
 def test_coupling_is_a_normflows_layer():
     layer = ContextAffineCoupling(4, context_features=3, hidden_features=8, num_layers=3, identity_init=False)
-    model = nf.ConditionalNormalizingFlow(nf.distributions.DiagGaussian(4, trainable=False),
-                                          [layer, nf.flows.Permute(4), layer])
+    model = nf.ConditionalNormalizingFlow(
+        nf.distributions.DiagGaussian(4, trainable=False), [layer, nf.flows.Permute(4), layer]
+    )
     x, c = torch.randn(5, 4), torch.randn(5, 3)
     torch.testing.assert_close(model.forward(model.inverse(x, c), c), x, atol=1e-5, rtol=0)
     assert model.log_prob(x, c).shape == (5,)
@@ -224,8 +226,13 @@ def test_state_dict_deepcopy_pickle_round_trip():
     state_buffer.seek(0)
     from_file = make_flow(5, seed=9)
     from_file.load_state_dict(torch.load(state_buffer, weights_only=True))
-    for clone in (other, from_file, copy.deepcopy(flow), pickle.loads(pickle.dumps(flow)),
-                  torch.load(buffer, weights_only=False)):
+    for clone in (
+        other,
+        from_file,
+        copy.deepcopy(flow),
+        pickle.loads(pickle.dumps(flow)),
+        torch.load(buffer, weights_only=False),
+    ):
         torch.testing.assert_close(clone.log_prob(x, c), expected)
 
 
@@ -273,8 +280,9 @@ def test_bad_arguments():
 @pytest.mark.parametrize("transform_first", [True, False])
 def test_fused_coupling_equals_the_stock_normflows_affine_coupling(transform_first):
     """The fast path computes exactly what normflows' AffineCoupling does with the same subnet."""
-    layer = ContextAffineCoupling(7, context_features=5, hidden_features=16, num_layers=3,
-                                  transform_first=transform_first, identity_init=False).double()
+    layer = ContextAffineCoupling(
+        7, context_features=5, hidden_features=16, num_layers=3, transform_first=transform_first, identity_init=False
+    ).double()
     x, c = torch.randn(9, 7, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
     encoded = layer.encode_context(c)
     x_t, x_c = x[:, layer.transformed], x[:, layer.conditioner]
@@ -306,12 +314,15 @@ def test_fused_density_equals_autograd_through_the_normflows_layers(d, num_layer
     torch.testing.assert_close(z, z_ref, atol=1e-12, rtol=0)
     torch.testing.assert_close(log_det, log_det_ref, atol=1e-12, rtol=0)
     w_z, w_ld = torch.randn_like(z), torch.randn_like(log_det)
-    for name, objective in (("both", lambda z, ld: (z * w_z).sum() + (ld * w_ld).sum()),
-                            ("z only", lambda z, ld: (z * w_z).sum()),
-                            ("log-det only", lambda z, ld: (ld * w_ld).sum())):
+    for name, objective in (
+        ("both", lambda z, ld: (z * w_z).sum() + (ld * w_ld).sum()),
+        ("z only", lambda z, ld: (z * w_z).sum()),
+        ("log-det only", lambda z, ld: (ld * w_ld).sum()),
+    ):
         got = torch.autograd.grad(objective(z, log_det), [x, c, *fused.parameters()], retain_graph=True)
-        expected = torch.autograd.grad(objective(z_ref, log_det_ref), [x, c, *layers.parameters()],
-                                       retain_graph=True, allow_unused=True)
+        expected = torch.autograd.grad(
+            objective(z_ref, log_det_ref), [x, c, *layers.parameters()], retain_graph=True, allow_unused=True
+        )
         names = ["x", "context"] + [n for n, _ in fused.named_parameters()]
         for n, a, b in zip(names, got, expected):
             b = torch.zeros_like(a) if b is None else b
@@ -332,8 +343,9 @@ def test_fused_density_with_class_encodings_and_without_grad():
     with torch.no_grad():
         torch.testing.assert_close(flow.log_prob(x, classes[index]), expected, atol=1e-12, rtol=0)
     # a per-layer encoding from the public encode_context still works (through the layers)
-    torch.testing.assert_close(flow.log_prob(x, encoded=flow.encode_context(classes), context_index=index),
-                               expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        flow.log_prob(x, encoded=flow.encode_context(classes), context_index=index), expected, atol=1e-12, rtol=0
+    )
 
 
 def test_fused_path_applies_only_to_affine_flows_in_the_density_direction():

@@ -98,8 +98,12 @@ def test_sub_losses_are_named_for_reducers_and_stats():
     loss_fn = ProxyAnchorNIRLoss(C, D, flow_options=FLOW)
     assert loss_fn.sub_loss_names() == ["pos_loss", "neg_loss", "nir_loss"]
     assert set(loss_fn.reducer.reducers) == {"pos_loss", "neg_loss", "nir_loss"}
-    reg = NIRRegularizer(losses.ArcFaceLoss(C, D), collect_stats=True,
-                         reducer=reducers.MeanReducer(collect_stats=True), flow_options=FLOW)
+    reg = NIRRegularizer(
+        losses.ArcFaceLoss(C, D),
+        collect_stats=True,
+        reducer=reducers.MeanReducer(collect_stats=True),
+        flow_options=FLOW,
+    )
     assert reg.sub_loss_names() == ["proxy_loss", "nir_loss"]
     x, y = batch()
     reg(x, y)
@@ -110,8 +114,9 @@ def test_sub_losses_are_named_for_reducers_and_stats():
 def test_pml_reducers_combine_the_nir_term():
     x, y = batch(dtype=torch.float64)
     plain = ProxyAnchorNIRLoss(C, D, nir_weight=0.0, flow_options=FLOW).double()
-    mean_red = ProxyAnchorNIRLoss(C, D, nir_weight=0.2, flow_options=FLOW, reducer=reducers.MeanReducer(),
-                                  **EXACT).double()
+    mean_red = ProxyAnchorNIRLoss(
+        C, D, nir_weight=0.2, flow_options=FLOW, reducer=reducers.MeanReducer(), **EXACT
+    ).double()
     div_red = copy.deepcopy(mean_red)
     div_red.set_reducer(None)
     div_red.reducer = ProxyAnchorNIRLoss(C, D).reducer  # default DivisorReducer
@@ -119,21 +124,29 @@ def test_pml_reducers_combine_the_nir_term():
         m.load_state_dict(plain.state_dict(), strict=False)
     nir = 0.2 * mean_red.nir.per_sample_loss(x, mean_red.proxies, y).mean()
     torch.testing.assert_close(div_red(x, y) - plain(x, y), nir)
-    sum_red = NIRRegularizer(losses.ProxyNCALoss(C, D), nir_weight=0.2, reducer=reducers.SumReducer(),
-                             flow_options=FLOW, **EXACT).double()
+    sum_red = NIRRegularizer(
+        losses.ProxyNCALoss(C, D), nir_weight=0.2, reducer=reducers.SumReducer(), flow_options=FLOW, **EXACT
+    ).double()
     base = sum_red.loss(x, y)
     per = sum_red.nir.per_sample_loss(x, get_proxies(sum_red.loss), y)
     torch.testing.assert_close(sum_red(x, y) - base, 0.2 * per.sum())
 
 
 THRESHOLDING = {
-    "ProxyAnchorNIRLoss(reducer=AvgNonZeroReducer())":
-        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, reducer=reducers.AvgNonZeroReducer()),
-    "NIRRegularizer(reducer=ThresholdReducer(low=0))":
-        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), reducer=reducers.ThresholdReducer(low=0), flow_options=FLOW),
-    "MultipleReducers, thresholding default":
-        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, reducer=reducers.MultipleReducers(
-            {"pos_loss": reducers.MeanReducer()}, default_reducer=reducers.AvgNonZeroReducer())),
+    "ProxyAnchorNIRLoss(reducer=AvgNonZeroReducer())": lambda: ProxyAnchorNIRLoss(
+        C, D, flow_options=FLOW, reducer=reducers.AvgNonZeroReducer()
+    ),
+    "NIRRegularizer(reducer=ThresholdReducer(low=0))": lambda: NIRRegularizer(
+        losses.ProxyNCALoss(C, D), reducer=reducers.ThresholdReducer(low=0), flow_options=FLOW
+    ),
+    "MultipleReducers, thresholding default": lambda: ProxyAnchorNIRLoss(
+        C,
+        D,
+        flow_options=FLOW,
+        reducer=reducers.MultipleReducers(
+            {"pos_loss": reducers.MeanReducer()}, default_reducer=reducers.AvgNonZeroReducer()
+        ),
+    ),
 }
 
 
@@ -151,14 +164,23 @@ def test_thresholding_reducers_are_refused_for_the_nir_term(name):
 def test_thresholding_reducers_work_for_the_proxy_terms():
     """The fixes the error names: the NIR term under a mean, the proxy terms under the threshold."""
     x, y = batch(dtype=torch.float64)
-    mixed = ProxyAnchorNIRLoss(C, D, nir_weight=0.2, flow_options=FLOW, **EXACT, reducer=reducers.MultipleReducers(
-        {"nir_loss": reducers.MeanReducer()}, default_reducer=reducers.AvgNonZeroReducer())).double()
+    mixed = ProxyAnchorNIRLoss(
+        C,
+        D,
+        nir_weight=0.2,
+        flow_options=FLOW,
+        **EXACT,
+        reducer=reducers.MultipleReducers(
+            {"nir_loss": reducers.MeanReducer()}, default_reducer=reducers.AvgNonZeroReducer()
+        ),
+    ).double()
     plain = losses.ProxyAnchorLoss(C, D, reducer=reducers.AvgNonZeroReducer()).double()
     plain.load_state_dict({"proxies": mixed.proxies.detach().clone()})
     nir = 0.2 * mixed.nir.per_sample_loss(x, mixed.proxies, y).mean()
     torch.testing.assert_close(mixed(x, y), plain(x, y) + nir)
-    inner = NIRRegularizer(losses.ProxyNCALoss(C, D, reducer=reducers.AvgNonZeroReducer()), nir_weight=0.2,
-                           flow_options=FLOW)
+    inner = NIRRegularizer(
+        losses.ProxyNCALoss(C, D, reducer=reducers.AvgNonZeroReducer()), nir_weight=0.2, flow_options=FLOW
+    )
     inner(*batch()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in inner.flow.parameters())
 
@@ -182,8 +204,13 @@ class CustomParamLoss(losses.BaseMetricLossFunction):
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         d = 1 - F.normalize(embeddings, dim=1) @ F.normalize(self.proxies, dim=1).t()
-        return {"loss": {"losses": d[torch.arange(len(labels)), labels], "indices": torch.arange(len(labels)),
-                         "reduction_type": "element"}}
+        return {
+            "loss": {
+                "losses": d[torch.arange(len(labels)), labels],
+                "indices": torch.arange(len(labels)),
+                "reduction_type": "element",
+            }
+        }
 
 
 class CustomGetterLoss(CustomParamLoss):
@@ -229,8 +256,13 @@ def test_bad_proxies_shape_is_a_type_error():
         (torch.randint(0, 3, (4, D)), torch.tensor([0, 1, 2, 3]), "floating point"),
     ],
 )
-@pytest.mark.parametrize("make", [lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW),
-                                  lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=FLOW)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW),
+        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=FLOW),
+    ],
+)
 def test_bad_input_is_a_clear_value_error(embeddings, labels, message, make):
     with pytest.raises(ValueError, match=message):
         make()(embeddings, labels)
@@ -258,16 +290,24 @@ def test_validation_can_be_switched_off():
         loss_fn(torch.randn(2, D), torch.tensor([0, 1], dtype=torch.int32))
 
 
-@pytest.mark.parametrize("make", [lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, validate=False),
-                                  lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), validate=False, flow_options=FLOW)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, validate=False),
+        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), validate=False, flow_options=FLOW),
+    ],
+)
 def test_device_mismatch_is_an_error_and_moves_nothing(make):
     """Embeddings on another device (here "meta", where a move would lose the weights): an error naming the fix."""
     loss_fn = make()
     before = copy.deepcopy(loss_fn.state_dict())
     x, y = torch.randn(4, D, device="meta"), torch.zeros(4, dtype=torch.long, device="meta")
-    calls = {"loss": lambda: loss_fn(x, y), "log_likelihood": lambda: loss_fn.log_likelihood(x, y),
-             "log_likelihood_matrix": lambda: loss_fn.log_likelihood_matrix(x),
-             "nir.log_likelihood": lambda: loss_fn.nir.log_likelihood(x, get_proxies(loss_fn), y)}
+    calls = {
+        "loss": lambda: loss_fn(x, y),
+        "log_likelihood": lambda: loss_fn.log_likelihood(x, y),
+        "log_likelihood_matrix": lambda: loss_fn.log_likelihood_matrix(x),
+        "nir.log_likelihood": lambda: loss_fn.nir.log_likelihood(x, get_proxies(loss_fn), y),
+    }
     for name, call in calls.items():
         with pytest.raises(ValueError, match=r"embeddings are on meta but .* is on cpu: .*loss_fn\.to\('meta'\)"):
             call()
@@ -276,12 +316,15 @@ def test_device_mismatch_is_an_error_and_moves_nothing(make):
     assert torch.isfinite(loss_fn(*batch()))  # still usable on its own device
 
 
-@pytest.mark.parametrize("make", [
-    lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW),
-    lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, reducer=reducers.MeanReducer()),
-    lambda: NIRRegularizer(losses.ArcFaceLoss(C, D, reducer=reducers.MeanReducer()), flow_options=FLOW),
-    lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), reducer=reducers.MeanReducer(), flow_options=FLOW),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW),
+        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, reducer=reducers.MeanReducer()),
+        lambda: NIRRegularizer(losses.ArcFaceLoss(C, D, reducer=reducers.MeanReducer()), flow_options=FLOW),
+        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), reducer=reducers.MeanReducer(), flow_options=FLOW),
+    ],
+)
 def test_empty_batch_gives_zero_loss_on_the_graph(make):
     x = torch.randn(0, D, requires_grad=True)
     loss = make()(x, torch.zeros(0, dtype=torch.long))
@@ -299,8 +342,13 @@ def test_state_dict_deepcopy_pickle_and_device_move():
     buffer = io.BytesIO()
     torch.save(loss_fn, buffer)
     buffer.seek(0)
-    for clone in (other, copy.deepcopy(loss_fn), pickle.loads(pickle.dumps(loss_fn)),
-                  torch.load(buffer, weights_only=False), copy.deepcopy(loss_fn).to("cpu")):
+    for clone in (
+        other,
+        copy.deepcopy(loss_fn),
+        pickle.loads(pickle.dumps(loss_fn)),
+        torch.load(buffer, weights_only=False),
+        copy.deepcopy(loss_fn).to("cpu"),
+    ):
         torch.testing.assert_close(clone(x, y), expected)
 
 
@@ -321,8 +369,9 @@ def test_autocast_keeps_nir_math_in_float32(objective):
 
 
 def test_param_groups_cover_every_parameter_once():
-    loss_fn = NIRRegularizer(losses.SoftTripleLoss(C, D, centers_per_class=2),
-                             flow_options={**FLOW, "context_mlp_width": 4})
+    loss_fn = NIRRegularizer(
+        losses.SoftTripleLoss(C, D, centers_per_class=2), flow_options={**FLOW, "context_mlp_width": 4}
+    )
     groups = loss_fn.param_groups(1e-5, proxy_lr_mult=4000, flow_lr_mult=50)
     assert [g["lr"] for g in groups] == pytest.approx([4e-2, 5e-4])
     ids = [id(p) for g in groups for p in g["params"]]

@@ -137,8 +137,17 @@ def test_recorded_nll_statistics():
     torch.testing.assert_close(loss_fn.nir_nll_max, nll.max().detach())
 
 
-@pytest.mark.parametrize("kwargs", [dict(noise_std=-0.1), dict(noise_std=math.inf), dict(noise_std=math.nan),
-                                    dict(guard_radius=0.0), dict(guard_radius=-1.0), dict(guard_radius=math.nan)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(noise_std=-0.1),
+        dict(noise_std=math.inf),
+        dict(noise_std=math.nan),
+        dict(guard_radius=0.0),
+        dict(guard_radius=-1.0),
+        dict(guard_radius=math.nan),
+    ],
+)
 def test_bad_safeguard_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="noise_std|guard_radius"):
         ProxyAnchorNIRLoss(4, 8, flow_options=FLOW, **kwargs)

@@ -16,11 +16,15 @@ META = torch.device("meta")
 
 
 @pytest.mark.parametrize("objective", ["nll", "exp_nll"])
-@pytest.mark.parametrize("make", [
-    lambda o: ProxyAnchorNIRLoss(7, 8, objective=o, flow_options=FLOW, validate=False),
-    lambda o: NIRRegularizer(losses.SoftTripleLoss(7, 8, centers_per_class=2), objective=o, validate=False,
-                             flow_options=FLOW),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda o: ProxyAnchorNIRLoss(7, 8, objective=o, flow_options=FLOW, validate=False),
+        lambda o: NIRRegularizer(
+            losses.SoftTripleLoss(7, 8, centers_per_class=2), objective=o, validate=False, flow_options=FLOW
+        ),
+    ],
+)
 def test_nir_term_runs_on_meta_tensors(make, objective):
     loss_fn = make(objective).to(META)
     x = torch.empty(12, 8, device=META, requires_grad=True)
@@ -34,11 +38,14 @@ def test_nir_term_runs_on_meta_tensors(make, objective):
     assert loss_fn.log_likelihood_matrix(x, chunk_size=5).shape == (12, 7)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: ProxyAnchorNIRLoss(7, 8, flow_options=FLOW),
-    lambda: NIRRegularizer(losses.SoftTripleLoss(7, 8, centers_per_class=2), flow_options=FLOW),
-    lambda: NIRRegularizer(losses.ProxyNCALoss(7, 8), objective="exp_nll", flow_options=FLOW),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ProxyAnchorNIRLoss(7, 8, flow_options=FLOW),
+        lambda: NIRRegularizer(losses.SoftTripleLoss(7, 8, centers_per_class=2), flow_options=FLOW),
+        lambda: NIRRegularizer(losses.ProxyNCALoss(7, 8), objective="exp_nll", flow_options=FLOW),
+    ],
+)
 def test_nir_part_of_a_default_loss_call_runs_on_meta_tensors(make):
     """Defaults (validate=True, training mode: noise and tail guard): validation, the term, its reduction.
 
@@ -89,8 +96,9 @@ def test_device_side_checks_still_fail_on_bad_values(bad):
 def test_divisor_reducer_collecting_stats_gets_the_element_losses():
     x, y = torch.randn(6, 8), torch.randint(0, 7, (6,))
     plain = ProxyAnchorNIRLoss(7, 8, flow_options=FLOW, noise_std=0.0)
-    stats = ProxyAnchorNIRLoss(7, 8, flow_options=FLOW, noise_std=0.0,
-                               reducer=reducers.DivisorReducer(collect_stats=True))
+    stats = ProxyAnchorNIRLoss(
+        7, 8, flow_options=FLOW, noise_std=0.0, reducer=reducers.DivisorReducer(collect_stats=True)
+    )
     stats.load_state_dict(plain.state_dict())
     assert stats._nir_loss_entry(x, y, None)["reduction_type"] == "element"
     assert plain._nir_loss_entry(x, y, None)["reduction_type"] == "already_reduced"

@@ -45,6 +45,7 @@ def _load_example():
 
 # -- losses that pass ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(PML_LOSSES))
 def test_pml_proxy_losses_pass(name):
     check_proxy_loss(PML_LOSSES[name](), C, D)
@@ -79,6 +80,7 @@ def test_cuda_device_checked():
 
 # -- broken losses are caught with a message naming the fix ----------------------------------
 
+
 class _CosineLoss(pml_losses.BaseMetricLossFunction):
     """A correct small proxy loss; the subclasses below break it one way each."""
 
@@ -91,8 +93,13 @@ class _CosineLoss(pml_losses.BaseMetricLossFunction):
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         logits = 16 * F.normalize(embeddings, dim=1) @ F.normalize(self.used_proxies().to(embeddings), dim=1).t()
-        return {"loss": {"losses": F.cross_entropy(logits, labels, reduction="none"),
-                         "indices": c_f.torch_arange_from_size(embeddings), "reduction_type": "element"}}
+        return {
+            "loss": {
+                "losses": F.cross_entropy(logits, labels, reduction="none"),
+                "indices": c_f.torch_arange_from_size(embeddings),
+                "reduction_type": "element",
+            }
+        }
 
 
 class _DetachedProxies(_CosineLoss):
@@ -158,23 +165,34 @@ class _HardCodedFloat32(_CosineLoss):
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         logits = embeddings @ self.used_proxies().t()  # float64 @ float32 fails
-        return {"loss": {"losses": F.cross_entropy(logits, labels, reduction="none"),
-                         "indices": c_f.torch_arange_from_size(embeddings), "reduction_type": "element"}}
+        return {
+            "loss": {
+                "losses": F.cross_entropy(logits, labels, reduction="none"),
+                "indices": c_f.torch_arange_from_size(embeddings),
+                "reduction_type": "element",
+            }
+        }
 
 
 def test_correct_custom_loss_passes():
     check_proxy_loss(_CosineLoss(), C, D)
 
 
-@pytest.mark.parametrize("loss, message", [
-    (_DetachedProxies(), r"own loss \(without NIR\) gives no gradient to its proxies.*no \.detach\(\)"),
-    (_BufferProxies(), r"not computed from a trainable parameter.*nn\.Parameter"),
-    (_PlainTensorProxies(), r"not computed from a trainable parameter.*nn\.Parameter"),
-    (pml_losses.ContrastiveLoss(), r"has no class proxies.*How to fix: give the loss a `proxies` nn\.Parameter"),
-    (_ReshapedColumns(), r"get_proxies\(_ReshapedColumns\)\[\d\] is not the proxy of class \d.*return W\.t\(\)"),
-    (_UnsavedProxies(), r"load_state_dict does not restore _UnsavedProxies's proxies \(computed from plain tensor "
-                        r"attributes, which state_dict leaves out: loss\.raw\).*register them with nn\.Parameter"),
-])
+@pytest.mark.parametrize(
+    "loss, message",
+    [
+        (_DetachedProxies(), r"own loss \(without NIR\) gives no gradient to its proxies.*no \.detach\(\)"),
+        (_BufferProxies(), r"not computed from a trainable parameter.*nn\.Parameter"),
+        (_PlainTensorProxies(), r"not computed from a trainable parameter.*nn\.Parameter"),
+        (pml_losses.ContrastiveLoss(), r"has no class proxies.*How to fix: give the loss a `proxies` nn\.Parameter"),
+        (_ReshapedColumns(), r"get_proxies\(_ReshapedColumns\)\[\d\] is not the proxy of class \d.*return W\.t\(\)"),
+        (
+            _UnsavedProxies(),
+            r"load_state_dict does not restore _UnsavedProxies's proxies \(computed from plain tensor "
+            r"attributes, which state_dict leaves out: loss\.raw\).*register them with nn\.Parameter",
+        ),
+    ],
+)
 def test_broken_proxies_are_caught(loss, message):
     with pytest.raises(AssertionError, match=re.compile(message, re.S)):
         check_proxy_loss(loss, C, D)
@@ -185,10 +203,13 @@ def test_wrong_shape_is_caught():
         check_proxy_loss(_CosineLoss(), 7, D)
 
 
-@pytest.mark.parametrize("loss, message", [
-    (_Float32Only(), r"returns torch\.float32 for torch\.float64 embeddings"),
-    (_HardCodedFloat32(), r"without NIR on cpu in torch\.float64 raised RuntimeError"),
-])
+@pytest.mark.parametrize(
+    "loss, message",
+    [
+        (_Float32Only(), r"returns torch\.float32 for torch\.float64 embeddings"),
+        (_HardCodedFloat32(), r"without NIR on cpu in torch\.float64 raised RuntimeError"),
+    ],
+)
 def test_dtype_problem_is_caught(loss, message):
     with pytest.raises(AssertionError, match=re.compile(message + r".*How to fix: cast the proxies", re.S)):
         check_proxy_loss(loss, C, D)
@@ -202,12 +223,17 @@ def test_messages_say_how_to_fix():
 
 # -- flows -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flow", [
-    ProxyConditionedFlow(D, num_blocks=2, hidden_features=16, num_layers=3),
-    ProxyConditionedFlow(D, num_blocks=1, hidden_features=16, num_layers=3, coupling="spline"),
-    ProxyConditionedFlow(D, num_blocks=1, hidden_features=16, num_layers=3, context_mlp_width=8),
-    ContextAffineCoupling(5, context_features=3, hidden_features=8, num_layers=2),
-], ids=["affine", "spline", "context_mlp", "coupling_layer"])
+
+@pytest.mark.parametrize(
+    "flow",
+    [
+        ProxyConditionedFlow(D, num_blocks=2, hidden_features=16, num_layers=3),
+        ProxyConditionedFlow(D, num_blocks=1, hidden_features=16, num_layers=3, coupling="spline"),
+        ProxyConditionedFlow(D, num_blocks=1, hidden_features=16, num_layers=3, context_mlp_width=8),
+        ContextAffineCoupling(5, context_features=3, hidden_features=8, num_layers=2),
+    ],
+    ids=["affine", "spline", "context_mlp", "coupling_layer"],
+)
 def test_library_flows_pass(flow):
     check_flow(flow)
 
@@ -231,11 +257,14 @@ class _IgnoresContext(ProxyConditionedFlow):
         return super().encode_context(torch.zeros_like(context))
 
 
-@pytest.mark.parametrize("cls, message", [
-    (_HalfLogDet, r"log-det is wrong: sample 0 reports .* slogdet of the autograd Jacobian"),
-    (_NotInverted, r"is not invertible: forward\(inverse\(x\)\) differs from x"),
-    (_IgnoresContext, r"log-density does not depend on its context"),
-])
+@pytest.mark.parametrize(
+    "cls, message",
+    [
+        (_HalfLogDet, r"log-det is wrong: sample 0 reports .* slogdet of the autograd Jacobian"),
+        (_NotInverted, r"is not invertible: forward\(inverse\(x\)\) differs from x"),
+        (_IgnoresContext, r"log-density does not depend on its context"),
+    ],
+)
 def test_broken_flows_are_caught(cls, message):
     with pytest.raises(AssertionError, match=message):
         check_flow(cls(D, num_blocks=1, hidden_features=16, num_layers=3))
@@ -248,6 +277,7 @@ def test_check_flow_exercises_identity_initialized_flows():
 
 
 # -- the example -------------------------------------------------------------------------------
+
 
 def test_custom_proxy_loss_example(monkeypatch, capsys):
     example = _load_example()

@@ -22,9 +22,33 @@ LayoutError, read_cub = data.LayoutError, data.read_cub
 RECALL_KS, compute_metrics, recall_at_k = evaluation.RECALL_KS, evaluation.compute_metrics, evaluation.recall_at_k
 
 METRIC_KEYS = {f"recall_at_{k}" for k in RECALL_KS} | {"NMI", "mean_average_precision_at_r", "r_precision"}
-FAST = ["--arch", "resnet18", "--weights", "none", "--image-size", "32", "--batch-size", "6",
-        "--samples-per-class", "2", "--max-steps", "2", "--workers", "0", "--eval-batch-size", "32",
-        "--flow-blocks", "2", "--flow-hidden", "32", "--flow-layers", "3", "--no-progress", "--threads", "1"]
+FAST = [
+    "--arch",
+    "resnet18",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "6",
+    "--samples-per-class",
+    "2",
+    "--max-steps",
+    "2",
+    "--workers",
+    "0",
+    "--eval-batch-size",
+    "32",
+    "--flow-blocks",
+    "2",
+    "--flow-hidden",
+    "32",
+    "--flow-layers",
+    "3",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +87,22 @@ def test_train_evaluate_checkpoint_resume(cub, tmp_path, capsys):
     assert not torch.equal(after["head.weight"], init["head.weight"])
 
     # A continuous run leaves warmup: the trunk trains in epoch 2.
-    cont = train_cub.main(["--data", str(cub), "--out", str(tmp_path / "cont"), "--warmup-epochs", "1", *FAST,
-                           "--epochs", "2", "--no-plots", "--max-steps", "1"])
+    cont = train_cub.main(
+        [
+            "--data",
+            str(cub),
+            "--out",
+            str(tmp_path / "cont"),
+            "--warmup-epochs",
+            "1",
+            *FAST,
+            "--epochs",
+            "2",
+            "--no-plots",
+            "--max-steps",
+            "1",
+        ]
+    )
     assert [r["warmup"] for r in cont["history"]] == [True, False]
     moved = torch.load(tmp_path / "cont" / "last.pt", weights_only=False)["model"]
     assert not torch.equal(moved["trunk.0.weight"], init["trunk.0.weight"])
@@ -81,12 +119,36 @@ def test_train_evaluate_checkpoint_resume(cub, tmp_path, capsys):
     assert (out / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
 
 
-@pytest.mark.parametrize("loss,nir,extra", [("proxyanchor", "off", ["--grad-clip", "1.0"]),
-                                            ("softtriple", "on", ["--nir-objective", "exp_nll"]),
-                                            ("arcface", "on", [])])
+@pytest.mark.parametrize(
+    "loss,nir,extra",
+    [
+        ("proxyanchor", "off", ["--grad-clip", "1.0"]),
+        ("softtriple", "on", ["--nir-objective", "exp_nll"]),
+        ("arcface", "on", []),
+    ],
+)
 def test_losses_and_baseline(cub, tmp_path, loss, nir, extra):
-    result = train_cub.main(["--data", str(cub), "--out", str(tmp_path), "--loss", loss, "--nir", nir, *FAST,
-                             "--epochs", "1", "--warmup-epochs", "0", "--no-plots", "--max-steps", "1", *extra])
+    result = train_cub.main(
+        [
+            "--data",
+            str(cub),
+            "--out",
+            str(tmp_path),
+            "--loss",
+            loss,
+            "--nir",
+            nir,
+            *FAST,
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--no-plots",
+            "--max-steps",
+            "1",
+            *extra,
+        ]
+    )
     final = result["final"]
     assert METRIC_KEYS <= set(final) and all(math.isfinite(final[k]) for k in METRIC_KEYS)
     assert (final["nll"] is None) == (final["nll_max"] is None) == (nir == "off")
@@ -182,6 +244,7 @@ def test_efficientnet_lite0_offline_weights():
 
 # -- the command line: user errors are one line, Ctrl-C says how to resume -------------------
 
+
 def _cli(argv, capsys):
     code = train_cub.cli(argv)
     captured = capsys.readouterr()
@@ -195,18 +258,22 @@ def _one_line_error(code, err):
 
 def test_too_few_classes_for_the_batch_size_names_the_flag(cub, tmp_path, capsys):
     """3 train classes, the default batch of 90 with m = 2: MPerClassSampler would assert; we name --batch-size."""
-    code, _, err = _cli(["--data", str(cub), "--out", str(tmp_path), "--arch", "resnet18", "--weights", "none"],
-                        capsys)
+    code, _, err = _cli(["--data", str(cub), "--out", str(tmp_path), "--arch", "resnet18", "--weights", "none"], capsys)
     err = _one_line_error(code, err)
     assert "batch size 90 needs 45 classes of m = 2 samples each" in err and "has 3 classes" in err
     assert "--batch-size 6 or less" in err and "--samples-per-class" in err
     assert not (tmp_path / "last.pt").exists()
 
 
-@pytest.mark.parametrize("split, message", [
-    ("classes:0", "leaves no train classes"), ("classes:6", "leaves no test classes"),
-    ("bogus", "'bogus' is not a split"), ("classes:x", "'classes:x' is not a split"),
-])
+@pytest.mark.parametrize(
+    "split, message",
+    [
+        ("classes:0", "leaves no train classes"),
+        ("classes:6", "leaves no test classes"),
+        ("bogus", "'bogus' is not a split"),
+        ("classes:x", "'classes:x' is not a split"),
+    ],
+)
 def test_bad_split_is_a_one_line_error(cub, tmp_path, capsys, split, message):
     code, _, err = _cli(["--data", str(cub), "--out", str(tmp_path), "--split", split, *FAST], capsys)
     assert message in _one_line_error(code, err)
@@ -231,8 +298,11 @@ def test_layout_read_is_named(cub, tmp_path):
     assert tree.layout.startswith(f"class-folder tree {copy / 'images'}/<class>/<image>")
     assert f"no images.txt in {copy} or {copy / 'CUB_200_2011'}, so not the official layout" in tree.layout
     assert tree.num_train_classes == 3 and len(tree.train_items) + len(tree.test_items) == 36
-    with pytest.raises(LayoutError, match=rf"no images.txt in {tmp_path} or {copy} \(official layout\), and "
-                                          r"read as a class-folder tree: no images .* in the class folders"):
+    with pytest.raises(
+        LayoutError,
+        match=rf"no images.txt in {tmp_path} or {copy} \(official layout\), and "
+        r"read as a class-folder tree: no images .* in the class folders",
+    ):
         read_cub(tmp_path)  # the parent: CUB_200_2011 looks like a class folder without images
 
 
@@ -262,6 +332,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(cub, tmp_path, capsy
             if epoch == epoch_to_stop:
                 raise KeyboardInterrupt
             return real(cfg, epoch, *args, **kwargs)
+
         return train_one_epoch
 
     monkeypatch.setattr(engine, "train_one_epoch", interrupted_in(1))
@@ -286,6 +357,7 @@ def test_workers_default_to_the_cores_available(monkeypatch):
 
 # -- plots -------------------------------------------------------------------------------------
 
+
 def test_curves_show_the_nll_panel_only_with_data(tmp_path):
     report = import_example("trainer.report")
     base = [{"epoch": e, "loss": 1.0 / e, "nll": None, "nll_max": None, "recall_at_1": 0.5} for e in (1, 2)]
@@ -303,8 +375,9 @@ def test_projection_plane_separates_classes_in_a_clump():
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(10).repeat_interleave(30)
     offsets = 0.25 * torch.randn(10, 128, generator=g)
-    emb = torch.nn.functional.normalize(3 * torch.randn(128, generator=g) + offsets[labels]
-                                        + 0.6 * torch.randn(300, 128, generator=g), dim=1)
+    emb = torch.nn.functional.normalize(
+        3 * torch.randn(128, generator=g) + offsets[labels] + 0.6 * torch.randn(300, 128, generator=g), dim=1
+    )
     proxies = torch.randn(10, 128, generator=g) / 8  # far from the clump
     points = torch.as_tensor(report._class_plane(emb, labels, np.arange(10))(emb))
 

@@ -15,11 +15,47 @@ def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "run"
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(CUB / "train.py"), "--data", str(cub), "--out", str(out), "--arch", "resnet18",
-           "--weights", "none", "--image-size", "32", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "4",
-           "--samples-per-class", "2", "--max-steps", "2", "--workers", "0", "--flow-blocks", "2",
-           "--flow-hidden", "32", "--flow-layers", "3", "--no-progress", "--no-plots", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(CUB / "train.py"),
+        "--data",
+        str(cub),
+        "--out",
+        str(out),
+        "--arch",
+        "resnet18",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--samples-per-class",
+        "2",
+        "--max-steps",
+        "2",
+        "--workers",
+        "0",
+        "--flow-blocks",
+        "2",
+        "--flow-hidden",
+        "32",
+        "--flow-layers",
+        "3",
+        "--no-progress",
+        "--no-plots",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

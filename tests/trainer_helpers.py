@@ -39,8 +39,12 @@ def make_mini_cub(root: Path, num_classes: int = 4, per_class: int = 6, size: in
             images.append(f"{image_id} {rel}")
             labels.append(f"{image_id} {c}")
             split.append(f"{image_id} {int(i % 2 == 0)}")
-    for fname, lines in (("images.txt", images), ("image_class_labels.txt", labels), ("classes.txt", classes),
-                         ("train_test_split.txt", split)):
+    for fname, lines in (
+        ("images.txt", images),
+        ("image_class_labels.txt", labels),
+        ("classes.txt", classes),
+        ("train_test_split.txt", split),
+    ):
         (cub / fname).write_text("\n".join(lines) + "\n")
     return cub
 

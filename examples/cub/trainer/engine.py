@@ -115,11 +115,14 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module) -> t
     trunk = model.trunk_parameters() if hasattr(model, "trunk_parameters") else []
     trunk_ids = {id(p) for p in trunk}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in trunk_ids]
-    groups = [{"params": trunk, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "trunk"},
-              {"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "head"}]
+    groups = [
+        {"params": trunk, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "trunk"},
+        {"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "head"},
+    ]
     groups = [g for g in groups if g["params"]]
-    groups += [dict(g, weight_decay=0.0) for g in loss_param_groups(loss_fn, cfg.lr, cfg.proxy_lr_mult,
-                                                                     cfg.flow_lr_mult)]
+    groups += [
+        dict(g, weight_decay=0.0) for g in loss_param_groups(loss_fn, cfg.lr, cfg.proxy_lr_mult, cfg.flow_lr_mult)
+    ]
     return torch.optim.Adam(groups)
 
 
@@ -132,15 +135,18 @@ def check_batch_settings(batch_size: int, m: int, labels: np.ndarray) -> None:
     if m < 1:
         raise ConfigError(f"m = {m} samples per class: pass --samples-per-class 1 or more")
     if batch_size < m or batch_size % m:
-        raise ConfigError(f"batch size {batch_size} is not a positive multiple of m = {m} samples per class "
-                          f"(MPerClassSampler): pass a --batch-size that is, e.g. {m * max(1, batch_size // m)}")
+        raise ConfigError(
+            f"batch size {batch_size} is not a positive multiple of m = {m} samples per class "
+            f"(MPerClassSampler): pass a --batch-size that is, e.g. {m * max(1, batch_size // m)}"
+        )
     num_classes = len(np.unique(labels))
     if m * num_classes < batch_size:
         raise ConfigError(
             f"batch size {batch_size} needs {batch_size // m} classes of m = {m} samples each (MPerClassSampler), "
             f"but the training data has {num_classes} classes: pass --batch-size {m * num_classes} or less "
             f"(a multiple of m), or raise m with --samples-per-class (at least {-(-batch_size // num_classes)}, "
-            f"dividing the batch size)")
+            f"dividing the batch size)"
+        )
 
 
 def make_train_loader(cfg: TrainConfig, dataset: Dataset, labels: np.ndarray, dist: DistInfo) -> DataLoader:
@@ -153,27 +159,53 @@ def make_train_loader(cfg: TrainConfig, dataset: Dataset, labels: np.ndarray, di
     n = cfg.samples_per_epoch or len(labels)
     n = max(cfg.batch_size, n // dist.world_size // cfg.batch_size * cfg.batch_size)
     sampler = MPerClassSampler(labels, cfg.m, batch_size=cfg.batch_size, length_before_new_iter=n)
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=cfg.workers, pin_memory=dist.device.type == "cuda",
-                      persistent_workers=cfg.workers > 0)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.workers,
+        pin_memory=dist.device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+    )
 
 
 def make_eval_loader(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers,
-                      pin_memory=device.type == "cuda")
+    return DataLoader(
+        dataset,
+        batch_size=cfg.eval_batch_size,
+        shuffle=False,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def save_checkpoint(path: Path, epoch: int, model: nn.Module, loss_fn: nn.Module, optimizer, scheduler, scaler,
-                    history: list[dict], best: dict, cfg: TrainConfig) -> None:
+def save_checkpoint(
+    path: Path,
+    epoch: int,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer,
+    scheduler,
+    scaler,
+    history: list[dict],
+    best: dict,
+    cfg: TrainConfig,
+) -> None:
     """Writes atomically (tmp + rename) so an interrupted save never corrupts last.pt."""
     state = {
-        "epoch": epoch, "model": _unwrap(model).state_dict(), "loss": loss_fn.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None, "history": history, "best": best,
+        "epoch": epoch,
+        "model": _unwrap(model).state_dict(),
+        "loss": loss_fn.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "history": history,
+        "best": best,
         "config": asdict(cfg),
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
     }
@@ -190,8 +222,17 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def train_one_epoch(cfg: TrainConfig, epoch: int, model: nn.Module, loss_fn: nn.Module, train_loss: nn.Module,
-                    optimizer, loader: DataLoader, dist: DistInfo, scaler=None) -> dict[str, float]:
+def train_one_epoch(
+    cfg: TrainConfig,
+    epoch: int,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train_loss: nn.Module,
+    optimizer,
+    loader: DataLoader,
+    dist: DistInfo,
+    scaler=None,
+) -> dict[str, float]:
     """One pass over the sampler; returns the mean loss and, for NIR runs, the NIR NLL's statistics.
 
     ``train_loss`` is what is called (possibly a DistributedLossWrapper around ``loss_fn``);
@@ -247,8 +288,16 @@ def train_one_epoch(cfg: TrainConfig, epoch: int, model: nn.Module, loss_fn: nn.
     return out
 
 
-def fit(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module, train_set: Dataset, train_labels: np.ndarray,
-        test_set: Dataset, dist: DistInfo | None = None, log=print) -> dict:
+def fit(
+    cfg: TrainConfig,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train_set: Dataset,
+    train_labels: np.ndarray,
+    test_set: Dataset,
+    dist: DistInfo | None = None,
+    log=print,
+) -> dict:
     """Trains with warmup and a step schedule, evaluates every ``eval_every`` epochs, checkpoints.
 
     Writes to ``cfg.out_dir``: metrics.jsonl, metrics.csv, last.pt, best.pt (best R@1),
@@ -291,8 +340,10 @@ def fit(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module, train_set: Datas
     if dist.world_size > 1:
         # find_unused_parameters: the trunk is frozen during warmup, so its params get no grads then.
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
-            find_unused_parameters=cfg.warmup_epochs > 0)
+            model,
+            device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+            find_unused_parameters=cfg.warmup_epochs > 0,
+        )
         train_loss = nir_loss.DistributedLossWrapper(loss_fn)  # loss stays outside DDP
     loader = make_train_loader(cfg, train_set, train_labels, dist)
     test_loader = make_eval_loader(cfg, test_set, dist.device)
@@ -310,9 +361,16 @@ def fit(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module, train_set: Datas
             stats = train_one_epoch(cfg, epoch, train_model, loss_fn, train_loss, optimizer, loader, dist, scaler)
             scheduler.step()
             epochs_run += 1
-            record = {"epoch": epoch, "warmup": warm, "loss": stats["loss"], "nll": stats["nll"],
-                      "nll_max": stats["nll_max"], "steps": stats["steps"], "lr": optimizer.param_groups[0]["lr"],
-                      "train_s": time.time() - t0}
+            record = {
+                "epoch": epoch,
+                "warmup": warm,
+                "loss": stats["loss"],
+                "nll": stats["nll"],
+                "nll_max": stats["nll_max"],
+                "steps": stats["steps"],
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_s": time.time() - t0,
+            }
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 if dist.is_main:
                     t1 = time.time()
@@ -330,12 +388,14 @@ def fit(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module, train_set: Datas
                     best = dict(record)
                 report.append_jsonl(jsonl, record)
                 report.write_csv(csv_path, history)
-                save_checkpoint(out / "last.pt", epoch, model, loss_fn, optimizer, scheduler, scaler, history, best,
-                                cfg)
+                save_checkpoint(
+                    out / "last.pt", epoch, model, loss_fn, optimizer, scheduler, scaler, history, best, cfg
+                )
                 saved = (out / "last.pt", epoch)
                 if best.get("epoch") == epoch:
-                    save_checkpoint(out / "best.pt", epoch, model, loss_fn, optimizer, scheduler, scaler, history,
-                                    best, cfg)
+                    save_checkpoint(
+                        out / "best.pt", epoch, model, loss_fn, optimizer, scheduler, scaler, history, best, cfg
+                    )
                 msg = f"[{cfg.run_name}] epoch {epoch}/{cfg.epochs} loss {stats['loss']:.4f}"
                 msg += f" nll mean {stats['nll']:.2f} max {stats['nll_max']:.2f}" if stats["nll"] is not None else ""
                 msg += f" R@1 {100 * r1:.2f}" if r1 is not None else ""
@@ -374,8 +434,16 @@ def _sync_loss_params(loss_fn: nn.Module, dist: DistInfo) -> float:
     return spread
 
 
-def _plot_projection(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module, train_set: Dataset,
-                     train_labels: np.ndarray, test_loader: DataLoader, dist: DistInfo, path: Path) -> None:
+def _plot_projection(
+    cfg: TrainConfig,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train_set: Dataset,
+    train_labels: np.ndarray,
+    test_loader: DataLoader,
+    dist: DistInfo,
+    path: Path,
+) -> None:
     """Embeds up to 10 train classes (un-augmented when the dataset allows) and the test set; plots a PCA."""
     keep = np.flatnonzero(np.isin(train_labels, np.unique(train_labels)[:10]))[:2000]
     subset = torch.utils.data.Subset(_eval_view(train_set), keep.tolist())

@@ -42,7 +42,7 @@ def recall_at_k(embeddings: Tensor, labels: Tensor, ks=RECALL_KS, chunk: int = 1
     kmax = min(max(ks), len(e) - 1)
     hits = []
     for start in range(0, len(e), chunk):
-        sims = e[start:start + chunk] @ e.T
+        sims = e[start : start + chunk] @ e.T
         rows = torch.arange(start, min(start + chunk, len(e)))
         sims[torch.arange(len(rows)), rows] = -float("inf")  # exclude the query itself
         nn_idx = sims.topk(kmax, dim=1).indices
@@ -63,8 +63,9 @@ def compute_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def embed(model: torch.nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None
-          ) -> tuple[Tensor, Tensor]:
+def embed(
+    model: torch.nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
     """Embeddings and labels of a whole loader, in eval mode (restores the previous mode)."""
     was_training = model.training
     model.eval()

