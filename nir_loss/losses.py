@@ -10,7 +10,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction, ProxyAnchorLoss
-from pytorch_metric_learning.reducers import DivisorReducer, MultipleReducers
+from pytorch_metric_learning.reducers import DivisorReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch import Tensor, nn
 
@@ -23,6 +23,7 @@ from .validation import (
     check_embeddings,
     check_labels,
     check_nir_reducer,
+    sub_loss_reducer,
     values_checked,
 )
 
@@ -191,22 +192,16 @@ class _NIRMixin:
             self._validated_calls += 1
         return proxies
 
-    def _nir_reducer(self):
-        reducer = getattr(self, "reducer", None)
-        if isinstance(reducer, MultipleReducers):
-            return reducer.reducers["nir_loss"] if "nir_loss" in reducer.reducers else reducer.default_reducer
-        return reducer
-
     def _nir_loss_entry(self, embeddings: Tensor, labels: Tensor, indices_tuple) -> dict:
         if self.nir_weight == 0 or embeddings.shape[0] == 0:
             return {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
-        check_nir_reducer(self.reducer)  # also catches set_reducer() after construction
+        reducer = sub_loss_reducer(self.reducer)
+        check_nir_reducer(reducer)  # also catches set_reducer() after construction
         per_sample, nll = self.nir.loss_and_nll(embeddings, self._class_proxies(), labels)
         nll = nll.detach()
         self.nir_nll_mean, self.nir_nll_max = nll.mean(), nll.max()
         weights = miner_weights(indices_tuple, embeddings.shape[0], per_sample.dtype, embeddings.device)
         losses = self.nir_weight * weighted_element_losses(per_sample, weights)
-        reducer = self._nir_reducer()
         if type(reducer) is DivisorReducer and not reducer.collect_stats:
             # What DivisorReducer computes (sum / divisor, divisor = B), without its isnan check,
             # which reads a value on the host (a sync on CUDA, and a graph break under torch.compile).

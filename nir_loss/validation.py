@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pytorch_metric_learning import reducers as pml_reducers
 from torch import Tensor, nn
 
-__all__ = ["blocking_checks", "check_device", "check_embeddings", "check_labels", "check_nir_reducer", "values_checked"]
+__all__ = [
+    "blocking_checks",
+    "check_device",
+    "check_embeddings",
+    "check_labels",
+    "check_nir_reducer",
+    "sub_loss_reducer",
+    "values_checked",
+]
 
 # Blocking value checks on an accelerator: only the first calls (they read values: a host sync).
 _BLOCKING_CALLS_ON_ACCELERATORS = 1
@@ -131,6 +141,29 @@ def check_labels(
         )
 
 
+def sub_loss_reducer(reducer: Any, sub_loss: str = "nir_loss") -> Any:
+    """The reducer that reduces ``sub_loss``: the matching one of a ``MultipleReducers``, else ``reducer``.
+
+    Example:
+        >>> from pytorch_metric_learning.reducers import (
+        ...     MeanReducer,
+        ...     MultipleReducers,
+        ...     SumReducer,
+        ... )
+        >>> both = MultipleReducers(
+        ...     {"nir_loss": SumReducer()}, default_reducer=MeanReducer()
+        ... )
+        >>> (
+        ...     type(sub_loss_reducer(both)).__name__,
+        ...     type(sub_loss_reducer(both, "pos_loss")).__name__,
+        ... )
+        ('SumReducer', 'MeanReducer')
+    """
+    if isinstance(reducer, pml_reducers.MultipleReducers):
+        return reducer.reducers[sub_loss] if sub_loss in reducer.reducers else reducer.default_reducer
+    return reducer
+
+
 def check_nir_reducer(reducer: object, sub_loss: str = "nir_loss") -> None:
     """Raises ValueError, naming the fix, if the reducer of the NIR sub-loss filters losses by value.
 
@@ -155,8 +188,7 @@ def check_nir_reducer(reducer: object, sub_loss: str = "nir_loss") -> None:
         ...
         ValueError: AvgNonZeroReducer(low=0, high=None) cannot reduce the NIR term: ...
     """
-    if isinstance(reducer, pml_reducers.MultipleReducers):
-        reducer = reducer.reducers[sub_loss] if sub_loss in reducer.reducers else reducer.default_reducer
+    reducer = sub_loss_reducer(reducer, sub_loss)
     if isinstance(reducer, pml_reducers.ThresholdReducer):
         raise ValueError(
             f"{type(reducer).__name__}(low={reducer.low}, high={reducer.high}) cannot reduce the NIR term: it "

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from .trainer_helpers import import_example
+from .trainer_helpers import SMALL_FLOW_ARGS, import_example
 
 demo = import_example("demo")
 
@@ -20,12 +20,7 @@ SMALL = [
     "--max-steps",
     "3",
     "--no-progress",
-    "--flow-blocks",
-    "2",
-    "--flow-hidden",
-    "32",
-    "--flow-layers",
-    "3",
+    *SMALL_FLOW_ARGS,
     "--threads",
     "1",
 ]

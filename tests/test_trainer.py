@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from .trainer_helpers import import_example, make_mini_cub
+from .trainer_helpers import SMALL_FLOW_ARGS, import_example, make_mini_cub
 
 train_cub = import_example("train")
 data = import_example("trainer.data")
@@ -39,12 +39,7 @@ FAST = [
     "0",
     "--eval-batch-size",
     "32",
-    "--flow-blocks",
-    "2",
-    "--flow-hidden",
-    "32",
-    "--flow-layers",
-    "3",
+    *SMALL_FLOW_ARGS,
     "--no-progress",
     "--threads",
     "1",

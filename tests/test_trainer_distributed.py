@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from .trainer_helpers import CUB, ROOT, make_mini_cub
+from .trainer_helpers import CUB, ROOT, SMALL_FLOW_ARGS, make_mini_cub
 
 
 def test_torchrun_two_processes(tmp_path):
@@ -45,12 +45,7 @@ def test_torchrun_two_processes(tmp_path):
         "2",
         "--workers",
         "0",
-        "--flow-blocks",
-        "2",
-        "--flow-hidden",
-        "32",
-        "--flow-layers",
-        "3",
+        *SMALL_FLOW_ARGS,
         "--no-progress",
         "--no-plots",
         "--threads",

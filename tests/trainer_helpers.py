@@ -54,3 +54,7 @@ def import_example(name: str):
     import importlib
 
     return importlib.import_module(name)
+
+
+# A small flow for the trainer's and the demo's command lines: fast, and still every layer kind.
+SMALL_FLOW_ARGS = ["--flow-blocks", "2", "--flow-hidden", "32", "--flow-layers", "3"]
