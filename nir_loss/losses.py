@@ -51,9 +51,9 @@ _EXP_NLL_WEIGHT = 1 / 0.0075  # the reference run's CUB setting
 def default_nir_weight(embedding_size: int, objective: str = DEFAULT_OBJECTIVE) -> float:
     """The NIR weight used when none is given.
 
-    ``"nll"``: 1.28 / D (0.01 at D = 128, 0.0025 at D = 512). The NLL sums over the D
-    dimensions, and a fixed 0.01 that helped at D = 128 hurt at D = 512 while 1.28 / D did not
-    (docs/choosing.md). ``"exp_nll"``: 1 / 0.0075, the reference code's CUB setting.
+    ``"nll"``: 1.28 / D (0.01 at D = 128, 0.0025 at D = 512), a weight of 1.28 on the NLL per
+    dimension: the NLL's gradient on an embedding grows with D, the proxy loss's does not
+    (docs/concepts.md). ``"exp_nll"``: 1 / 0.0075, the reference code's CUB setting.
 
     Example:
         >>> default_nir_weight(128), default_nir_weight(512)
