@@ -7,8 +7,8 @@ by class. Every arm of a seed starts
 from the same backbone and proxy initialization and sees the same batches (the flow is built
 after both), so per-seed differences are paired. Metrics on the held-out classes: PML
 AccuracyCalculator with CustomKNN(CosineSimilarity()), k="max_bin_count", R@1 and MAP@R at the
-last epoch (no selection on the test set). A collapse is a seed whose MAP@R is more than 0.1
-below that of the paired ProxyAnchor seed.
+last epoch (no selection on the test set). A collapse is a seed whose MAP@R is more than
+held_out.COLLAPSE = 0.1 below that of the paired ProxyAnchor seed.
 
     python benchmarks/quality.py                          # the release run: 4 data sets, D 128 and 32, 15 seeds
     python benchmarks/quality.py --datasets pigcvp --seed-list 11 --dims 128   # one seed
@@ -35,164 +35,41 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.losses import ProxyAnchorLoss
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-from pytorch_metric_learning.utils.inference import CustomKNN
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the shared data loaders
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the shared experiment
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import real_datasets as datasets  # noqa: E402
+import held_out  # noqa: E402
 
 import nir_loss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLLAPSE = 0.1  # MAP@R drop against the paired ProxyAnchor seed that counts as a collapse
-
-
-class MLP(nn.Module):
-    def __init__(self, d_in: int, dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_in, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, dim))
-
-    def forward(self, x):
-        return F.normalize(self.net(x), dim=1)
-
-
-class CNN1d(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        chans, layers = [1, 32, 64, 128, 128], []
-        for i, k in enumerate([7, 5, 5, 3]):
-            layers += [
-                nn.Conv1d(chans[i], chans[i + 1], k, stride=2, padding=k // 2),
-                nn.BatchNorm1d(chans[i + 1]),
-                nn.ReLU(),
-            ]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(2 * chans[-1], dim)
-
-    def forward(self, x):
-        h = self.features(x[:, None])
-        h = torch.cat([h.mean(-1), h.amax(-1)], dim=1)
-        return F.normalize(self.head(h), dim=1)
-
-
-# name: model factory (input width, D), batch size, epochs, train-time crop length of a series
-SETUPS = {
-    "digits": dict(model=lambda d_in, dim: MLP(d_in, dim), batch=90, epochs=20, crop=None),
-    "pigcvp": dict(model=lambda d_in, dim: CNN1d(dim), batch=32, epochs=60, crop=400),
-    "leaves": dict(model=lambda d_in, dim: MLP(d_in, dim), batch=64, epochs=20, crop=None),
-    "vowels": dict(model=lambda d_in, dim: MLP(d_in, dim), batch=32, epochs=25, crop=None),
-}
 
 
 # -- one run --------------------------------------------------------------------------------
-def parse_arm(arm: str, dim: int) -> dict | None:
-    """``None`` for ProxyAnchor, else the NIR settings of an arm string."""
+def parse_arm(arm: str, dim: int) -> tuple[dict | None, float]:
+    """(ProxyAnchorNIRLoss keyword arguments or None for ProxyAnchor, flow lr multiplier) of an arm."""
     if arm == "pa":
-        return None
+        return None, nir_loss.DEFAULT_FLOW_LR_MULT
     objective, weight, *opts = arm.split(":")
     w = float(weight[:-1]) * nir_loss.default_nir_weight(dim, objective) if weight.endswith("x") else float(weight)
-    spec = {"objective": objective, "weight": w, "noise": None, "radius": None, "flowlr": nir_loss.DEFAULT_FLOW_LR_MULT}
+    kwargs, flow_lr_mult = {"objective": objective, "nir_weight": w}, nir_loss.DEFAULT_FLOW_LR_MULT
+    names = {"noise": "noise_std", "radius": "guard_radius"}
     for opt in opts:
         key, value = opt.split("=")
         if key == "noisenorm":  # noise_std as a noise-vector norm: noisenorm / sqrt(D)
             key, value = "noise", str(float(value) / math.sqrt(dim))
-        if key not in ("noise", "radius", "flowlr"):
+        if key == "flowlr":
+            flow_lr_mult = float(value)
+        elif key in names:
+            kwargs[names[key]] = float(value)
+        else:
             raise SystemExit(f"unknown arm option {key!r} in {arm!r}")
-        spec[key] = float(value)
-    return spec
-
-
-def evaluate(model, x, y, calc):
-    model.eval()
-    with torch.no_grad():
-        emb = model(x)
-    model.train()
-    acc = calc.get_accuracy(emb, y)
-    return acc["precision_at_1"], acc["mean_average_precision_at_r"]
-
-
-_DATA: dict[str, tuple] = {}
+    return kwargs, flow_lr_mult
 
 
 def run_one(dataset: str, arm: str, seed: int, dim: int, lr: float, epochs: int | None) -> dict:
-    cfg = SETUPS[dataset]
-    if dataset not in _DATA:
-        _DATA[dataset] = datasets.load(dataset)
-    xtr, ytr, xte, yte = _DATA[dataset]
-    num_classes = int(ytr.max()) + 1
-    torch.manual_seed(seed)
-    model = cfg["model"](xtr.shape[1], dim)
-    spec = parse_arm(arm, dim)
-    # The proxies are drawn right after the model in both arms; the flow comes after them.
-    if spec is None:
-        loss_fn = ProxyAnchorLoss(num_classes, dim, margin=0.1, alpha=32)
-        groups = [{"params": list(loss_fn.parameters()), "lr": lr * nir_loss.DEFAULT_PROXY_LR_MULT}]
-    else:
-        loss_fn = nir_loss.ProxyAnchorNIRLoss(
-            num_classes,
-            dim,
-            margin=0.1,
-            alpha=32,
-            nir_weight=spec["weight"],
-            objective=spec["objective"],
-            noise_std=spec["noise"],
-            guard_radius=spec["radius"],
-        )
-        groups = loss_fn.param_groups(lr, flow_lr_mult=spec["flowlr"])
-    opt = torch.optim.Adam([{"params": list(model.parameters()), "lr": lr}, *groups])
-    calc = AccuracyCalculator(
-        include=("precision_at_1", "mean_average_precision_at_r"),
-        k="max_bin_count",
-        knn_func=CustomKNN(CosineSimilarity()),
-    )
-    # Batches and crops come from their own generator, so every arm of a seed sees the same ones.
-    gen = torch.Generator().manual_seed(1000 + seed)
-    epochs = cfg["epochs"] if epochs is None else epochs
-    t0, nonfinite, nll = time.perf_counter(), False, []
-    for _ in range(epochs):
-        perm = torch.randperm(len(ytr), generator=gen)
-        means, maxes = [], []
-        for idx in perm.split(cfg["batch"]):
-            if len(idx) < 2:
-                continue
-            xb = xtr[idx]
-            if cfg["crop"] is not None:
-                start = int(torch.randint(0, xb.shape[1] - cfg["crop"] + 1, (1,), generator=gen))
-                xb = xb[:, start : start + cfg["crop"]]
-            loss = loss_fn(model(xb), ytr[idx])
-            if not torch.isfinite(loss):
-                nonfinite = True
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if spec is not None:
-                means.append(loss_fn.nir_nll_mean)
-                maxes.append(loss_fn.nir_nll_max)
-        if nonfinite:
-            break
-        if means:  # one host read per epoch
-            nll.append((float(torch.stack(means).mean()), float(torch.stack(maxes).max())))
-    r1, mapr = evaluate(model, xte, yte, calc) if not nonfinite else (math.nan, math.nan)
-    return {
-        "dataset": dataset,
-        "arm": arm,
-        "seed": seed,
-        "dim": dim,
-        "lr": lr,
-        "epochs": epochs,
-        "weight": None if spec is None else spec["weight"],
-        "r1": r1,
-        "mapr": mapr,
-        "nll_mean_max": nll,
-        "seconds": time.perf_counter() - t0,
-        "nonfinite": nonfinite,
-    }
+    nir, flow_lr_mult = parse_arm(arm, dim)
+    return {"arm": arm, **held_out.run(dataset, seed, dim, nir, flow_lr_mult=flow_lr_mult, lr=lr, epochs=epochs)}
 
 
 def _run_job(job):
@@ -221,22 +98,16 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "nonfinite": sum(r["nonfinite"] for r in rs),
             }
             for m in ("r1", "mapr"):
-                vals = [r[m] for r in rs]
-                diffs = [r[m] - base[r["seed"]][m] for r in rs]
-                diffs = [d if not math.isnan(d) else -1.0 for d in diffs]  # a non-finite run lost all
-                row[m] = (
-                    statistics.fmean(v for v in vals if not math.isnan(v))
-                    if any(not math.isnan(v) for v in vals)
-                    else math.nan
-                )
-                row["d_" + m] = statistics.fmean(diffs)
-                row["d_" + m + "_median"] = statistics.median(diffs)
-                row["wins_" + m] = sum(d > 0 for d in diffs)
-                row["losses_" + m] = sum(d < 0 for d in diffs)
-                worst = min(range(len(diffs)), key=lambda i: diffs[i])
-                row["worst_" + m] = diffs[worst]
-                row["worst_seed_" + m] = rs[worst]["seed"]
-            row["collapses"] = sum(r["mapr"] - base[r["seed"]]["mapr"] < -COLLAPSE or math.isnan(r["mapr"]) for r in rs)
+                vals = [r[m] for r in rs if not math.isnan(r[m])]
+                row[m] = statistics.fmean(vals) if vals else math.nan
+                paired = held_out.paired_differences([r[m] - base[r["seed"]][m] for r in rs])
+                row["d_" + m] = paired["mean"]
+                row["d_" + m + "_median"] = paired["median"]
+                row["wins_" + m] = paired["wins"]
+                row["losses_" + m] = paired["losses"]
+                row["worst_" + m] = paired["worst"]
+                row["worst_seed_" + m] = rs[paired["worst_index"]]["seed"]
+            row["collapses"] = paired["collapses"]  # of MAP@R, the last metric
             peaks = [max(m for _, m in r["nll_mean_max"]) for r in rs if r["nll_mean_max"]]
             row["nll_peak_max"] = max(peaks) if peaks else None
             rows.append(row)

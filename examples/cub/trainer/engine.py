@@ -1,4 +1,4 @@
-"""The training engine of train.py (also used by examples/demo.py): loop, warmup, evaluation, checkpoints, DDP."""
+"""The training engine of train.py: loop, warmup, evaluation, checkpoints, DDP."""
 
 from __future__ import annotations
 

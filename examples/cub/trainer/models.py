@@ -1,4 +1,4 @@
-"""Embedding networks: ResNet with frozen BatchNorm, and small CNNs for the demos."""
+"""Embedding networks: ResNet50 and EfficientNet-Lite0 trunks with frozen BatchNorm."""
 
 from __future__ import annotations
 
@@ -185,26 +185,3 @@ def efficientnet_lite0_embedder(
             )
     return EmbeddingNet(_EfficientNetTrunk(net), net._conv_head.out_channels, embedding_size, max_pool, freeze_bn)
 
-
-def small_cnn_2d(embedding_size: int = 64, width: int = 32) -> EmbeddingNet:
-    """A 3-block CNN for 1-channel 8x8 images (sklearn digits)."""
-
-    def block(i: int, o: int) -> list[nn.Module]:
-        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
-
-    trunk = nn.Sequential(
-        *block(1, width), *block(width, width), nn.MaxPool2d(2), *block(width, 2 * width), *block(2 * width, 2 * width)
-    )
-    return EmbeddingNet(trunk, 2 * width, embedding_size, max_pool=True, freeze_bn=False)
-
-
-def small_cnn_1d(embedding_size: int = 64, width: int = 32) -> EmbeddingNet:
-    """A 4-block 1-D CNN for univariate time series (PigCVP)."""
-
-    def block(i: int, o: int, k: int) -> list[nn.Module]:
-        return [nn.Conv1d(i, o, k, padding=k // 2), nn.BatchNorm1d(o), nn.ReLU(), nn.MaxPool1d(2)]
-
-    trunk = nn.Sequential(
-        *block(1, width, 7), *block(width, width, 5), *block(width, 2 * width, 5), *block(2 * width, 2 * width, 3)
-    )
-    return EmbeddingNet(trunk, 2 * width, embedding_size, max_pool=True, freeze_bn=False)

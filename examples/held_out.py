@@ -1,0 +1,213 @@
+"""The held-out-class experiment of `make demo` and the quality benchmark: models and one run.
+
+One run trains an embedding model with ProxyAnchor, or with ProxyAnchor + NIR, on the training
+classes of a real data set (``real_datasets``) and measures retrieval on the held-out classes
+with PML's ``AccuracyCalculator`` (cosine kNN, ``k="max_bin_count"``) after the last epoch.
+
+Runs of one seed are paired: the model, the proxies and the batches come from the same seeds in
+both arms (the flow is built after the proxies), so per-seed differences measure the loss alone.
+``examples/demo.py`` runs the two arms at nir-loss's defaults; ``benchmarks/quality.py`` runs many
+arms and seeds and summarizes them with ``paired_differences``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import time
+from typing import Any, Callable
+
+import real_datasets
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.losses import ProxyAnchorLoss
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.inference import CustomKNN
+from torch import nn
+
+import nir_loss
+
+__all__ = ["COLLAPSE", "SETUPS", "MLP", "CNN1d", "run", "paired_differences"]
+
+COLLAPSE = 0.1  # a drop against the paired baseline seed that counts as a collapse
+
+
+class MLP(nn.Module):
+    """Two hidden layers of 256, unit-norm embeddings."""
+
+    def __init__(self, d_in: int, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_in, 256),
+            nn.ReLU(),
+            nn.Linear(256, 256),
+            nn.ReLU(),
+            nn.Linear(256, dim),
+        )
+
+    def forward(self, x):
+        return F.normalize(self.net(x), dim=1)
+
+
+class CNN1d(nn.Module):
+    """Four strided convolutions, mean and max pooling over time, unit-norm embeddings."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        chans, layers = [1, 32, 64, 128, 128], []
+        for i, k in enumerate([7, 5, 5, 3]):
+            layers += [
+                nn.Conv1d(chans[i], chans[i + 1], k, stride=2, padding=k // 2),
+                nn.BatchNorm1d(chans[i + 1]),
+                nn.ReLU(),
+            ]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(2 * chans[-1], dim)
+
+    def forward(self, x):
+        h = self.features(x[:, None])
+        h = torch.cat([h.mean(-1), h.amax(-1)], dim=1)
+        return F.normalize(self.head(h), dim=1)
+
+
+# Per data set: model factory (input width, D), batch size, epochs, train-time crop of a series.
+SETUPS: dict[str, dict[str, Any]] = {
+    "digits": dict(model=lambda d_in, dim: MLP(d_in, dim), batch=90, epochs=20, crop=None),
+    "pigcvp": dict(model=lambda d_in, dim: CNN1d(dim), batch=32, epochs=60, crop=400),
+    "leaves": dict(model=lambda d_in, dim: MLP(d_in, dim), batch=64, epochs=20, crop=None),
+    "vowels": dict(model=lambda d_in, dim: MLP(d_in, dim), batch=32, epochs=25, crop=None),
+}
+
+
+@functools.cache
+def _data(dataset: str):
+    return real_datasets.load(dataset)
+
+
+def _evaluate(model: nn.Module, x, y, calc: AccuracyCalculator) -> tuple[float, float]:
+    """(R@1, MAP@R) of the held-out classes; draws no random numbers."""
+    model.eval()
+    with torch.no_grad():
+        emb = model(x)
+    model.train()
+    acc = calc.get_accuracy(emb, y)
+    return acc["precision_at_1"], acc["mean_average_precision_at_r"]
+
+
+def run(
+    dataset: str,
+    seed: int,
+    dim: int,
+    nir: dict[str, Any] | None = None,
+    *,
+    flow_lr_mult: float = nir_loss.DEFAULT_FLOW_LR_MULT,
+    lr: float = 1e-3,
+    epochs: int | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Trains one arm of one seed and measures held-out retrieval after the last epoch.
+
+    Args:
+        dataset: A name of ``real_datasets.LOADERS``.
+        seed: Seeds the model and proxies (``torch.manual_seed``) and the batches.
+        dim: Embedding width D.
+        nir: ``None`` for ``ProxyAnchorLoss``; else keyword arguments of
+            ``ProxyAnchorNIRLoss`` (``{}`` for its defaults).
+        flow_lr_mult: The flow's learning-rate multiplier (NIR arm only).
+        lr: Adam's learning rate of the model; proxies at nir-loss's default multiplier.
+        epochs: Default: the data set's (``SETUPS``).
+        on_epoch: Called after each epoch with ``{"epoch", "r1", "mapr", "nll_mean",
+            "nll_max"}`` (held-out metrics of that epoch); evaluating draws no random numbers,
+            so the run's result does not depend on it.
+
+    Returns:
+        ``r1`` and ``mapr`` (NaN if the loss became non-finite), ``nll_mean_max`` (per epoch:
+        the mean of the batches' mean NLL and the max of their max), ``weight`` (the NIR weight
+        used), ``seconds``, ``nonfinite`` and the arguments.
+    """
+    cfg = SETUPS[dataset]
+    xtr, ytr, xte, yte = _data(dataset)
+    num_classes = int(ytr.max()) + 1
+    torch.manual_seed(seed)
+    model = cfg["model"](xtr.shape[1], dim)
+    # The proxies are drawn right after the model in both arms; the flow comes after them.
+    if nir is None:
+        loss_fn = ProxyAnchorLoss(num_classes, dim, margin=0.1, alpha=32)
+        proxy_lr = lr * nir_loss.DEFAULT_PROXY_LR_MULT
+        groups = [{"params": list(loss_fn.parameters()), "lr": proxy_lr}]
+    else:
+        loss_fn = nir_loss.ProxyAnchorNIRLoss(num_classes, dim, margin=0.1, alpha=32, **nir)
+        groups = loss_fn.param_groups(lr, flow_lr_mult=flow_lr_mult)
+    opt = torch.optim.Adam([{"params": list(model.parameters()), "lr": lr}, *groups])
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        k="max_bin_count",
+        knn_func=CustomKNN(CosineSimilarity()),
+    )
+    # Batches and crops come from their own generator: every arm of a seed sees the same ones.
+    gen = torch.Generator().manual_seed(1000 + seed)
+    epochs = cfg["epochs"] if epochs is None else epochs
+    t0, nonfinite, nll = time.perf_counter(), False, []
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(len(ytr), generator=gen)
+        means, maxes = [], []
+        for idx in perm.split(cfg["batch"]):
+            if len(idx) < 2:
+                continue
+            xb = xtr[idx]
+            if cfg["crop"] is not None:
+                start = int(torch.randint(0, xb.shape[1] - cfg["crop"] + 1, (1,), generator=gen))
+                xb = xb[:, start : start + cfg["crop"]]
+            loss = loss_fn(model(xb), ytr[idx])
+            if not torch.isfinite(loss):
+                nonfinite = True
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if nir is not None:
+                means.append(loss_fn.nir_nll_mean)
+                maxes.append(loss_fn.nir_nll_max)
+        if nonfinite:
+            break
+        if means:  # one host read per epoch
+            nll.append((float(torch.stack(means).mean()), float(torch.stack(maxes).max())))
+        if on_epoch is not None:
+            r1, mapr = _evaluate(model, xte, yte, calc)
+            mean, peak = nll[-1] if means else (None, None)
+            on_epoch({"epoch": epoch, "r1": r1, "mapr": mapr, "nll_mean": mean, "nll_max": peak})
+    r1, mapr = (math.nan, math.nan) if nonfinite else _evaluate(model, xte, yte, calc)
+    return {
+        "dataset": dataset,
+        "seed": seed,
+        "dim": dim,
+        "lr": lr,
+        "epochs": epochs,
+        "weight": None if nir is None else loss_fn.nir_weight,
+        "r1": r1,
+        "mapr": mapr,
+        "nll_mean_max": nll,
+        "seconds": time.perf_counter() - t0,
+        "nonfinite": nonfinite,
+    }
+
+
+def paired_differences(diffs: list[float]) -> dict[str, Any]:
+    """Median, mean, wins, losses, worst and collapses of per-seed differences (NIR - baseline).
+
+    A NaN difference (a run that became non-finite) counts as -1, a loss of everything; a
+    collapse is a difference below ``-COLLAPSE``.
+    """
+    diffs = [-1.0 if math.isnan(d) else d for d in diffs]
+    worst = min(range(len(diffs)), key=diffs.__getitem__)
+    return {
+        "median": statistics.median(diffs),
+        "mean": statistics.fmean(diffs),
+        "wins": sum(d > 0 for d in diffs),
+        "losses": sum(d < 0 for d in diffs),
+        "worst": diffs[worst],
+        "worst_index": worst,
+        "collapses": sum(d < -COLLAPSE for d in diffs),
+    }
