@@ -13,19 +13,20 @@ Sections (each a table on stdout; everything also in benchmarks/results/<version
    machine's measured dense matmul FLOP/s.
 4. a full training step of a ResNet50 (torchvision, random init, small images) with ProxyAnchor
    vs ProxyAnchor + NIR: NIR's share of the step.
-5. CUDA only (skipped without CUDA): CUDA-event timings, ``torch.cuda.set_sync_debug_mode("error")``
-   around the loss, bf16 autocast, ``torch.compile`` and CUDA-graph variants of the loss.
-6. torch.profiler top ops of the NIR term vs the FrEIA flow (B=90, D=128), eager and (with
-   section 7 selected) compiled.
-7. ``torch.compile`` (inductor) vs eager, on any device: the NIR term and the FrEIA flow, each
+5. ``torch.compile`` (inductor) vs eager, on any device: the NIR term and the FrEIA flow, each
    eager and compiled, fwd+bwd at B in {90, 180}, D in {128, 512}, C=100; ratios to FrEIA eager;
    and the same GEMMs run alone (the floor that no fusion of the other ops can go below).
-8. kernels per forward+backward at B=90, D=128, C=100 (``--sections kernels``; about 2 minutes on
+6. torch.profiler top ops of the NIR term vs the FrEIA flow (B=90, D=128), eager and (with
+   section 5 selected) compiled.
+7. kernels per forward+backward at B=90, D=128, C=100 (``--sections kernels``; about 2 minutes on
    2 CPU cores, most of it four cold compiles; ``--no-compile`` for the eager counts in seconds):
    the NIR term (fused, and nir-loss 0.2.0's layer-by-layer path), the FrEIA flow and PML's
    ProxyAnchorLoss; eager (ops dispatched below autograd, about one GPU kernel each; also under
    bf16 autocast) and compiled (``compile_nir()`` / ``torch.compile``: inductor's kernels, GEMMs
-   and other ops, from the profiler). On a GPU, ``benchmarks/gpu.py`` counts CUDA kernels.
+   and other ops, from the profiler).
+
+On a CUDA GPU, ``benchmarks/gpu.py`` (``bash benchmarks/gpu_run.sh``) measures what only a GPU
+shows: CUDA-graph and compiled times, CUDA kernels, host syncs and a bf16 ResNet50 step.
 
 On CPU, times are the CPU time of the calling thread (``time.thread_time``) with exactly one
 intra-op thread (``--threads``, default 1): on a shared machine that is far less noisy than wall
@@ -37,7 +38,6 @@ above the level at the start of the call); on CUDA from ``torch.cuda.max_memory_
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -376,101 +376,6 @@ def section_resnet(args, device, timer, out):
     out["resnet_step"] = rows
 
 
-def section_cuda(args, device, timer, out):
-    if device.type != "cuda":
-        print("\n== 5. CUDA variants: skipped (no CUDA device) ==")
-        out["cuda"] = "skipped: no CUDA"
-        return
-    print("\n== 5. CUDA variants (CUDA-event timings) ==")
-    res = {}
-    B, D, C = 180, 512, 11318
-    pa, nir, freia_loss, x0, labels, mods = make_losses(B, D, C, device)
-
-    def fb(loss_fn, autocast=False):
-        def f():
-            zero_grads(mods, x0)
-            ctx = torch.autocast("cuda", torch.bfloat16) if autocast else contextlib.nullcontext()
-            with ctx:
-                loss = loss_fn(F.normalize(x0, dim=1), labels)
-            loss.backward()
-
-        return f
-
-    # No host sync inside the NIR term (validate=False): prove it. PML's ProxyAnchorLoss itself
-    # syncs (torch.where on a mask), so the full loss is checked separately and only recorded.
-    emb_sync = F.normalize(torch.randn(B, D, device=device), dim=1).requires_grad_()
-
-    def term_fb(autocast=False):
-        ctx = torch.autocast("cuda", torch.bfloat16) if autocast else contextlib.nullcontext()
-        with ctx:
-            loss = nir.nir.per_sample_loss(emb_sync, nir.proxies, labels).mean()
-        loss.backward()
-
-    for name, fn in (
-        ("nir_term_sync_free", lambda: term_fb()),
-        ("nir_term_bf16_sync_free", lambda: term_fb(True)),
-        ("full_loss_sync_free", fb(nir)),
-    ):
-        fn()  # warm-up outside the debug mode
-        torch.cuda.synchronize()
-        try:
-            torch.cuda.set_sync_debug_mode("error")
-            fn()
-            res[name] = True
-        except RuntimeError as e:
-            res[name] = f"host sync: {str(e).splitlines()[0][:200]}"
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        print(f"{name}: {res[name]}")
-    fns = {"pa": fb(pa), "nir": fb(nir), "freia": fb(freia_loss), "nir_bf16": fb(nir, autocast=True)}
-    try:
-        compiled_nir = torch.compile(nir)
-        fb(compiled_nir)()  # compiles lazily: fail here, not inside the timing loop
-        fns["nir_compiled"] = fb(compiled_nir)
-    except Exception as e:  # noqa: BLE001
-        res["compile_error"] = repr(e)[:300]
-        print(f"torch.compile: {res['compile_error']}")
-    t = interleaved(fns, args.reps, timer, warmup=3)
-    for k, v in t.items():
-        res[f"{k}_s"] = v["median_s"]
-        print(f"{k:14} {v['median_s'] * 1e3:8.3f} ms")
-    # CUDA graph of the NIR term's forward+backward (static shapes, static inputs).
-    try:
-        emb = F.normalize(torch.randn(B, D, device=device), dim=1).requires_grad_()
-        term = nir.nir
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                term.per_sample_loss(emb, nir.proxies, labels).mean().backward()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            term.per_sample_loss(emb, nir.proxies, labels).mean().backward()
-        inn = mods[3]  # the FrEIA flow of make_losses
-        eager = interleaved(
-            {
-                "term_eager": lambda: term.per_sample_loss(emb, nir.proxies, labels).mean().backward(),
-                "freia_term_eager": lambda: (-freia_log_likelihood(inn, emb, nir.proxies, labels)).mean().backward(),
-                "term_graph": g.replay,
-            },
-            args.reps,
-            timer,
-            warmup=2,
-        )
-        for k, v in eager.items():
-            res[f"{k}_s"] = v["median_s"]
-            print(f"{k:16} {v['median_s'] * 1e3:8.3f} ms")
-        res["term_graph_speedup_vs_freia_eager"] = res["freia_term_eager_s"] / res["term_graph_s"]
-        print(
-            f"CUDA graph of the NIR term: {res['term_graph_speedup_vs_freia_eager']:.2f}x faster than FrEIA eager (target >= 2)"
-        )
-    except Exception as e:  # noqa: BLE001
-        res["cuda_graph_error"] = repr(e)
-        print(f"CUDA graph: {e!r}")
-    out["cuda"] = res
-
-
 def gemm_floor_fn(B: int, D: int, device: torch.device, hidden: int = 128, layers: int = 8, blocks: int = 5):
     """Only the GEMMs of the NIR term's forward+backward, same shapes, nothing else.
 
@@ -496,7 +401,7 @@ def gemm_floor_fn(B: int, D: int, device: torch.device, hidden: int = 128, layer
 
 
 def section_compiled(args, device, timer, out):
-    print("\n== 7. torch.compile (inductor) vs eager: NIR term and FrEIA flow, fwd+bwd, C=100 ==")
+    print("\n== 5. torch.compile (inductor) vs eager: NIR term and FrEIA flow, fwd+bwd, C=100 ==")
     print(
         f"{'B':>4} {'D':>4} | {'NIR':>8} {'NIR cmp':>8} {'FrEIA':>8} {'FrEIA cmp':>9} | "
         f"{'NIR/FrEIA':>9} {'NIRcmp/FrEIA':>12} {'FrEIAcmp/FrEIA':>14} {'NIRcmp/FrEIAcmp':>15} | compile s (NIR, FrEIA)"
@@ -615,7 +520,7 @@ def section_profile(args, device, timer, out):
     out["profile"] = res
 
 
-# -- kernel counts (section 8) ---------------------------------------------------------------
+# -- kernel counts (section 7) ---------------------------------------------------------------
 # Not kernels: views, allocations, no-op conversions and autograd bookkeeping.
 _NO_KERNEL = {
     "detach",
@@ -734,7 +639,7 @@ _PROFILER_VIEWS = {
 
 def section_kernels(args, device, timer, out):
     B, D, C = 90, 128, 100
-    print(f"\n== 8. kernels per forward+backward, B={B} D={D} C={C}: NIR term vs FrEIA flow vs ProxyAnchorLoss ==")
+    print(f"\n== 7. kernels per forward+backward, B={B} D={D} C={C}: NIR term vs FrEIA flow vs ProxyAnchorLoss ==")
     print(
         "eager: aten ops dispatched below autograd (views and allocations left out; on a GPU about one kernel "
         "each). compiled (inductor, from the profiler): the graphs' fused kernels and GEMMs, and apart the ops "
@@ -821,10 +726,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--sections",
-        default="loss,matrix,roofline,resnet,cuda,profile,compiled",
-        help="comma-separated; also: kernels (section 8)",
+        default="loss,matrix,roofline,resnet,compiled,profile",
+        help="comma-separated; also: kernels (section 7)",
     )
-    p.add_argument("--no-compile", action="store_true", help="section 8: eager counts only")
+    p.add_argument("--no-compile", action="store_true", help="section 7: eager counts only")
     p.add_argument("--out", default=None)
     p.add_argument(
         "--step-reps",
@@ -876,8 +781,7 @@ def main(argv=None):
         ("matrix", section_matrix),
         ("roofline", section_roofline),
         ("resnet", section_resnet),
-        ("cuda", section_cuda),
-        # 7 before 6: its compile times are then cold (6 compiles the B=90 graph again)
+        # 5 before 6: its compile times are then cold (6 compiles the B=90 graph again)
         ("compiled", section_compiled),
         ("profile", section_profile),
         ("kernels", section_kernels),
