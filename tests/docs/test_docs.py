@@ -15,7 +15,7 @@ import pytest
 import nir_loss
 import nir_loss.testing
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 # Code wider than this is cut off (scrolls) in the site's column at 1280 px.
 SHOWN_CODE_WIDTH = 78
