@@ -14,8 +14,9 @@ from pytorch_metric_learning.utils import distributed as pml_distributed
 
 import nir_loss
 
+from .helpers import FLOW
+
 C, D, WORLD = 5, 8, 2
-FLOW = dict(num_blocks=2, hidden_features=16, num_layers=3, identity_init=False)
 
 
 def make_model_and_loss():

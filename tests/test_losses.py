@@ -1,24 +1,26 @@
-"""PML adapters: every supported loss, drop-in equality, wrappers, errors, state, precision."""
+"""PML adapters: every supported loss, drop-in equality, reducers, state, precision, the keywords'
+spelling (the old one deprecated), and a short real-data training."""
 
 import copy
+import inspect
 import io
-import math
 import pickle
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners, reducers
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.inference import CustomKNN
+from sklearn.datasets import load_digits
 
 from nir_loss import NIRRegularizer, ProxyAnchorNIRLoss, get_proxies
 
 from . import reference
 from .conftest import TEST_DEVICE, TEST_DTYPES
-
-FLOW = dict(num_blocks=2, hidden_features=16, num_layers=3, identity_init=False)
-C, D = 6, 8
-# The plain NLL: no training noise, no tail guard (deterministic, as the references compute).
-EXACT = dict(noise_std=0.0, guard_radius=math.inf)
+from .helpers import EXACT, FLOW, META, TINY_FLOW, C, D, batch
 
 SUPPORTED = {
     "ProxyAnchorLoss": lambda: losses.ProxyAnchorLoss(C, D),
@@ -31,11 +33,6 @@ SUPPORTED = {
     "SubCenterArcFaceLoss": lambda: losses.SubCenterArcFaceLoss(num_classes=C, embedding_size=D),
     "SoftTripleLoss": lambda: losses.SoftTripleLoss(C, D, centers_per_class=3),
 }
-
-
-def batch(b=12, dtype=torch.float32, requires_grad=True):
-    x = torch.randn(b, D, dtype=dtype, device=TEST_DEVICE).requires_grad_(requires_grad)
-    return x, torch.arange(b, device=TEST_DEVICE) % C
 
 
 @pytest.mark.parametrize("name", sorted(SUPPORTED))
@@ -132,59 +129,6 @@ def test_pml_reducers_combine_the_nir_term():
     torch.testing.assert_close(sum_red(x, y) - base, 0.2 * per.sum())
 
 
-THRESHOLDING = {
-    "ProxyAnchorNIRLoss(reducer=AvgNonZeroReducer())": lambda: ProxyAnchorNIRLoss(
-        C, D, flow_options=FLOW, reducer=reducers.AvgNonZeroReducer()
-    ),
-    "NIRRegularizer(reducer=ThresholdReducer(low=0))": lambda: NIRRegularizer(
-        losses.ProxyNCALoss(C, D), reducer=reducers.ThresholdReducer(low=0), flow_options=FLOW
-    ),
-    "MultipleReducers, thresholding default": lambda: ProxyAnchorNIRLoss(
-        C,
-        D,
-        flow_options=FLOW,
-        reducer=reducers.MultipleReducers(
-            {"pos_loss": reducers.MeanReducer()}, default_reducer=reducers.AvgNonZeroReducer()
-        ),
-    ),
-}
-
-
-@pytest.mark.parametrize("name", list(THRESHOLDING))
-def test_thresholding_reducers_are_refused_for_the_nir_term(name):
-    """They keep only losses > 0 (or within bounds); a trained flow's NLLs are negative: the term would vanish."""
-    with pytest.raises(ValueError, match=r"cannot reduce the NIR term.*MultipleReducers\(\{'nir_loss': MeanReducer"):
-        THRESHOLDING[name]()
-    loss_fn = NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=FLOW)
-    loss_fn.set_reducer(reducers.AvgNonZeroReducer())  # set after construction: refused at the call
-    with pytest.raises(ValueError, match="cannot reduce the NIR term"):
-        loss_fn(*batch())
-
-
-def test_thresholding_reducers_work_for_the_proxy_terms():
-    """The fixes the error names: the NIR term under a mean, the proxy terms under the threshold."""
-    x, y = batch(dtype=torch.float64)
-    mixed = ProxyAnchorNIRLoss(
-        C,
-        D,
-        nir_weight=0.2,
-        flow_options=FLOW,
-        **EXACT,
-        reducer=reducers.MultipleReducers(
-            {"nir_loss": reducers.MeanReducer()}, default_reducer=reducers.AvgNonZeroReducer()
-        ),
-    ).double()
-    plain = losses.ProxyAnchorLoss(C, D, reducer=reducers.AvgNonZeroReducer()).double()
-    plain.load_state_dict({"proxies": mixed.proxies.detach().clone()})
-    nir = 0.2 * mixed.nir.per_sample_loss(x, mixed.proxies, y).mean()
-    torch.testing.assert_close(mixed(x, y), plain(x, y) + nir)
-    inner = NIRRegularizer(
-        losses.ProxyNCALoss(C, D, reducer=reducers.AvgNonZeroReducer()), nir_weight=0.2, flow_options=FLOW
-    )
-    inner(*batch()).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in inner.flow.parameters())
-
-
 def test_multiple_losses_and_distributed_wrapper_in_single_process():
     from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
@@ -195,125 +139,6 @@ def test_multiple_losses_and_distributed_wrapper_in_single_process():
     torch.testing.assert_close(total, nir(x, y) + 0.5 * losses.TripletMarginLoss()(x, y))
     with pytest.warns(UserWarning, match="non-distributed"):
         torch.testing.assert_close(DistributedLossWrapper(nir)(x, y), nir(x, y))
-
-
-class CustomParamLoss(losses.BaseMetricLossFunction):
-    def __init__(self):
-        super().__init__()
-        self.proxies = torch.nn.Parameter(torch.randn(C, D))
-
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        d = 1 - F.normalize(embeddings, dim=1) @ F.normalize(self.proxies, dim=1).t()
-        return {
-            "loss": {
-                "losses": d[torch.arange(len(labels)), labels],
-                "indices": torch.arange(len(labels)),
-                "reduction_type": "element",
-            }
-        }
-
-
-class CustomGetterLoss(CustomParamLoss):
-    def get_proxies(self):
-        return self.proxies.view(C, 1, D)
-
-
-@pytest.mark.parametrize("cls", [CustomParamLoss, CustomGetterLoss])
-def test_custom_losses_with_proxies(cls):
-    base = cls()
-    loss_fn = NIRRegularizer(base, nir_weight=0.1, flow_options=FLOW)
-    x, y = batch()
-    loss_fn(x, y).backward()
-    assert base.proxies.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("loss", [losses.ContrastiveLoss(), losses.TripletMarginLoss(), losses.NTXentLoss()])
-def test_loss_without_proxies_is_a_type_error(loss):
-    with pytest.raises(TypeError, match="has no class proxies"):
-        NIRRegularizer(loss)
-
-
-def test_bad_proxies_shape_is_a_type_error():
-    class Bad(CustomParamLoss):
-        def get_proxies(self):
-            return self.proxies.flatten()
-
-    with pytest.raises(TypeError, match=r"expected a tensor of shape \(C, D\)"):
-        NIRRegularizer(Bad())
-
-
-@pytest.mark.parametrize(
-    "embeddings, labels, message",
-    [
-        (torch.randn(4, D), torch.tensor([0, 1, 2, 3], dtype=torch.int32), "labels.long()"),
-        (torch.randn(4, D), torch.tensor([0.0, 1.0, 2.0, 3.0]), "labels.long()"),
-        (torch.randn(4, D), torch.tensor([0, 1, 2, C]), rf"lie in \[0, {C}\)"),
-        (torch.randn(4, D), torch.tensor([0, -1, 2, 3]), rf"lie in \[0, {C}\)"),
-        (torch.randn(4, D + 1), torch.tensor([0, 1, 2, 3]), f"embedding_size={D}"),
-        (torch.randn(4, 2, D), torch.tensor([0, 1, 2, 3]), "2-D"),
-        (torch.full((4, D), float("nan")), torch.tensor([0, 1, 2, 3]), "NaN"),
-        (torch.full((4, D), float("inf")), torch.tensor([0, 1, 2, 3]), "NaN or inf"),
-        (torch.randint(0, 3, (4, D)), torch.tensor([0, 1, 2, 3]), "floating point"),
-    ],
-)
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW),
-        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=FLOW),
-    ],
-)
-def test_bad_input_is_a_clear_value_error(embeddings, labels, message, make):
-    with pytest.raises(ValueError, match=message):
-        make()(embeddings, labels)
-
-
-def test_missing_labels_and_methods_validate():
-    loss_fn = ProxyAnchorNIRLoss(C, D, flow_options=FLOW)
-    with pytest.raises(ValueError, match="needs labels"):
-        loss_fn.log_likelihood(torch.randn(3, D), None)
-    with pytest.raises(ValueError, match="lie in"):
-        loss_fn.sample(torch.tensor([C]))
-    with pytest.raises(ValueError, match=r"labels must be 1-D .* got shape \(\)\. Use labels\.view\(-1\)"):
-        loss_fn.sample(torch.tensor(1))
-    with pytest.raises(ValueError, match=r"labels must be 1-D .* got shape \(2, 1\)"):
-        loss_fn.sample(torch.tensor([[1], [2]]))
-    with pytest.raises(ValueError, match="embedding_size"):
-        loss_fn.log_likelihood_matrix(torch.randn(3, D + 2))
-
-
-def test_validation_can_be_switched_off():
-    loss_fn = ProxyAnchorNIRLoss(C, D, flow_options=FLOW, validate=False)
-    nan = torch.full((2, D), float("nan"))
-    assert torch.isnan(loss_fn.log_likelihood(nan, torch.tensor([0, 1]))).all()  # no ValueError
-    with pytest.raises(ValueError, match="labels.long()"):  # free checks stay on
-        loss_fn(torch.randn(2, D), torch.tensor([0, 1], dtype=torch.int32))
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW, validate=False),
-        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), validate=False, flow_options=FLOW),
-    ],
-)
-def test_device_mismatch_is_an_error_and_moves_nothing(make):
-    """Embeddings on another device (here "meta", where a move would lose the weights): an error naming the fix."""
-    loss_fn = make()
-    before = copy.deepcopy(loss_fn.state_dict())
-    x, y = torch.randn(4, D, device="meta"), torch.zeros(4, dtype=torch.long, device="meta")
-    calls = {
-        "loss": lambda: loss_fn(x, y),
-        "log_likelihood": lambda: loss_fn.log_likelihood(x, y),
-        "log_likelihood_matrix": lambda: loss_fn.log_likelihood_matrix(x),
-        "nir.log_likelihood": lambda: loss_fn.nir.log_likelihood(x, get_proxies(loss_fn), y),
-    }
-    for name, call in calls.items():
-        with pytest.raises(ValueError, match=r"embeddings are on meta but .* is on cpu: .*loss_fn\.to\('meta'\)"):
-            call()
-        after = loss_fn.state_dict()
-        assert all(after[k].device.type == "cpu" and torch.equal(after[k], v) for k, v in before.items()), name
-    assert torch.isfinite(loss_fn(*batch()))  # still usable on its own device
 
 
 @pytest.mark.parametrize(
@@ -473,3 +298,167 @@ def test_exp_nll_stays_finite_for_unnormalized_embeddings():
         assert all(torch.isfinite(p.grad).all() for g in optimizer.param_groups for p in g["params"])
         optimizer.step()
     assert all(torch.isfinite(p).all() for p in [*model.parameters(), *loss_fn.parameters()])
+
+
+# -- no host sync: the NIR part of a loss call runs on meta tensors ---------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ProxyAnchorNIRLoss(7, 8, flow_options=FLOW),
+        lambda: NIRRegularizer(losses.SoftTripleLoss(7, 8, centers_per_class=2), flow_options=FLOW),
+        lambda: NIRRegularizer(losses.ProxyNCALoss(7, 8), objective="exp_nll", flow_options=FLOW),
+    ],
+)
+def test_nir_part_of_a_default_loss_call_runs_on_meta_tensors(make):
+    """Defaults (validate=True, training mode: noise and tail guard): validation, the term, its reduction.
+
+    The wrapped PML loss is left out: PML's own losses and reducers read values on the host.
+    """
+    loss_fn = make().to(META)
+    x = torch.empty(12, 8, device=META, requires_grad=True)
+    y = torch.empty(12, dtype=torch.long, device=META)
+    for _ in range(3):  # every call, not only the first
+        loss_fn._checked_proxies(x, y)
+        entry = loss_fn._nir_loss_entry(x, y, None)
+        total = loss_fn.reducer({"nir_loss": entry}, x, y)
+        assert total.shape == () and total.device == META
+        total.backward()
+    if isinstance(loss_fn, ProxyAnchorNIRLoss):  # reduced by nir-loss, not by DivisorReducer's isnan check
+        assert entry["reduction_type"] == "already_reduced"
+
+
+def test_divisor_reducer_collecting_stats_gets_the_element_losses():
+    x, y = torch.randn(6, 8), torch.randint(0, 7, (6,))
+    plain = ProxyAnchorNIRLoss(7, 8, flow_options=FLOW, noise_std=0.0)
+    stats = ProxyAnchorNIRLoss(
+        7, 8, flow_options=FLOW, noise_std=0.0, reducer=reducers.DivisorReducer(collect_stats=True)
+    )
+    stats.load_state_dict(plain.state_dict())
+    assert stats._nir_loss_entry(x, y, None)["reduction_type"] == "element"
+    assert plain._nir_loss_entry(x, y, None)["reduction_type"] == "already_reduced"
+    assert torch.equal(stats(x, y), plain(x, y))
+
+
+# -- one spelling of the NIR keywords in both losses; the old one warns -----------------------
+
+
+def _batch():
+    return F.normalize(torch.randn(10, D), dim=1), torch.arange(10) % C
+
+
+def _value(loss_fn, embeddings, labels):
+    loss_fn.eval()  # no training noise: values comparable across instances
+    return loss_fn(embeddings, labels)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["nir_weight", "objective", "flow", "flow_options", "detach_proxies", "noise_std", "guard_radius", "validate"],
+)
+def test_both_losses_spell_nir_arguments_alike(name):
+    for loss_class in (NIRRegularizer, ProxyAnchorNIRLoss):
+        assert name in inspect.signature(loss_class).parameters, f"{loss_class.__name__} lacks {name}="
+
+
+def test_nir_weight_and_flow_options_build_the_same_term_in_both_losses():
+    reg = NIRRegularizer(losses.ProxyAnchorLoss(C, D), nir_weight=0.3, flow_options=TINY_FLOW)
+    pa = ProxyAnchorNIRLoss(C, D, nir_weight=0.3, flow_options=TINY_FLOW)
+    assert reg.nir_weight == pa.nir_weight == 0.3
+    assert [p.shape for p in reg.flow.parameters()] == [p.shape for p in pa.flow.parameters()]
+    assert len(reg.flow.flows) == 3  # one block: a permutation and two couplings
+
+
+def test_old_weight_keyword_warns_and_gives_the_same_loss():
+    base = losses.ProxyNCALoss(C, D)
+    new = NIRRegularizer(base, nir_weight=0.5, flow_options=TINY_FLOW)
+    with pytest.warns(DeprecationWarning, match=r"weight=\.\.\.\) is deprecated.*use nir_weight="):
+        old = NIRRegularizer(base, weight=0.5, flow_options=TINY_FLOW)
+    old.load_state_dict(new.state_dict())
+    assert old.nir_weight == 0.5
+    embeddings, labels = _batch()
+    torch.testing.assert_close(_value(old, embeddings, labels), _value(new, embeddings, labels), rtol=0, atol=0)
+
+
+def test_old_flow_keywords_warn_and_give_the_same_loss():
+    base = losses.ProxyNCALoss(C, D)
+    new = NIRRegularizer(base, nir_weight=0.5, flow_options=TINY_FLOW)
+    with pytest.warns(DeprecationWarning, match=r"num_blocks=.*is deprecated.*flow_options=\{\.\.\.\}"):
+        old = NIRRegularizer(base, nir_weight=0.5, **TINY_FLOW)
+    old.load_state_dict(new.state_dict())  # same architecture, or this raises
+    embeddings, labels = _batch()
+    torch.testing.assert_close(_value(old, embeddings, labels), _value(new, embeddings, labels), rtol=0, atol=0)
+
+
+def test_old_spelling_warns_at_the_callers_line():
+    with pytest.warns(DeprecationWarning) as record:
+        NIRRegularizer(losses.ProxyNCALoss(C, D), weight=0.5, **TINY_FLOW)
+    assert len(record) == 2
+    assert {w.filename for w in record} == {__file__}
+
+
+def test_new_spelling_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NIRRegularizer(losses.ProxyNCALoss(C, D), nir_weight=0.5, flow_options=TINY_FLOW)
+        NIRRegularizer(losses.ProxyNCALoss(C, D), 0.5)  # positional, as before
+
+
+def test_both_spellings_of_the_weight_is_an_error():
+    with pytest.raises(TypeError, match=r"both nir_weight=0.1 and weight=0.2; .*pass nir_weight= only"):
+        NIRRegularizer(losses.ProxyNCALoss(C, D), nir_weight=0.1, weight=0.2)
+
+
+def test_both_spellings_of_flow_options_is_an_error():
+    with pytest.raises(TypeError, match=r"flow_options= and flow options as keywords \['num_layers'\]"):
+        NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options={"num_blocks": 1}, num_layers=2)
+
+
+def test_unknown_keyword_names_the_valid_ones():
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['nir_wieght'\].*hidden_features"):
+        NIRRegularizer(losses.ProxyNCALoss(C, D), nir_wieght=0.1)
+
+
+# -- a short real-data training: the NIR likelihood rises, held-out retrieval improves --------
+
+
+def digits_split():
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    # Class-independent nuisance features: an untrained net mixes them in, a trained one learns
+    # to ignore them, which shows on classes it never saw.
+    noise = torch.randn(len(x), 64, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([x, noise], dim=1)
+    train = y < 5
+    return x[train], y[train], x[~train], y[~train] - 5
+
+
+def recall_at_1(model, x, y):
+    with torch.no_grad():
+        emb = F.normalize(model(x), dim=1)
+    calc = AccuracyCalculator(include=("precision_at_1",), k=1, knn_func=CustomKNN(CosineSimilarity()))
+    return calc.get_accuracy(emb, y)["precision_at_1"]
+
+
+def test_short_training_on_digits():
+    torch.manual_seed(0)
+    x_tr, y_tr, x_te, y_te = digits_split()
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
+    flow_options = dict(num_blocks=2, num_layers=4, hidden_features=64)
+    loss_fn = ProxyAnchorNIRLoss(5, 32, nir_weight=0.01, flow_options=flow_options)
+    opt = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *loss_fn.param_groups(1e-3)])
+    untrained = recall_at_1(model, x_te, y_te)
+    nll = []
+    for _ in range(300):
+        idx = torch.randint(0, len(x_tr), (64,))
+        emb = F.normalize(model(x_tr[idx]), dim=1)
+        loss = loss_fn(emb, y_tr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        nll.append(-loss_fn.log_likelihood(emb.detach(), y_tr[idx]).mean().item())
+    trained = recall_at_1(model, x_te, y_te)
+    assert sum(nll[-20:]) / 20 < sum(nll[:20]) / 20 - 5.0  # the flow learns the class-conditional density
+    assert trained > untrained + 0.02, (untrained, trained)  # held-out classes, measured

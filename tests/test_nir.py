@@ -1,4 +1,5 @@
-"""The NIR term: agreement with a reference, batched likelihoods, miners, sampling."""
+"""The NIR term: agreement with a reference, batched likelihoods, miners, sampling, the training
+term's safeguards (input noise, tail guard, recorded NLL statistics), and no host sync."""
 
 import math
 import pathlib
@@ -10,14 +11,21 @@ from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from nir_loss import NIRRegularizer, ProxyAnchorNIRLoss
-from nir_loss.nir import miner_weights, weighted_element_losses
+from nir_loss.nir import (
+    NIRTerm,
+    default_guard_radius,
+    default_noise_std,
+    guarded_energy,
+    miner_weights,
+    weighted_element_losses,
+)
 
 from . import reference
+from .helpers import EXACT, FLOW, META
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
-FLOW = dict(num_blocks=3, hidden_features=16, num_layers=4, identity_init=False)
-# The plain NLL: no training noise, no tail guard (what the references compute).
-EXACT = dict(noise_std=0.0, guard_radius=math.inf)
+# Deeper than FLOW: three blocks of four-layer subnets against the reference.
+DEEP_FLOW = dict(num_blocks=3, hidden_features=16, num_layers=4, identity_init=False)
 
 
 def batch(b=12, d=8, c=5, dtype=torch.float64):
@@ -27,7 +35,7 @@ def batch(b=12, d=8, c=5, dtype=torch.float64):
 
 @pytest.mark.parametrize("objective", ["nll", "exp_nll"])
 def test_matches_independent_reference(objective):
-    loss_fn = ProxyAnchorNIRLoss(5, 8, nir_weight=0.3, objective=objective, flow_options=FLOW, **EXACT).double()
+    loss_fn = ProxyAnchorNIRLoss(5, 8, nir_weight=0.3, objective=objective, flow_options=DEEP_FLOW, **EXACT).double()
     x, y = batch()
     expected = reference.proxy_anchor(x, y, loss_fn.proxies) + 0.3 * reference.nir_term(
         loss_fn.flow, x, loss_fn.proxies, y, objective
@@ -41,7 +49,7 @@ def test_matches_independent_reference(objective):
 
 
 def test_log_likelihood_is_minus_reference_nll():
-    loss_fn = ProxyAnchorNIRLoss(5, 8, flow_options=FLOW).double()
+    loss_fn = ProxyAnchorNIRLoss(5, 8, flow_options=DEEP_FLOW).double()
     x, y = batch()
     expected = -reference.flow_nll(loss_fn.flow, x, F.normalize(loss_fn.proxies[y], dim=1))
     torch.testing.assert_close(loss_fn.log_likelihood(x, y), expected, atol=1e-10, rtol=0)
@@ -49,7 +57,7 @@ def test_log_likelihood_is_minus_reference_nll():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matrix_matches_labelled_pass_and_chunking(dtype):
-    loss_fn = ProxyAnchorNIRLoss(7, 8, flow_options=FLOW).to(dtype)
+    loss_fn = ProxyAnchorNIRLoss(7, 8, flow_options=DEEP_FLOW).to(dtype)
     x, y = batch(b=11, c=7, dtype=dtype)
     full = loss_fn.log_likelihood_matrix(x)
     assert full.shape == (11, 7) and full.dtype == dtype
@@ -63,7 +71,7 @@ def test_matrix_matches_labelled_pass_and_chunking(dtype):
 
 def test_matrix_keeps_no_graph_unless_asked():
     """Grad enabled, embeddings that require grad, a trainable flow: by default no pass keeps its graph."""
-    loss_fn = ProxyAnchorNIRLoss(7, 8, flow_options=FLOW).double()
+    loss_fn = ProxyAnchorNIRLoss(7, 8, flow_options=DEEP_FLOW).double()
     x, _ = batch(b=11, c=7)
     full = loss_fn.log_likelihood_matrix(x, chunk_size=2)
     assert full.grad_fn is None and not full.requires_grad
@@ -79,7 +87,7 @@ def test_matrix_keeps_no_graph_unless_asked():
 
 def test_multi_centre_losses_use_nearest_centre():
     base = losses.SoftTripleLoss(4, 6, centers_per_class=3)
-    loss_fn = NIRRegularizer(base, flow_options=FLOW).double()
+    loss_fn = NIRRegularizer(base, flow_options=DEEP_FLOW).double()
     x, y = batch(b=9, d=6, c=4)
     centres = F.normalize(base.fc.t().reshape(4, 3, 6), dim=-1)
     nearest = centres[y, (torch.einsum("bkd,bd->bk", centres[y], x)).argmax(1)]
@@ -90,7 +98,7 @@ def test_multi_centre_losses_use_nearest_centre():
 
 
 def test_sample_is_the_flow_forward_of_base_draws():
-    loss_fn = ProxyAnchorNIRLoss(5, 8, flow_options=FLOW).double()
+    loss_fn = ProxyAnchorNIRLoss(5, 8, flow_options=DEEP_FLOW).double()
     labels = torch.tensor([0, 0, 3, 4])
     x = loss_fn.sample(labels, generator=torch.Generator().manual_seed(1))
     z = torch.randn(4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -101,7 +109,7 @@ def test_sample_is_the_flow_forward_of_base_draws():
 
 def test_sampling_matches_likelihood_statistically():
     """Samples of p(x | rho) have the flow's mean NLL: E[NLL] = D/2 (1 + log 2pi) - E[log det]."""
-    loss_fn = ProxyAnchorNIRLoss(3, 4, flow_options=FLOW)
+    loss_fn = ProxyAnchorNIRLoss(3, 4, flow_options=DEEP_FLOW)
     labels = torch.zeros(4000, dtype=torch.long)
     with torch.no_grad():
         x = loss_fn.sample(labels, generator=torch.Generator().manual_seed(0))
@@ -125,7 +133,7 @@ def test_miner_weights_match_pml_and_handle_empty():
 
 @pytest.mark.parametrize("miner", [miners.MultiSimilarityMiner(0.3), miners.TripletMarginMiner(0.3)])
 def test_nir_term_is_miner_weighted_mean(miner):
-    loss_fn = NIRRegularizer(losses.ProxyNCALoss(5, 8), nir_weight=0.5, flow_options=FLOW, **EXACT).double()
+    loss_fn = NIRRegularizer(losses.ProxyNCALoss(5, 8), nir_weight=0.5, flow_options=DEEP_FLOW, **EXACT).double()
     x, y = batch(b=16)
     tup = miner(x, y)
     w = lmu.convert_to_weights(tup, y, dtype=torch.float64)
@@ -135,7 +143,7 @@ def test_nir_term_is_miner_weighted_mean(miner):
 
 
 def test_miner_naming_nothing_gives_zero_nir_term():
-    loss_fn = NIRRegularizer(losses.ProxyNCALoss(5, 8), nir_weight=0.5, flow_options=FLOW).double()
+    loss_fn = NIRRegularizer(losses.ProxyNCALoss(5, 8), nir_weight=0.5, flow_options=DEEP_FLOW).double()
     x, y = batch()
     empty = tuple(torch.tensor([], dtype=torch.long) for _ in range(4))
     total = loss_fn(x, y, empty)
@@ -144,7 +152,7 @@ def test_miner_naming_nothing_gives_zero_nir_term():
 
 
 def test_unnamed_samples_do_not_affect_nir_term():
-    loss_fn = ProxyAnchorNIRLoss(5, 8, nir_weight=1.0, flow_options=FLOW, **EXACT).double()
+    loss_fn = ProxyAnchorNIRLoss(5, 8, nir_weight=1.0, flow_options=DEEP_FLOW, **EXACT).double()
     x, y = batch()
     tup = (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([0, 1]), torch.tensor([4, 5]))
     nir = lambda e: loss_fn.nir.per_sample_loss(e, loss_fn.proxies, y)  # noqa: E731
@@ -176,3 +184,172 @@ def test_state_dicts_saved_by_0_2_0_give_the_same_term_and_gradients(d):
         torch.testing.assert_close(g, saved["grads"][name], atol=1e-10, rtol=0, msg=name)
     torch.testing.assert_close(loss_fn.log_likelihood(x, labels), saved["log_likelihood"], atol=1e-10, rtol=0)
     torch.testing.assert_close(loss_fn.log_likelihood_matrix(x), saved["matrix"], atol=1e-10, rtol=0)
+
+
+# -- the training term's safeguards: input noise, the tail guard, the recorded NLL statistics ---
+
+
+def seeded_batch(b=10, d=8, c=4, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(b, d, generator=g, dtype=dtype), dim=1)
+    return x, torch.randint(0, c, (b,), generator=g)
+
+
+def test_switched_off_the_term_is_the_plain_nll():
+    term = NIRTerm(8, noise_std=0.0, guard_radius=math.inf, **FLOW).double()
+    x, y = seeded_batch()
+    proxies = torch.randn(4, 8, dtype=torch.float64)
+    expected = reference.flow_nll(term.flow, x, F.normalize(proxies[y], dim=1))
+    loss, nll = term.loss_and_nll(x, proxies, y)
+    assert torch.equal(loss, nll)
+    torch.testing.assert_close(loss, expected, atol=1e-10, rtol=0)
+
+
+def test_defaults_scale_with_the_dimension():
+    for d in (32, 128, 512):
+        assert default_noise_std(d) * math.sqrt(d) == pytest.approx(0.7)
+        assert default_guard_radius(d) == pytest.approx(2 * math.sqrt(d))
+    term = NIRTerm(32, **FLOW)
+    assert term.noise_std == default_noise_std(32) and term.guard_radius == default_guard_radius(32)
+
+
+def test_noise_is_drawn_in_training_mode_only_and_is_reproducible():
+    term = NIRTerm(8, noise_std=0.05, guard_radius=math.inf, **FLOW).double()
+    x, y = seeded_batch()
+    proxies = torch.randn(4, 8, dtype=torch.float64)
+    clean = -term.log_likelihood(x, proxies, y)
+    torch.manual_seed(3)
+    first = term.per_sample_loss(x, proxies, y)
+    torch.manual_seed(3)
+    again = term.per_sample_loss(x, proxies, y)
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
+    assert not torch.allclose(first, clean)
+    # the noise is x + noise_std * randn from the given generator
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    expected = reference.flow_nll(term.flow, x + 0.05 * noise, F.normalize(proxies[y], dim=1))
+    got = term.per_sample_loss(x, proxies, y, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    term.eval()
+    torch.testing.assert_close(term.per_sample_loss(x, proxies, y), clean, atol=1e-12, rtol=0)
+
+
+def test_loss_module_noise_follows_train_and_eval():
+    loss_fn = ProxyAnchorNIRLoss(4, 8, nir_weight=1.0, flow_options=FLOW, guard_radius=math.inf).double()
+    x, y = seeded_batch()
+    a, b = loss_fn(x, y), loss_fn(x, y)
+    assert not torch.equal(a, b)  # fresh noise each call
+    loss_fn.eval()
+    torch.testing.assert_close(loss_fn(x, y), loss_fn(x, y), atol=0, rtol=0)
+
+
+def test_guard_is_continuous_in_value_and_gradient():
+    radius = 3.0
+    direction = F.normalize(torch.randn(1, 6, dtype=torch.float64), dim=1)
+    values, grads = [], []
+    for r in (radius * (1 - 1e-7), radius * (1 + 1e-7)):
+        z = (r * direction).requires_grad_()
+        e = guarded_energy(z, radius).sum()
+        (g,) = torch.autograd.grad(e, z)
+        values.append(float(e.detach()))
+        grads.append(g)
+    assert values[0] == pytest.approx(0.5 * radius**2, rel=1e-6) and values[1] == pytest.approx(values[0], rel=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=0)
+    # far out, the gradient with respect to z has norm radius; inside it is z
+    z = (1e4 * direction).requires_grad_()
+    (g,) = torch.autograd.grad(guarded_energy(z, radius).sum(), z)
+    assert float(g.norm()) == pytest.approx(radius)
+    z = (0.5 * direction).requires_grad_()
+    (g,) = torch.autograd.grad(guarded_energy(z, radius).sum(), z)
+    torch.testing.assert_close(g, z.detach())
+    z = torch.zeros(1, 6, dtype=torch.float64, requires_grad=True)  # the unused branch's sqrt stays finite
+    (g,) = torch.autograd.grad(guarded_energy(z, radius).sum(), z)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_far_sample_gets_a_bounded_gradient_from_a_sharp_flow():
+    # A small flow trained to be sharp on tightly bunched embeddings of one class.
+    torch.manual_seed(0)
+    term = NIRTerm(8, noise_std=0.0, guard_radius=math.inf, **FLOW)
+    proxies, label = torch.randn(1, 8), torch.zeros(1, dtype=torch.long)
+    centre = F.normalize(torch.randn(1, 8), dim=1)
+    opt = torch.optim.Adam(term.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = term.per_sample_loss(centre + 0.01 * torch.randn(32, 8), proxies, label.expand(32)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    far = F.normalize(torch.randn(1, 8, generator=torch.Generator().manual_seed(5)), dim=1)
+    grads = {}
+    for radius in (default_guard_radius(8), math.inf):
+        term.guard_radius = radius
+        x = far.clone().requires_grad_()
+        (grads[radius],) = torch.autograd.grad(term.per_sample_loss(x, proxies, label).sum(), x)
+    with torch.no_grad():
+        z, _ = term.latent(far, proxies, label)
+    radius = default_guard_radius(8)
+    assert float(z.norm()) > 5 * radius  # the flow is sharp: the sample is far out in latent space
+    # Without the guard the gradient grows with ||z||; with it, it is that of a sample at the radius.
+    assert float(grads[math.inf].norm()) > 0.5 * float(z.norm()) / radius * float(grads[radius].norm())
+
+
+def test_exp_objective_stays_finite_far_from_the_mode():
+    term = NIRTerm(128, objective="exp_nll", guard_radius=math.inf, **FLOW)
+    x = (20 * F.normalize(torch.randn(4, 128), dim=1)).requires_grad_()
+    value = term.per_sample_loss(x, torch.randn(3, 128), torch.tensor([0, 1, 2, 0]))
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(x.grad).all()
+
+
+def test_recorded_nll_statistics():
+    loss_fn = ProxyAnchorNIRLoss(4, 8, nir_weight=0.5, flow_options=FLOW)
+    assert math.isnan(loss_fn.nir_nll_mean)
+    assert {"nir_nll_mean", "nir_nll_max"} <= set(loss_fn._record_these)
+    x, y = seeded_batch(dtype=torch.float32)
+    loss_fn.eval()
+    loss_fn(x, y)
+    nll = -loss_fn.log_likelihood(x, y)
+    assert loss_fn.nir_nll_mean.requires_grad is False
+    torch.testing.assert_close(loss_fn.nir_nll_mean, nll.mean().detach())
+    torch.testing.assert_close(loss_fn.nir_nll_max, nll.max().detach())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(noise_std=-0.1),
+        dict(noise_std=math.inf),
+        dict(noise_std=math.nan),
+        dict(guard_radius=0.0),
+        dict(guard_radius=-1.0),
+        dict(guard_radius=math.nan),
+    ],
+)
+def test_bad_safeguard_settings_are_refused(kwargs):
+    with pytest.raises(ValueError, match="noise_std|guard_radius"):
+        ProxyAnchorNIRLoss(4, 8, flow_options=FLOW, **kwargs)
+
+
+# -- no host sync: the term, its likelihoods and its matrix run on meta tensors ---------------
+
+
+@pytest.mark.parametrize("objective", ["nll", "exp_nll"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda o: ProxyAnchorNIRLoss(7, 8, objective=o, flow_options=FLOW, validate=False),
+        lambda o: NIRRegularizer(
+            losses.SoftTripleLoss(7, 8, centers_per_class=2), objective=o, validate=False, flow_options=FLOW
+        ),
+    ],
+)
+def test_nir_term_runs_on_meta_tensors(make, objective):
+    loss_fn = make(objective).to(META)
+    x = torch.empty(12, 8, device=META, requires_grad=True)
+    y = torch.empty(12, dtype=torch.long, device=META)
+    pairs = tuple(torch.empty(5, dtype=torch.long, device=META) for _ in range(4))
+    for tup in (None, pairs):
+        entry = loss_fn._nir_loss_entry(x, y, tup)
+        assert entry["losses"].shape in ((12,), ()) and entry["losses"].device == META
+        entry["losses"].sum().backward()
+    assert loss_fn.log_likelihood(x, y).shape == (12,)
+    assert loss_fn.log_likelihood_matrix(x, chunk_size=5).shape == (12, 7)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import re
+import warnings
 
 import pytest
 import torch
@@ -17,9 +16,9 @@ from nir_loss import NIRRegularizer, ProxyAnchorNIRLoss, ProxyConditionedFlow
 from nir_loss.flow import ContextAffineCoupling
 from nir_loss.testing import check_flow, check_proxy_loss
 
+from .helpers import TINY_FLOW
+
 C, D = 5, 8
-SMALL = {"num_blocks": 1, "hidden_features": 8, "num_layers": 2}
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "custom_proxy_loss.py"
 
 PML_LOSSES = {
     "ProxyAnchorLoss": lambda: pml_losses.ProxyAnchorLoss(C, D),
@@ -31,16 +30,9 @@ PML_LOSSES = {
     "SphereFaceLoss": lambda: pml_losses.SphereFaceLoss(C, D),
     "SubCenterArcFaceLoss": lambda: pml_losses.SubCenterArcFaceLoss(num_classes=C, embedding_size=D),
     "SoftTripleLoss": lambda: pml_losses.SoftTripleLoss(C, D, centers_per_class=3),
-    "ProxyAnchorNIRLoss": lambda: ProxyAnchorNIRLoss(C, D, flow_options=SMALL),
-    "NIRRegularizer(ProxyNCALoss)": lambda: NIRRegularizer(pml_losses.ProxyNCALoss(C, D), flow_options=SMALL),
+    "ProxyAnchorNIRLoss": lambda: ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW),
+    "NIRRegularizer(ProxyNCALoss)": lambda: NIRRegularizer(pml_losses.ProxyNCALoss(C, D), flow_options=TINY_FLOW),
 }
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("custom_proxy_loss", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- losses that pass ----------------------------------------------------------------------
@@ -71,6 +63,19 @@ def test_global_rng_is_untouched():
     state = torch.random.get_rng_state()
     check_proxy_loss(loss, C, D, dtypes=(torch.float32,))
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_check_proxy_loss_takes_nir_options_in_either_spelling():
+    quick = {"miners": False, "dtypes": (torch.float32,), "devices": ["cpu"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_proxy_loss(
+            pml_losses.ProxyNCALoss(C, D), C, D, **quick, nir_options={"nir_weight": 0.5, "flow_options": TINY_FLOW}
+        )
+    with pytest.warns(DeprecationWarning) as record:
+        check_proxy_loss(pml_losses.ProxyNCALoss(C, D), C, D, **quick, nir_options={"weight": 0.5, "num_blocks": 1})
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2 and "(weight=...)" in messages[0] and "num_blocks=..." in messages[1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -274,16 +279,3 @@ def test_check_flow_exercises_identity_initialized_flows():
     # With identity_init the log-det is 0 everywhere; the perturbed copy still catches the bug.
     with pytest.raises(AssertionError, match="log-det is wrong"):
         check_flow(_HalfLogDet(D, num_blocks=1, hidden_features=16, num_layers=3, identity_init=True))
-
-
-# -- the example -------------------------------------------------------------------------------
-
-
-def test_custom_proxy_loss_example(monkeypatch, capsys):
-    example = _load_example()
-    monkeypatch.setattr("sys.argv", ["custom_proxy_loss.py", "--steps", "40"])
-    example.main()  # runs check_proxy_loss and check_flow on the example's loss, then trains it
-    out = capsys.readouterr().out
-    assert "check_proxy_loss and check_flow passed" in out
-    first, last = map(float, re.search(r"loss (\S+) -> (\S+) after 40 steps", out).groups())
-    assert last < first

@@ -184,4 +184,3 @@ def efficientnet_lite0_embedder(
                 f"unexpected {unexpected[:3]}"
             )
     return EmbeddingNet(_EfficientNetTrunk(net), net._conv_head.out_channels, embedding_size, max_pool, freeze_bn)
-

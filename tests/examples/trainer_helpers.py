@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 CUB = EXAMPLES / "cub"  # the CUB trainer: train.py and its trainer package
 for _path in (EXAMPLES, CUB):

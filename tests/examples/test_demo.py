@@ -14,7 +14,7 @@ from .trainer_helpers import import_example
 
 demo = import_example("demo")
 held_out = import_example("held_out")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import quality  # noqa: E402
 
 SMALL = ["--dataset", "digits", "--seeds", "0,1", "--dim", "16", "--epochs", "2", "--threads", "1"]

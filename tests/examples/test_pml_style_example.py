@@ -6,7 +6,7 @@ import importlib.util
 import math
 import pathlib
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "pml_style.py"
+EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "pml_style.py"
 
 
 def _load():

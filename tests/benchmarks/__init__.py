@@ -1,0 +1,1 @@
+"""Tests of benchmarks/: the quality benchmark's parts and the GPU benchmark's CPU dry run."""
