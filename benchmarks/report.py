@@ -228,6 +228,34 @@ def compiled(d):
     )
 
 
+def kernels(d) -> str:
+    """The kernel-count table of section 7 (``--sections kernels``), as markdown."""
+    k = d.get("kernels")
+    if not k:
+        return ""
+    rows = [
+        ("nir", "NIR term (fused pass, the default)"),
+        ("nir_layers", "NIR term, `fused=False` (0.2.0's path)"),
+        ("freia", "FrEIA flow of the same shape"),
+        ("proxy_anchor", "PML `ProxyAnchorLoss`"),
+    ]
+    lines = [
+        f"B = {k['B']}, D = {k['D']}, C = {k['C']}; one step = normalize the embeddings, the per-sample",
+        "term, its mean, backward.",
+        "",
+        "| | eager ops | of which GEMMs | eager, bf16 autocast | compiled: kernels + GEMMs |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in rows:
+        eager, bf16, comp = k["eager"].get(key), k.get("eager_bf16", {}).get(key), k.get("compiled", {}).get(key)
+        compiled_cell = f"{comp['fused']} + {comp['gemm']} = {comp['graph_launches']:,}" if comp else ""
+        cells = [f"{eager['total']:,}", str(eager["gemm"]), f"{bf16['total']:,}" if bf16 else "", compiled_cell]
+        if key == "nir":
+            cells = [f"**{c}**" if c and i != 1 else c for i, c in enumerate(cells)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def speed_tables(d) -> str:
     """Every speed table of one ``speed.py`` results file, as markdown."""
     import contextlib
@@ -246,9 +274,11 @@ if __name__ == "__main__":
     # the plot into docs/img) and printed.
     path = latest("speed.json")
     if "speed" in which and path:
-        text = speed_tables(json.loads(path.read_text()))
+        d = json.loads(path.read_text())
+        text = speed_tables(d)
         path.with_suffix(".md").write_text(text)
-        print(text)
+        path.with_name("speed_kernels.md").write_text(kernels(d))
+        print(text + kernels(d))
     path = latest("quality.json")
     if "quality" in which and path:
         docs = RESULTS.parents[1] / "docs"

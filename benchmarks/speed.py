@@ -1,8 +1,8 @@
 # ruff: noqa: B023, E501  (closures are called within their loop iteration; wide tables)
 """Speed and memory of ProxyAnchor + NIR, side by side with plain ProxyAnchor and a FrEIA flow.
 
-    python benchmarks/speed.py            # default grid, CPU: about 7 minutes on 2 cores
-    python benchmarks/speed.py --quick    # a smaller grid and fewer repeats (about 3 minutes)
+    python benchmarks/speed.py            # every section, CPU: about 10 minutes on 2 cores
+    python benchmarks/speed.py --quick    # a smaller grid and fewer repeats (about 5 minutes)
 
 Sections (each a table on stdout; everything also in benchmarks/results/<version>/speed[_quick].json):
 1. loss forward+backward time and peak memory: PML ProxyAnchorLoss alone, nir_loss
@@ -650,7 +650,10 @@ def section_kernels(args, device, timer, out):
 
     import nir_loss.flow as flow_module
 
-    inductor_config.cpp.enable_kernel_profile = True
+    if args.fresh_cache:  # its compile times are cold too, after section 5's compiles
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="nir_speed_kernels_", dir=args.cache_root)
+        torch._dynamo.reset()
+    inductor_config.cpp.enable_kernel_profile = True  # (a different kernel source than section 5's)
     cpu_path = flow_module._BATCHED_WEIGHT_GRADS_ON_CPU
     flow_module._BATCHED_WEIGHT_GRADS_ON_CPU = True
     try:
@@ -726,8 +729,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--sections",
-        default="loss,matrix,roofline,resnet,compiled,profile",
-        help="comma-separated; also: kernels (section 7)",
+        default="loss,matrix,roofline,resnet,compiled,profile,kernels",
+        help="comma-separated subset of the default",
     )
     p.add_argument("--no-compile", action="store_true", help="section 7: eager counts only")
     p.add_argument("--out", default=None)
@@ -752,9 +755,10 @@ def main(argv=None):
         a.step_reps = a.step_reps_arg
     torch.set_num_threads(a.threads)
     # Compile times as a new machine sees them: a fresh inductor cache unless one is given.
-    fresh_cache = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
-    if fresh_cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="nir_speed_inductor_")
+    a.fresh_cache = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    if a.fresh_cache:
+        a.cache_root = tempfile.mkdtemp(prefix="nir_speed_inductor_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(dir=a.cache_root)
     device = torch.device(a.device)
     timer = Timer(device)
     meta = {
@@ -767,7 +771,7 @@ def main(argv=None):
         "processor": platform.processor(),
         "cuda_name": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "time_base": "CUDA events" if device.type == "cuda" else "thread CPU time (time.thread_time)",
-        "inductor_cache_dir": os.environ["TORCHINDUCTOR_CACHE_DIR"],
+        "inductor_cache": "fresh" if a.fresh_cache else os.environ["TORCHINDUCTOR_CACHE_DIR"],
     }
     print(
         f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
@@ -793,8 +797,8 @@ def main(argv=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(f"\nwrote {path}; total {out['meta']['total_seconds']:.0f}s")
-    if fresh_cache:
-        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+    if a.fresh_cache:
+        shutil.rmtree(a.cache_root, ignore_errors=True)
 
 
 if __name__ == "__main__":
