@@ -1,5 +1,6 @@
-"""The quality benchmark's parts: arm parsing, a paired run, and the summary's statistics."""
+"""The benchmark suite's parts: arm parsing, a paired run, the summary's statistics, the report."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import nir_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import quality  # noqa: E402
+import report  # noqa: E402
 
 
 def test_arms_are_relative_to_the_default_weight():
@@ -64,3 +66,18 @@ def test_summary_reports_median_worst_seed_and_collapses():
 def statistics_median(values):
     values = sorted(values)
     return (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+
+
+@pytest.mark.parametrize("name", ["speed", "quality"])
+def test_the_docs_tables_are_the_reports_rendering_of_the_committed_results(name, tmp_path):
+    """docs/benchmarks.md includes the tables that `python benchmarks/report.py` writes."""
+    path = report.latest(f"{name}.json")
+    data = json.loads(path.read_text())
+    if name == "speed":
+        assert path.with_suffix(".md").read_text() == report.speed_tables(data)
+        assert path.with_name("speed_kernels.md").read_text() == report.kernels(data)
+        assert "| NIR term (fused pass, the default) | **" in report.kernels(data)
+    else:
+        rendered = report.quality(data, tmp_path / "quality.md", tmp_path / "quality.png")
+        assert path.with_suffix(".md").read_text() == (tmp_path / "quality.md").read_text()
+        assert rendered and (tmp_path / "quality.png").stat().st_size > 10_000
