@@ -39,20 +39,7 @@ def command(argv, name):
 
 
 def speed(d, name="speed.json"):
-    from speed import flow_flops_per_row
-
     m = d["meta"]
-    # Matrix FLOPs without the per-class context projection (results written before that fix
-    # counted it per row): recompute from the measured rows/s.
-    for r in d.get("matrix", []):
-        r["flop_per_s"] = r["rows_per_s"] * flow_flops_per_row(r["D"], context=False)
-    rf = d.get("roofline")
-    if rf:
-        for row in rf["rows"]:
-            if row["pass"].startswith("matrix"):
-                best = max((r for r in d["matrix"] if r["D"] == row["D"]), key=lambda r: r["flop_per_s"])
-                row["flop_per_s"] = best["flop_per_s"]
-                row["fraction_of_peak"] = best["flop_per_s"] / rf["peak_flop_per_s"]
     print(
         f"Command: `{('python benchmarks/speed.py ' + command(m['argv'], name)).strip()}` "
         f"({m['total_seconds']:.0f} s wall, {m['threads']} torch thread, {m['time_base']}).\n"
