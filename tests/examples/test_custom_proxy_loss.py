@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import re
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "custom_proxy_loss.py"
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("custom_proxy_loss", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .helpers import import_example
 
 
 def test_custom_proxy_loss_example(monkeypatch, capsys):
-    example = _load_example()
+    example = import_example("custom_proxy_loss")
     monkeypatch.setattr("sys.argv", ["custom_proxy_loss.py", "--steps", "40"])
     example.main()  # runs check_proxy_loss and check_flow on the example's loss, then trains it
     out = capsys.readouterr().out

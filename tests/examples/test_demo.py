@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .trainer_helpers import import_example
+from .helpers import import_example
 
 demo = import_example("demo")
 held_out = import_example("held_out")

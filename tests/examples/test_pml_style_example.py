@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "pml_style.py"
+from .helpers import import_example
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("pml_style", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pml_style = import_example("pml_style")
 
 
 def test_pml_style_example_trains_and_improves_retrieval(capsys):
-    history = _load().main(["--epochs", "1"])
+    history = pml_style.main(["--epochs", "1"])
     assert len(history) == 2
     assert all(math.isfinite(a[k]) for a in history for k in ("precision_at_1", "mean_average_precision_at_r"))
     before, after = (a["mean_average_precision_at_r"] for a in history)
@@ -27,6 +20,6 @@ def test_pml_style_example_trains_and_improves_retrieval(capsys):
 
 
 def test_pml_style_example_max_steps_limits_an_epoch(capsys):
-    _load().main(["--epochs", "1", "--max-steps", "2"])
+    pml_style.main(["--epochs", "1", "--max-steps", "2"])
     out = capsys.readouterr().out
     assert out.count("Iteration") == 1  # iterations 0 and 1; printed every 10

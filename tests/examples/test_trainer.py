@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from .trainer_helpers import SMALL_FLOW_ARGS, import_example, make_mini_cub
+from .helpers import SMALL_FLOW_ARGS, import_example, make_mini_cub
 
 train_cub = import_example("train")
 data = import_example("trainer.data")

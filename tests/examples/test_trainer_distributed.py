@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from .trainer_helpers import CUB, ROOT, SMALL_FLOW_ARGS, make_mini_cub
+from .helpers import CUB, ROOT, SMALL_FLOW_ARGS, make_mini_cub
 
 
 def test_torchrun_two_processes(tmp_path):

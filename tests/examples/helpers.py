@@ -1,4 +1,4 @@
-"""Test helpers for the example trainer: a miniature CUB200-2011 and the examples import path."""
+"""Helpers for the examples' tests: the examples import path and a miniature CUB200-2011."""
 
 from __future__ import annotations
 
@@ -50,11 +50,11 @@ def make_mini_cub(root: Path, num_classes: int = 4, per_class: int = 6, size: in
 
 
 def import_example(name: str):
-    """Imports a module of examples/ (demo, real_datasets) or examples/cub/ (train, trainer.*); neither is installed."""
+    """Imports a module of examples/ (demo, held_out, ...) or examples/cub/ (train, trainer.*): neither is installed."""
     import importlib
 
     return importlib.import_module(name)
 
 
-# A small flow for the trainer's and the demo's command lines: fast, and still every layer kind.
+# A small flow for the CUB trainer's command line: fast, and still every layer kind.
 SMALL_FLOW_ARGS = ["--flow-blocks", "2", "--flow-hidden", "32", "--flow-layers", "3"]
