@@ -58,3 +58,10 @@ def import_example(name: str):
 
 # A small flow for the CUB trainer's command line: fast, and still every layer kind.
 SMALL_FLOW_ARGS = ["--flow-blocks", "2", "--flow-hidden", "32", "--flow-layers", "3"]
+# The CUB trainer at its smallest: an untrained ResNet18 on 32 px images, 2 steps per epoch.
+FAST_TRAIN_ARGS = [
+    *("--arch", "resnet18", "--weights", "none", "--image-size", "32"),
+    *("--samples-per-class", "2", "--max-steps", "2", "--workers", "0"),
+    *SMALL_FLOW_ARGS,
+    *("--no-progress", "--threads", "1"),
+]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from .helpers import SMALL_FLOW_ARGS, import_example, make_mini_cub
+from .helpers import FAST_TRAIN_ARGS, import_example, make_mini_cub
 
 train_cub = import_example("train")
 data = import_example("trainer.data")
@@ -22,28 +22,7 @@ LayoutError, read_cub = data.LayoutError, data.read_cub
 RECALL_KS, compute_metrics, recall_at_k = evaluation.RECALL_KS, evaluation.compute_metrics, evaluation.recall_at_k
 
 METRIC_KEYS = {f"recall_at_{k}" for k in RECALL_KS} | {"NMI", "mean_average_precision_at_r", "r_precision"}
-FAST = [
-    "--arch",
-    "resnet18",
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "6",
-    "--samples-per-class",
-    "2",
-    "--max-steps",
-    "2",
-    "--workers",
-    "0",
-    "--eval-batch-size",
-    "32",
-    *SMALL_FLOW_ARGS,
-    "--no-progress",
-    "--threads",
-    "1",
-]
+FAST = [*FAST_TRAIN_ARGS, "--batch-size", "6", "--eval-batch-size", "32"]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from .helpers import CUB, ROOT, SMALL_FLOW_ARGS, make_mini_cub
+from .helpers import CUB, FAST_TRAIN_ARGS, ROOT, make_mini_cub
 
 
 def test_torchrun_two_processes(tmp_path):
@@ -27,29 +27,8 @@ def test_torchrun_two_processes(tmp_path):
         str(cub),
         "--out",
         str(out),
-        "--arch",
-        "resnet18",
-        "--weights",
-        "none",
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--warmup-epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--samples-per-class",
-        "2",
-        "--max-steps",
-        "2",
-        "--workers",
-        "0",
-        *SMALL_FLOW_ARGS,
-        "--no-progress",
-        "--no-plots",
-        "--threads",
-        "1",
+        *FAST_TRAIN_ARGS,
+        *("--batch-size", "4", "--epochs", "2", "--warmup-epochs", "1", "--no-plots"),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
