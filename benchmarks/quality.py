@@ -39,16 +39,43 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the shared experiment
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import held_out  # noqa: E402
+import image_sets  # noqa: E402
 
 import nir_loss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+NULL_JITTER = 1e-4  # the null arm: ProxyAnchor with its proxies' init jittered by this std
+
+
+def _register_image_sets() -> None:
+    """The pretrained regime: frozen ImageNet features (image_sets) -> a trainable embedding head.
+
+    ``wesnoth`` and ``emoji`` use EfficientNet-Lite0 at 160 px; ``wesnoth-lite2`` etc. Lite2.
+    The head is 1280 -> 512 -> D; batch 64, 30 epochs, as a user would fine-tune a head.
+    """
+    for name in image_sets.SETS:
+        for backbone in ("lite0", "lite2"):
+            held_out.register(
+                name if backbone == "lite0" else f"{name}-{backbone}",
+                lambda name=name, backbone=backbone: _feature_split(name, backbone),
+                model=lambda d_in, dim: held_out.MLP(d_in, dim, hidden=(512,)),
+                batch=64,
+                epochs=30,
+            )
+
+
+def _feature_split(name: str, backbone: str):
+    f = image_sets.features(name, backbone)
+    return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+
+
+_register_image_sets()
 
 
 # -- one run --------------------------------------------------------------------------------
 def parse_arm(arm: str, dim: int) -> tuple[dict | None, float]:
     """(ProxyAnchorNIRLoss keyword arguments or None for ProxyAnchor, flow lr multiplier) of an arm."""
-    if arm == "pa":
+    if arm in ("pa", "null"):
         return None, nir_loss.DEFAULT_FLOW_LR_MULT
     objective, weight, *opts = arm.split(":")
     w = float(weight[:-1]) * nir_loss.default_nir_weight(dim, objective) if weight.endswith("x") else float(weight)
@@ -62,6 +89,8 @@ def parse_arm(arm: str, dim: int) -> tuple[dict | None, float]:
             flow_lr_mult = float(value)
         elif key in names:
             kwargs[names[key]] = float(value)
+        elif key == "center":
+            kwargs["centered"] = bool(int(value))
         else:
             raise SystemExit(f"unknown arm option {key!r} in {arm!r}")
     return kwargs, flow_lr_mult
@@ -69,7 +98,11 @@ def parse_arm(arm: str, dim: int) -> tuple[dict | None, float]:
 
 def run_one(dataset: str, arm: str, seed: int, dim: int, lr: float, epochs: int | None) -> dict:
     nir, flow_lr_mult = parse_arm(arm, dim)
-    return {"arm": arm, **held_out.run(dataset, seed, dim, nir, flow_lr_mult=flow_lr_mult, lr=lr, epochs=epochs)}
+    jitter = NULL_JITTER if arm == "null" else 0.0
+    return {
+        "arm": arm,
+        **held_out.run(dataset, seed, dim, nir, flow_lr_mult=flow_lr_mult, lr=lr, epochs=epochs, proxy_jitter=jitter),
+    }
 
 
 def _run_job(job):

@@ -35,17 +35,15 @@ COLLAPSE = 0.1  # a drop against the paired baseline seed that counts as a colla
 
 
 class MLP(nn.Module):
-    """Two hidden layers of 256, unit-norm embeddings."""
+    """ReLU hidden layers (default two of 256), unit-norm embeddings."""
 
-    def __init__(self, d_in: int, dim: int):
+    def __init__(self, d_in: int, dim: int, hidden: tuple[int, ...] = (256, 256)):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(d_in, 256),
-            nn.ReLU(),
-            nn.Linear(256, 256),
-            nn.ReLU(),
-            nn.Linear(256, dim),
-        )
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(d_in, width), nn.ReLU()]
+            d_in = width
+        self.net = nn.Sequential(*layers, nn.Linear(d_in, dim))
 
     def forward(self, x):
         return F.normalize(self.net(x), dim=1)
@@ -81,9 +79,19 @@ SETUPS: dict[str, dict[str, Any]] = {
 }
 
 
+# Data sets that other modules add (``register``): name -> loader of (x_train, y_train, x_test, y_test).
+_LOADERS: dict[str, Callable[[], tuple]] = {}
+
+
+def register(name: str, loader: Callable[[], tuple], **setup: Any) -> None:
+    """Adds a data set to ``run``: its loader and its ``SETUPS`` entry (model, batch, epochs, crop)."""
+    _LOADERS[name] = loader
+    SETUPS[name] = {"crop": None, **setup}
+
+
 @functools.cache
 def _data(dataset: str):
-    return real_datasets.load(dataset)
+    return _LOADERS[dataset]() if dataset in _LOADERS else real_datasets.load(dataset)
 
 
 def _evaluate(model: nn.Module, x, y, calc: AccuracyCalculator) -> tuple[float, float]:
@@ -96,6 +104,21 @@ def _evaluate(model: nn.Module, x, y, calc: AccuracyCalculator) -> tuple[float, 
     return acc["precision_at_1"], acc["mean_average_precision_at_r"]
 
 
+def _identification(model: nn.Module, loss_fn: nn.Module, x, y) -> dict[str, float]:
+    """How often a sample's class is its nearest proxy, and (NIR) its class of highest density."""
+    model.eval()
+    loss_fn.eval()  # no training noise
+    with torch.no_grad():
+        emb = model(x)
+        proxies = F.normalize(loss_fn.proxies, dim=1)
+        out = {"id_proxy": float((emb @ proxies.t()).argmax(1).eq(y).float().mean())}
+        if isinstance(loss_fn, nir_loss.ProxyAnchorNIRLoss):
+            out["id_density"] = float(loss_fn.log_likelihood_matrix(emb).argmax(1).eq(y).float().mean())
+    model.train()
+    loss_fn.train()
+    return out
+
+
 def run(
     dataset: str,
     seed: int,
@@ -106,6 +129,8 @@ def run(
     lr: float = 1e-3,
     epochs: int | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    proxy_jitter: float = 0.0,
+    conditioning_holdout: float = 0.0,
 ) -> dict:
     """Trains one arm of one seed and measures held-out retrieval after the last epoch.
 
@@ -121,6 +146,11 @@ def run(
         on_epoch: Called after each epoch with ``{"epoch", "r1", "mapr", "nll_mean",
             "nll_max"}`` (held-out metrics of that epoch); evaluating draws no random numbers,
             so the run's result does not depend on it.
+        proxy_jitter: Std of Gaussian noise added to the proxies' initialization (from a
+            generator of its own): a null arm, whose paired differences measure the noise floor.
+        conditioning_holdout: Hold out this fraction of the training classes' samples and
+            report how often their class is the nearest proxy (``id_proxy``) and the class of
+            highest density, argmax_c log p(x | proxy_c) (``id_density``, NIR arms).
 
     Returns:
         ``r1`` and ``mapr`` (NaN if the loss became non-finite), ``nll_mean_max`` (per epoch:
@@ -130,6 +160,9 @@ def run(
     cfg = SETUPS[dataset]
     xtr, ytr, xte, yte = _data(dataset)
     num_classes = int(ytr.max()) + 1
+    if conditioning_holdout:
+        held = torch.rand(len(ytr), generator=torch.Generator().manual_seed(3000 + seed)) < conditioning_holdout
+        xval, yval, xtr, ytr = xtr[held], ytr[held], xtr[~held], ytr[~held]
     torch.manual_seed(seed)
     model = cfg["model"](xtr.shape[1], dim)
     # The proxies are drawn right after the model in both arms; the flow comes after them.
@@ -140,6 +173,10 @@ def run(
     else:
         loss_fn = nir_loss.ProxyAnchorNIRLoss(num_classes, dim, margin=0.1, alpha=32, **nir)
         groups = loss_fn.param_groups(lr, flow_lr_mult=flow_lr_mult)
+    if proxy_jitter:
+        jitter_gen = torch.Generator().manual_seed(2000 + seed)
+        with torch.no_grad():
+            loss_fn.proxies.add_(proxy_jitter * torch.randn(loss_fn.proxies.shape, generator=jitter_gen))
     opt = torch.optim.Adam([{"params": list(model.parameters()), "lr": lr}, *groups])
     calc = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r"),
@@ -179,7 +216,9 @@ def run(
             mean, peak = nll[-1] if means else (None, None)
             on_epoch({"epoch": epoch, "r1": r1, "mapr": mapr, "nll_mean": mean, "nll_max": peak})
     r1, mapr = (math.nan, math.nan) if nonfinite else _evaluate(model, xte, yte, calc)
+    ids = _identification(model, loss_fn, xval, yval) if conditioning_holdout and not nonfinite else {}
     return {
+        **ids,
         "dataset": dataset,
         "seed": seed,
         "dim": dim,

@@ -129,6 +129,7 @@ class _NIRMixin:
         flow_options: Mapping[str, Any],
         noise_std: float | None,
         guard_radius: float | None,
+        centered: bool,
     ) -> None:
         self.nir = NIRTerm(
             embedding_size,
@@ -137,6 +138,7 @@ class _NIRMixin:
             flow,
             noise_std=noise_std,
             guard_radius=guard_radius,
+            centered=centered,
             **flow_options,
         )
         self.nir_weight = default_nir_weight(embedding_size, objective) if weight is None else float(weight)
@@ -306,6 +308,7 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         noise_std: Training noise on the flow's input; None: ``default_noise_std(D)``; 0: none.
         guard_radius: Latent norm where the NLL's tail guard starts; None:
             ``default_guard_radius(D)``; ``math.inf``: no guard.
+        centered: The flow models the sample's offset from its class proxy (see ``NIRTerm``).
         validate: Check label range and finiteness (on an accelerator only the first call reads values,
             a host sync; later calls assert on the device without one; off under torch.compile).
         reducer: PML reducer for the NIR term.
@@ -335,6 +338,7 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         detach_proxies: bool = False,
         noise_std: float | None = None,
         guard_radius: float | None = None,
+        centered: bool = False,
         validate: bool = True,
         reducer=None,
         collect_stats: bool | None = None,
@@ -355,6 +359,7 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
             flow_options or {},
             noise_std,
             guard_radius,
+            centered,
         )
 
     def _class_proxies(self) -> Tensor:
@@ -395,6 +400,7 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         noise_std: Training noise on the flow's input; None: ``default_noise_std(D)``; 0: none.
         guard_radius: Latent norm where the NLL's tail guard starts; None:
             ``default_guard_radius(D)``; ``math.inf``: no guard.
+        centered: The flow models the sample's offset from its class proxy (see ``NIRTerm``).
         validate: Check label range and finiteness (on an accelerator only the first call reads values,
             a host sync; later calls assert on the device without one; off under torch.compile).
         **kwargs: ProxyAnchorLoss / BaseMetricLossFunction options (reducer, distance, ...).
@@ -420,6 +426,7 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         detach_proxies: bool = False,
         noise_std: float | None = None,
         guard_radius: float | None = None,
+        centered: bool = False,
         validate: bool = True,
         **kwargs,
     ) -> None:
@@ -434,6 +441,7 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
             flow_options or {},
             noise_std,
             guard_radius,
+            centered,
         )
 
     def _class_proxies(self) -> Tensor:

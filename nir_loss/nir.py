@@ -141,6 +141,7 @@ class NIRTerm(nn.Module):
         *,
         noise_std: float | None = None,
         guard_radius: float | None = None,
+        centered: bool = False,
         **flow_options,
     ) -> None:
         super().__init__()
@@ -163,6 +164,7 @@ class NIRTerm(nn.Module):
         self.detach_proxies = detach_proxies
         self.noise_std = noise_std
         self.guard_radius = guard_radius
+        self.centered = centered
         self.flow = flow
         self._compile_options: tuple[str | None, str | Callable] | None = None
 
@@ -239,10 +241,24 @@ class NIRTerm(nn.Module):
             rows = torch.take_along_dim(rows, k[:, None, None], dim=1).squeeze(1)
         return rows
 
+    def _flow_input(self, x: Tensor, centres: Tensor) -> Tensor:
+        """What the flow sees: x, or with ``centered`` the offset (x - centre) * sqrt(D)."""
+        if not self.centered:
+            return x
+        return (x - centres) * math.sqrt(x.shape[-1])
+
+    def _input_log_det(self, dim: int) -> float:
+        """log|det| of ``_flow_input``'s map: (D/2) log D when centered (a scaling by sqrt(D)), else 0."""
+        return 0.5 * dim * math.log(dim) if self.centered else 0.0
+
     # -- likelihoods ----------------------------------------------------------------------
     def latent(self, embeddings: Tensor, proxies: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """``(z, log|det dz/dx|)`` of each sample under the flow of its own class."""
-        return self.flow.inverse_and_log_det(embeddings, self.context(embeddings, proxies, labels))
+        dtype = self._match_flow(embeddings)
+        context = self._context(embeddings, proxies, labels, dtype)
+        x = embeddings.to(dtype)
+        z, log_det = self.flow.inverse_and_log_det(self._flow_input(x, context), context)
+        return z, log_det + self._input_log_det(x.shape[-1])
 
     def log_likelihood(self, embeddings: Tensor, proxies: Tensor, labels: Tensor) -> Tensor:
         """log p(x_i | proxy of y_i), shape (B,)."""
@@ -298,8 +314,11 @@ class NIRTerm(nn.Module):
             index = (class_index * k_per_class + sims.argmax(dim=2)).flatten()
         else:
             index = class_index.repeat(chunk.shape[0])
+        if self.centered:
+            rows = self._flow_input(rows, centres.index_select(0, index))
         z, log_det = self.flow.inverse_and_log_det(rows, encoded=encoded, context_index=index)
-        return (standard_normal_log_prob(z) + log_det).view(chunk.shape[0], num_classes)
+        log_p = standard_normal_log_prob(z) + log_det + self._input_log_det(chunk.shape[-1])
+        return log_p.view(chunk.shape[0], num_classes)
 
     # -- objective and sampling -----------------------------------------------------------
     def loss_and_nll(
@@ -325,7 +344,8 @@ class NIRTerm(nn.Module):
         if self.training and self.noise_std > 0:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             x = torch.add(x, noise, alpha=self.noise_std)
-        z, log_det = self.flow.inverse_and_log_det(x, context)
+        z, log_det = self.flow.inverse_and_log_det(self._flow_input(x, context), context)
+        log_det = log_det + self._input_log_det(x.shape[-1])
         constant = 0.5 * z.shape[-1] * math.log(2 * math.pi)
         sq = z.square().sum(-1)
         nll = 0.5 * sq - log_det + constant
@@ -359,7 +379,8 @@ class NIRTerm(nn.Module):
         if rows.dim() == 3:
             k = torch.randint(rows.shape[1], (rows.shape[0],), generator=generator, device="cpu")
             rows = torch.take_along_dim(rows, k.to(rows.device)[:, None, None], dim=1).squeeze(1)
-        return self.flow.sample(labels.shape[0], rows, generator=generator)[0]
+        x = self.flow.sample(labels.shape[0], rows, generator=generator)[0]
+        return rows + x / math.sqrt(x.shape[-1]) if self.centered else x
 
 
 def miner_weights(

@@ -353,3 +353,47 @@ def test_nir_term_runs_on_meta_tensors(make, objective):
         entry["losses"].sum().backward()
     assert loss_fn.log_likelihood(x, y).shape == (12,)
     assert loss_fn.log_likelihood_matrix(x, chunk_size=5).shape == (12, 7)
+
+
+# -- the centred flow: p(x | rho) is a flow of the offset (x - rho) * sqrt(D) ------------------
+def test_centred_likelihood_is_the_flow_of_the_scaled_offset():
+    loss_fn = ProxyAnchorNIRLoss(5, 8, centered=True, flow_options=DEEP_FLOW).double()
+    x, y = batch()
+    rho = F.normalize(loss_fn.proxies[y], dim=1)
+    # Change of variables: u = (x - rho) sqrt(8) has log|det du/dx| = 4 log 8.
+    expected = -reference.flow_nll(loss_fn.flow, (x - rho) * math.sqrt(8), rho) + 4 * math.log(8)
+    torch.testing.assert_close(loss_fn.log_likelihood(x, y), expected, atol=1e-10, rtol=0)
+    matrix = loss_fn.log_likelihood_matrix(x, chunk_size=5)
+    torch.testing.assert_close(matrix[torch.arange(len(y)), y], expected, atol=1e-10, rtol=0)
+    loss_fn.eval()  # no training noise: the training term's NLL is the same density
+    torch.testing.assert_close(loss_fn.nir.loss_and_nll(x, loss_fn.proxies, y)[1], -expected, atol=1e-10, rtol=0)
+
+
+def test_centred_density_integrates_to_one_in_2d():
+    term = NIRTerm(2, centered=True, num_blocks=2, hidden_features=8, num_layers=3, identity_init=False).double()
+    grid = torch.linspace(-6, 6, 601, dtype=torch.float64)
+    xx, yy = torch.meshgrid(grid, grid, indexing="ij")
+    points = torch.stack([xx.flatten(), yy.flatten()], dim=1)
+    proxies = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    with torch.no_grad():
+        log_p = term.log_likelihood(points, proxies, torch.zeros(len(points), dtype=torch.long))
+    assert abs(float(log_p.exp().sum() * (grid[1] - grid[0]) ** 2) - 1.0) < 1e-4
+
+
+def test_centred_density_peaks_at_the_own_proxy_from_the_start():
+    """Identity flow: log p(x | rho_c) is an isotropic Gaussian around rho_c, so its argmax over
+    classes is the nearest proxy (the uncentred flow is one density whatever the class)."""
+    term = NIRTerm(16, centered=True, num_blocks=2, hidden_features=8, num_layers=3).eval()
+    proxies = F.normalize(torch.randn(10, 16), dim=1)
+    x = F.normalize(torch.randn(40, 16), dim=1)
+    nearest = (x @ proxies.t()).argmax(1)
+    torch.testing.assert_close(term.log_likelihood_matrix(x, proxies).argmax(1), nearest)
+
+
+def test_centred_samples_have_the_flows_density():
+    term = NIRTerm(4, centered=True, **DEEP_FLOW).double()
+    proxies = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 1, 2, 2])
+    x = term.sample(proxies, labels, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(term.latent(x, proxies, labels)[0], z)
