@@ -52,21 +52,32 @@ def _register_image_sets() -> None:
 
     ``wesnoth`` and ``emoji`` use EfficientNet-Lite0 at 160 px; ``wesnoth-lite2`` etc. Lite2.
     The head is 1280 -> 512 -> D; batch 64, 30 epochs, as a user would fine-tune a head.
+    ``<name>-val`` is the check a user runs before training (examples/cub ``--check-nir``):
+    the training classes alone, split in half by class, the test classes unseen.
     """
     for name in image_sets.SETS:
         for backbone in ("lite0", "lite2"):
-            held_out.register(
-                name if backbone == "lite0" else f"{name}-{backbone}",
-                lambda name=name, backbone=backbone: _feature_split(name, backbone),
-                model=lambda d_in, dim: held_out.MLP(d_in, dim, hidden=(512,)),
-                batch=64,
-                epochs=30,
-            )
+            base = name if backbone == "lite0" else f"{name}-{backbone}"
+            for validation in (False, True):
+                held_out.register(
+                    base + ("-val" if validation else ""),
+                    lambda name=name, backbone=backbone, validation=validation: _feature_split(
+                        name, backbone, validation
+                    ),
+                    model=lambda d_in, dim: held_out.MLP(d_in, dim, hidden=(512,)),
+                    batch=64,
+                    epochs=30,
+                )
 
 
-def _feature_split(name: str, backbone: str):
+def _feature_split(name: str, backbone: str, validation: bool):
     f = image_sets.features(name, backbone)
-    return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+    if not validation:
+        return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+    x, y = f["x_train"], f["y_train"]
+    half = (int(y.max()) + 1) // 2
+    train = y < half
+    return x[train], y[train], x[~train], y[~train] - half
 
 
 _register_image_sets()
