@@ -14,13 +14,13 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
 
 import nir_loss
 
@@ -33,7 +33,7 @@ from .models import build_embedder
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # examples/: the shared paired statistics
 import held_out  # noqa: E402
 
-__all__ = ["PairedAugmentation", "parse_check_weights", "positive_int", "run_check", "validation_split"]
+__all__ = ["OwnRandomness", "parse_check_weights", "positive_int", "run_check", "validation_split"]
 
 NAMES = {
     "proxyanchor": "ProxyAnchor",
@@ -106,27 +106,30 @@ def validation_split(items: list, labels: np.ndarray) -> tuple[list, np.ndarray,
     )
 
 
-class PairedAugmentation(Dataset):
-    """A training set whose random augmentation depends only on (seed, image, how often it was drawn).
+class OwnRandomness:
+    """Gives a loss's random draws (NIR's training noise) a seeded stream of their own.
 
-    The NIR term draws its training noise from torch's global RNG, which the image transforms use
-    too: without this, the arms of one seed would see different crops after the first step.
+    Torch's global RNG also drives the image augmentations (and dropout or drop-connect in some
+    trunks): a loss that drew from it would give the arms of one seed different crops from the
+    second step on. With this, the global RNG runs the same sequence in every arm of a seed, so
+    the arms differ by their loss alone. Registered as forward hooks on the loss.
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
-        self.draws: dict[int, int] = {}
+    def __init__(self, loss_fn: torch.nn.Module, seed: int, device: torch.device) -> None:
+        self.seed, self.calls = seed, 0
+        self.devices = [device] if device.type == "cuda" else []
+        self.fork: Any = None
+        loss_fn.register_forward_pre_hook(self._enter)
+        loss_fn.register_forward_hook(self._exit)
 
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+    def _enter(self, module: torch.nn.Module, inputs: Any) -> None:
+        self.fork = torch.random.fork_rng(devices=self.devices)
+        self.fork.__enter__()
+        self.calls += 1
+        torch.manual_seed(int(np.random.SeedSequence([self.seed, self.calls]).generate_state(1)[0]))
 
-    def __getitem__(self, i: int):
-        draw = self.draws[i] = self.draws.get(i, 0) + 1
-        worker = get_worker_info()
-        key = [self.seed, 0 if worker is None else 1 + worker.id, int(i), draw]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
-            return self.dataset[i]
+    def _exit(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        self.fork.__exit__(None, None, None)  # the global RNG as it was before the call
 
 
 def _name(args: argparse.Namespace) -> str:
@@ -206,10 +209,9 @@ def run_check(
                 checkpoints=False,
                 run_name=f"check seed {seed} {arm if weight is None else f'{base}+NIR {arm}'}",
             )
+            OwnRandomness(loss_fn, seed, dist.device)
             try:
-                final = fit(run_cfg, model, loss_fn, PairedAugmentation(fit_set, seed), fit_labels, val_set, dist, log)[
-                    "final"
-                ]
+                final = fit(run_cfg, model, loss_fn, fit_set, fit_labels, val_set, dist, log)["final"]
                 mapr, r1 = final.get("mean_average_precision_at_r", math.nan), final.get("recall_at_1", math.nan)
             except FloatingPointError as e:  # a diverged run is a result (a collapse), not the end of the check
                 log(f"[{run_cfg.run_name}] {e}: counted as a collapse")
@@ -288,5 +290,8 @@ def format_check(record: dict) -> str:
             lines.append(
                 f"  {arm:<16}{p['median']:>+8.4f}{p['mean']:>+9.4f}{score:>13}{p['worst']:>+9.4f}{p['collapses']:>11}"
             )
-    lines.append("recommendation: " + record["recommendation"]["reason"])
+    reason = record["recommendation"]["reason"]
+    lines.append(textwrap.fill(reason, 78, initial_indent="recommendation: ", subsequent_indent="  "))
+    weight = record["recommendation"]["weight"]
+    lines.append(f"this trainer: {'--nir off' if weight == 0 else f'--nir on --nir-weight {weight:.4g}'}")
     return "\n".join(lines)
