@@ -68,7 +68,9 @@ def test_a_diverged_run_is_a_collapse_not_the_end_of_the_check(cub, tmp_path, ca
         return real_fit(cfg, *args, **kwargs)
 
     monkeypatch.setattr(check, "fit", diverging_fit)
-    record = train_cub.main(["--data", str(cub), "--out", str(tmp_path), *FAST, "--check-nir", "1x", "--check-seeds", "1"])
+    record = train_cub.main(
+        ["--data", str(cub), "--out", str(tmp_path), *FAST, "--check-nir", "1x", "--check-seeds", "1"]
+    )
     assert record["runs"]["1x"] == [{"seed": 0, "mapr": None, "r1": None}]
     assert record["paired"]["mapr"]["1x"]["collapses"] == 1 and record["recommendation"]["weight"] == 0.0
     assert "non-finite loss nan at epoch 1 step 0: counted as a collapse" in capsys.readouterr().out
