@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 import weakref
 from collections.abc import Callable
 
@@ -96,6 +97,38 @@ def _guarded_exp(energy: Tensor) -> Tensor:
     return torch.exp(capped) * (1 + (energy - capped))
 
 
+class _RecompilingFunction:
+    """``torch.compile(fn, fullgraph=True, dynamic=False)`` with a cache of its own that never fills.
+
+    torch.compile keeps its cache, and the recompile limit (8 variants), per code object. Each
+    instance compiles its own copy of ``fn``'s code, so every term, and every copy of a term,
+    has a cache of its own; when that cache is full (a 9th batch size, say) a fresh copy takes
+    over, so a new shape compiles again instead of raising ``FailOnRecompileLimitHit``. The
+    function is unbound (the term comes as its first argument), so the cache holds no reference
+    to the term.
+    """
+
+    def __init__(self, fn: Callable, mode: str | None, backend: str | Callable) -> None:
+        self._fn, self._mode, self._backend = fn, mode, backend
+        self._compiled = self._compile()
+        self.generations = 1  # how many code copies were compiled (each holds up to 8 variants)
+
+    def _compile(self) -> Callable:
+        fn = self._fn
+        own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        own.__kwdefaults__, own.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+        return torch.compile(own, fullgraph=True, dynamic=False, mode=self._mode, backend=self._backend)
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # Raised before the frame runs: nothing was computed. Start a fresh cache.
+            self._compiled = self._compile()
+            self.generations += 1
+            return self._compiled(*args, **kwargs)
+
+
 class NIRTerm(nn.Module):
     """Non-isotropy regularization: a proxy-conditioned flow and what is computed with it.
 
@@ -173,7 +206,8 @@ class NIRTerm(nn.Module):
         """Runs the training term and the B x C matrix passes through ``torch.compile``; returns self.
 
         Each is compiled whole (``fullgraph=True``) for static shapes (``dynamic=False``): a new
-        batch size compiles again, so keep it fixed (``drop_last=True``). ``mode="auto"`` is
+        batch size compiles again, so keep it fixed (``drop_last=True``). Each term, and each
+        copy, has a compile cache of its own, without a limit on the number of shapes. ``mode="auto"`` is
         ``"reduce-overhead"`` (CUDA graphs) with inductor on CUDA and the backend's default
         elsewhere; any ``torch.compile`` mode or backend can be given. The first call of each compiles; the
         module, its state dict and its copies are unchanged (a copy compiles its own on first use).
@@ -195,7 +229,7 @@ class NIRTerm(nn.Module):
 
     def _compiled(self, name: str, device: torch.device) -> Callable | None:
         """The compiled ``name`` method for this device (None: run eagerly), called with self first."""
-        options = getattr(self, "_compile_options", None)  # absent in terms pickled by 0.2.0
+        options = self._compile_options
         if options is None or torch.compiler.is_compiling():
             return None
         fns = _COMPILED.setdefault(self, {})
@@ -204,9 +238,7 @@ class NIRTerm(nn.Module):
             mode, backend = options
             if mode == "auto":  # CUDA graphs where they exist (an inductor mode)
                 mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
-            # The unbound function, so the cache holds no reference to the term.
-            fn = torch.compile(getattr(type(self), name), fullgraph=True, dynamic=False, mode=mode, backend=backend)
-            fns[key] = fn
+            fns[key] = _RecompilingFunction(getattr(type(self), name), mode, backend)
         return functools.partial(fns[key], self)
 
     # -- context ------------------------------------------------------------------------

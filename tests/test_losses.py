@@ -257,6 +257,30 @@ def test_compile_nir_compiles_the_term_and_the_matrix_pass_once_each():
     assert counter.frame_count == 3
 
 
+def test_compile_nir_recompiles_new_shapes_and_copies_past_the_recompile_limit():
+    """torch.compile allows a code object 8 compiled variants (here 2, to keep the test short);
+    with fullgraph=True one more raised FailOnRecompileLimitHit. Every term and copy now has a cache
+    of its own, and a full cache is replaced: new batch sizes, copies, train/eval and dtypes run."""
+    with torch._dynamo.config.patch(recompile_limit=2):
+        loss_fn = ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW).compile_nir(backend="eager")
+        for b in range(2, 7):  # 5 batch sizes
+            x = F.normalize(torch.randn(b, D), dim=1).requires_grad_()
+            loss_fn(x, torch.arange(b) % C).backward()
+            assert torch.isfinite(x.grad).all()
+        copies = [copy.deepcopy(loss_fn) for _ in range(4)]
+        copies.append(ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW).compile_nir(backend="eager"))
+        for clone in copies:  # every copy compiles its own
+            clone(F.normalize(torch.randn(4, D), dim=1), torch.arange(4) % C).backward()
+        x, y = F.normalize(torch.randn(4, D), dim=1), torch.arange(4) % C
+        loss_fn.eval()
+        eager = copy.deepcopy(loss_fn).compile_nir(False)
+        torch.testing.assert_close(loss_fn(x, y), eager(x, y))
+        loss_fn.train()
+        loss_fn.double()
+        eager.double()
+        torch.testing.assert_close(loss_fn.log_likelihood_matrix(x.double()), eager.log_likelihood_matrix(x.double()))
+
+
 def test_training_steps_change_proxies_and_flow():
     loss_fn = ProxyAnchorNIRLoss(C, D, nir_weight=1.0, flow_options=FLOW)
     opt = torch.optim.Adam(loss_fn.param_groups(1e-3))
