@@ -14,7 +14,7 @@ from pytorch_metric_learning.reducers import DivisorReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch import Tensor, nn
 
-from .flow import ProxyConditionedFlow
+from .flow import ProxyConditionedFlow, _SameReleasePickles
 from .nir import NIRTerm, miner_weights, weighted_element_losses
 from .proxies import get_proxies
 from .validation import (
@@ -108,7 +108,7 @@ def _old_spelling(
 _Loss = TypeVar("_Loss", bound="_NIRMixin")
 
 
-class _NIRMixin:
+class _NIRMixin(_SameReleasePickles):
     """What both adapters share; the host supplies ``_class_proxies()`` and PML's machinery.
 
     (Not named ``*RegularizerMixin``: PML treats such mixins as tensor-only regularizers.)

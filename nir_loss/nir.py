@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .flow import ProxyConditionedFlow, _compute_dtype, standard_normal_log_prob
+from .flow import ProxyConditionedFlow, _compute_dtype, _SameReleasePickles, standard_normal_log_prob
 from .validation import check_device
 
 __all__ = [
@@ -129,7 +129,7 @@ class _RecompilingFunction:
             return self._compiled(*args, **kwargs)
 
 
-class NIRTerm(nn.Module):
+class NIRTerm(_SameReleasePickles, nn.Module):
     """Non-isotropy regularization: a proxy-conditioned flow and what is computed with it.
 
     Knows nothing of the loss that hosts it: every method takes the class ``proxies``, shaped

@@ -4,6 +4,7 @@ spelling (the old one deprecated), and a short real-data training."""
 import copy
 import inspect
 import io
+import pathlib
 import pickle
 import warnings
 
@@ -16,6 +17,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 from sklearn.datasets import load_digits
 
+import nir_loss
 from nir_loss import NIRRegularizer, ProxyAnchorNIRLoss, get_proxies
 
 from . import reference
@@ -175,6 +177,22 @@ def test_state_dict_deepcopy_pickle_and_device_move():
         copy.deepcopy(loss_fn).to("cpu"),
     ):
         torch.testing.assert_close(clone(x, y), expected)
+
+
+@pytest.mark.parametrize("name", ["ProxyAnchorNIRLoss", "NIRRegularizer"])
+def test_whole_module_pickled_by_an_older_release_says_to_load_its_state_dict(name):
+    """tests/data/nir_0.2.0_whole_modules.pt: both losses saved whole by nir-loss 0.2.0 (small flows).
+
+    They used to load and then fail with AttributeError on each attribute added since; now loading
+    fails at once, saying how to move the loss across releases (its state dict loads)."""
+    with pytest.raises(RuntimeError, match=r"saved whole .* by nir-loss 0.3.0 or earlier.*load_state_dict"):
+        torch.load(pathlib.Path(__file__).parent / "data" / "nir_0.2.0_whole_modules.pt", weights_only=False)
+    current = pickle.loads(pickle.dumps(ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW)))
+    state = current.__getstate__()
+    assert state["_nir_loss_release"] == nir_loss.__version__
+    state["_nir_loss_release"] = "0.3.1"
+    with pytest.raises(RuntimeError, match=r"by nir-loss 0.3.1; this is nir-loss"):
+        ProxyAnchorNIRLoss.__new__(ProxyAnchorNIRLoss).__setstate__(state)
 
 
 @pytest.mark.parametrize("objective", ["nll", "exp_nll"])
