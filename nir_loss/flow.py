@@ -6,7 +6,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import normflows as nf
 import torch
@@ -61,7 +61,7 @@ class _SameReleasePickles:
     def __getstate__(self) -> dict[str, Any]:
         from . import __version__
 
-        state = super().__getstate__()  # type: ignore[misc]
+        state = cast("dict[str, Any]", super().__getstate__())
         return {**state, _RELEASE_KEY: __version__}
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ spelling (the old one deprecated), and a short real-data training."""
 import copy
 import inspect
 import io
+import math
 import pathlib
 import pickle
 import warnings
@@ -121,13 +122,14 @@ def test_pml_reducers_combine_the_nir_term():
     div_red.reducer = ProxyAnchorNIRLoss(C, D).reducer  # default DivisorReducer
     for m in (mean_red, div_red):
         m.load_state_dict(plain.state_dict(), strict=False)
-    nir = 0.2 * mean_red.nir.per_sample_loss(x, mean_red.proxies, y).mean()
+    unit = F.normalize(x, dim=1)  # what the losses' cosine distances compare, and the flow models
+    nir = 0.2 * mean_red.nir.per_sample_loss(unit, mean_red.proxies, y).mean()
     torch.testing.assert_close(div_red(x, y) - plain(x, y), nir)
     sum_red = NIRRegularizer(
         losses.ProxyNCALoss(C, D), nir_weight=0.2, reducer=reducers.SumReducer(), flow_options=FLOW, **EXACT
     ).double()
     base = sum_red.loss(x, y)
-    per = sum_red.nir.per_sample_loss(x, get_proxies(sum_red.loss), y)
+    per = sum_red.nir.per_sample_loss(unit, get_proxies(sum_red.loss), y)
     torch.testing.assert_close(sum_red(x, y) - base, 0.2 * per.sum())
 
 
@@ -460,6 +462,115 @@ def test_both_spellings_of_flow_options_is_an_error():
 def test_unknown_keyword_names_the_valid_ones():
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['nir_wieght'\].*hidden_features"):
         NIRRegularizer(losses.ProxyNCALoss(C, D), nir_wieght=0.1)
+
+
+def test_proxy_anchor_unknown_keyword_names_the_valid_ones():
+    with pytest.raises(TypeError, match=r"keyword arguments \['num_blocks'\].*flow_options=\{...\} \(.*num_blocks"):
+        ProxyAnchorNIRLoss(C, D, num_blocks=2)
+    with pytest.raises(TypeError, match=r"\['nir_wieght'\]; expected its own parameters \(.*nir_weight.*reducer"):
+        ProxyAnchorNIRLoss(C, D, nir_wieght=0.1)
+    ProxyAnchorNIRLoss(C, D, reducer=reducers.DivisorReducer(), embedding_reg_weight=1)  # PML's own pass
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opts: ProxyAnchorNIRLoss(C, D, flow_options=opts),
+        lambda opts: NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=opts),
+    ],
+)
+def test_unknown_flow_option_names_the_valid_ones(make):
+    with pytest.raises(TypeError, match=r"unknown flow_options \['num_block'\]; .*: clamp, .*num_blocks"):
+        make({"num_block": 2})
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1.0, -1e-9, "heavy"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW, **kw),
+        lambda **kw: NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=TINY_FLOW, **kw),
+    ],
+)
+def test_nir_weight_must_be_finite_and_not_negative(make, bad):
+    """NaN or inf gave a NaN loss and a negative weight maximised the NLL, silently."""
+    with pytest.raises(ValueError, match=r"nir_weight must be a finite number >= 0 \(0: no NIR term\), got"):
+        make(nir_weight=bad)
+    loss_fn = make(nir_weight=0.5)
+    with pytest.raises(ValueError, match="nir_weight must be a finite number >= 0"):
+        loss_fn.nir_weight = bad
+    assert loss_fn.nir_weight == 0.5
+    loss_fn.nir_weight = 0
+    assert loss_fn.nir_weight == 0.0 and make(nir_weight=torch.tensor(0.25)).nir_weight == 0.25
+
+
+def test_passed_as_a_pml_regularizer_it_says_that_it_wraps_a_loss():
+    """PML calls an embedding_regularizer with the embeddings only: "NIR needs labels" was wrong."""
+    for nir in (NIRRegularizer(losses.ProxyAnchorLoss(C, D)), ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW)):
+        host = losses.ProxyAnchorLoss(C, D, embedding_regularizer=nir)
+        x, y = batch()
+        with pytest.raises(ValueError, match=r"embedding_regularizer=, .*NIRRegularizer\(ProxyAnchorLoss\(...\)\)"):
+            host(x, y)
+    with pytest.raises(ValueError, match="NIR needs labels"):  # called directly without labels
+        NIRRegularizer(losses.ProxyAnchorLoss(C, D))(x)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW),
+        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=FLOW),
+        lambda: NIRRegularizer(losses.ArcFaceLoss(C, D), flow_options=FLOW),
+    ],
+)
+def test_nir_models_the_normalized_embeddings_the_proxy_loss_compares(make):
+    """PML's distances normalize by default, so users pass raw model outputs: NIR models the unit
+    vectors the proxy loss compares, not the raw ones (norm ~28 here)."""
+    loss_fn = make().eval()  # no training noise: the recorded NLL is deterministic
+    assert loss_fn._compared_distance().normalize_embeddings
+    raw, y = 10 * torch.randn(12, D, dtype=torch.float64), torch.arange(12) % C
+    unit = F.normalize(raw, dim=1)
+    loss_fn.double()
+    torch.testing.assert_close(loss_fn.log_likelihood(raw, y), loss_fn.log_likelihood(unit, y))
+    torch.testing.assert_close(loss_fn.log_likelihood_matrix(raw), loss_fn.log_likelihood_matrix(unit))
+    torch.testing.assert_close(loss_fn(raw, y), loss_fn(unit, y))
+    from_raw = loss_fn.nir_nll_mean
+    loss_fn(unit, y)
+    torch.testing.assert_close(from_raw, loss_fn.nir_nll_mean)
+    direct = loss_fn.nir.log_likelihood(unit, loss_fn.get_proxies(), y)
+    torch.testing.assert_close(loss_fn.log_likelihood(raw, y), direct)
+
+
+def test_nir_takes_embeddings_as_they_are_when_the_distance_does_not_normalize():
+    from pytorch_metric_learning.distances import LpDistance
+
+    distance = LpDistance(normalize_embeddings=False, power=2)
+    loss_fn = NIRRegularizer(losses.ProxyNCALoss(C, D, distance=distance), flow_options=FLOW).eval()
+    raw, y = 3 * torch.randn(12, D), torch.arange(12) % C
+    direct = loss_fn.nir.log_likelihood(raw, loss_fn.get_proxies(), y)
+    torch.testing.assert_close(loss_fn.log_likelihood(raw, y), direct)
+    assert not torch.allclose(loss_fn.log_likelihood(raw, y), loss_fn.log_likelihood(F.normalize(raw, dim=1), y))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW),
+        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=TINY_FLOW),
+    ],
+)
+def test_empty_batch_records_nan_nll_statistics(make):
+    """They kept the previous batch's tensors: a trainer summing them per step counted it twice."""
+    loss_fn = make()
+    x, y = batch()
+    loss_fn(x, y)
+    assert math.isfinite(float(loss_fn.nir_nll_mean)) and math.isfinite(float(loss_fn.nir_nll_max))
+    loss_fn(torch.randn(0, D), torch.zeros(0, dtype=torch.long))
+    assert math.isnan(loss_fn.nir_nll_mean) and math.isnan(loss_fn.nir_nll_max)
+    loss_fn(x, y)
+    loss_fn.nir_weight = 0  # not computed either
+    loss_fn(x, y)
+    assert math.isnan(loss_fn.nir_nll_mean) and math.isnan(loss_fn.nir_nll_max)
 
 
 # -- a short real-data training: the NIR likelihood rises, held-out retrieval improves --------
