@@ -269,6 +269,7 @@ class _NIRMixin(_SameReleasePickles):
         check_values = values_checked(self.validate)
         blocking = check_values and blocking_checks(embeddings.device, self._validated_calls)
         check_embeddings(embeddings, self.nir.embedding_size, check_values, blocking)
+        self.nir._check_dtype(embeddings)  # before PML recasts its proxies
         check_device(embeddings, cast(nn.Module, self), "the loss")  # before PML moves its proxies in place
         if need_labels:
             check_labels(labels, embeddings.shape[0], proxies.shape[0], check_values, blocking)

@@ -242,17 +242,37 @@ class NIRTerm(_SameReleasePickles, nn.Module):
         return functools.partial(fns[key], self)
 
     # -- context ------------------------------------------------------------------------
-    def _match_flow(self, x: Tensor) -> torch.dtype:
-        """Casts the flow to the input's compute dtype (as PML recasts its proxies); a device mismatch is an error.
+    # The compute dtype of the last call that could train the flow (grad enabled), if any.
+    _trained_dtype: torch.dtype | None = None
 
-        Moving the module inside a call would leave the optimizer's state behind (and on "meta"
-        lose the weights), so the device is the caller's to choose, once, with ``.to(device)``.
+    def _match_flow(self, x: Tensor) -> torch.dtype:
+        """Casts the flow to the input's compute dtype (as PML recasts its proxies) until it has
+        trained; a device mismatch, or a dtype change after training, is an error.
+
+        Moving or recasting the module inside a call would leave the optimizer's state behind
+        (and on "meta" lose the weights), so the device is the caller's to choose, once, with
+        ``.to(device)``, and so is the dtype once the flow has trained.
         """
-        dtype = _compute_dtype(x)
+        dtype = self._check_dtype(x)
         check_device(x, self.flow)
         p = next(self.flow.parameters(), None)
         if p is not None and p.dtype != dtype:
             self.flow.to(dtype=dtype)
+        if p is not None and torch.is_grad_enabled() and p.requires_grad and self._trained_dtype != dtype:
+            self._trained_dtype = dtype
+        return dtype
+
+    def _check_dtype(self, x: Tensor) -> torch.dtype:
+        """The compute dtype for ``x``; a ValueError if the flow trained in another one."""
+        dtype = _compute_dtype(x)
+        p = next(self.flow.parameters(), None)
+        if p is not None and p.dtype != dtype and p.dtype == self._trained_dtype:
+            raise ValueError(
+                f"embeddings are {x.dtype} but the NIR flow has trained in {p.dtype}: recasting it "
+                f"would leave the optimizer's state in {p.dtype}, and mixed-dtype training is not "
+                f"supported. Pass {p.dtype} embeddings (embeddings.to({p.dtype})), or cast the "
+                f"loss once, before building the optimizer: loss_fn.to({dtype})."
+            )
         return dtype
 
     def _proxies(self, proxies: Tensor, dtype: torch.dtype) -> Tensor:
@@ -306,8 +326,8 @@ class NIRTerm(_SameReleasePickles, nn.Module):
         if chunk_size is None:
             rows = _MATRIX_ROWS_CPU if x.device.type == "cpu" else _MATRIX_ROWS
             chunk_size = max(1, rows // num_classes)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1 (None: the default), got {chunk_size!r}.")
         chunk_size = min(chunk_size, max(batch, 1))
         num_chunks = -(-batch // chunk_size)
         padded = F.pad(x, (0, 0, 0, num_chunks * chunk_size - batch))

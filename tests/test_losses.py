@@ -573,6 +573,40 @@ def test_empty_batch_records_nan_nll_statistics(make):
     assert math.isnan(loss_fn.nir_nll_mean) and math.isnan(loss_fn.nir_nll_max)
 
 
+def test_chunk_size_must_be_a_positive_int():
+    loss_fn = ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW)
+    x, _ = batch(requires_grad=False)
+    for bad in (2.5, 0, -1, True, "4"):
+        with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1 \(None: the default\), got"):
+            loss_fn.log_likelihood_matrix(x, chunk_size=bad)
+    assert loss_fn.log_likelihood_matrix(x, chunk_size=5).shape == (12, C)
+
+
+def test_a_dtype_change_after_training_is_refused_before_anything_is_recast():
+    """A float64 call after float32 Adam steps recast the flow (and PML the proxies) in place,
+    leaving the optimizer's state in float32. Now it is an error, and nothing is recast."""
+    loss_fn = ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW)
+    opt = torch.optim.Adam(loss_fn.param_groups(1e-3))
+    x, y = batch(requires_grad=False)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(x, y).backward()
+        opt.step()
+    for call in (lambda: loss_fn(x.double(), y), lambda: loss_fn.log_likelihood(x.double(), y)):
+        with pytest.raises(ValueError, match=r"are torch.float64 but the NIR flow has trained in torch.float32"):
+            call()
+    assert {p.dtype for p in loss_fn.parameters()} == {torch.float32}
+    opt.zero_grad()
+    loss_fn(x, y).backward()
+    opt.step()  # the optimizer still matches its parameters
+    loss_fn.double()  # an explicit cast is the caller's choice
+    opt = torch.optim.Adam(loss_fn.param_groups(1e-3))
+    loss_fn(x.double(), y).backward()
+    opt.step()
+    fresh = ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW)  # before training, a call's dtype is taken
+    assert fresh.log_likelihood(x.double(), y).dtype == torch.float64
+
+
 # -- a short real-data training: the NIR likelihood rises, held-out retrieval improves --------
 
 
