@@ -93,7 +93,7 @@ def main(argv=None):
     model = Net(embedding_size=32).to(device)
     loss_func = ProxyAnchorNIRLoss(num_classes=10, embedding_size=32, flow_options={"num_blocks": 2}).to(device)
     # The loss owns parameters (proxies, flow): they train with their own groups.
-    optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *loss_func.param_groups(lr=1e-3)])
+    optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *loss_func.param_groups(model_lr=1e-3)])
     accuracy_calculator = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r"),
         k="max_bin_count",

@@ -350,24 +350,63 @@ class _NIRMixin(_SameReleasePickles):
         return self.nir.sample(proxies, labels.to(proxies.device), generator)
 
     def param_groups(
-        self, lr: float, proxy_lr_mult: float = DEFAULT_PROXY_LR_MULT, flow_lr_mult: float = DEFAULT_FLOW_LR_MULT
+        self,
+        model_lr: float | None = None,
+        proxy_lr_mult: float = DEFAULT_PROXY_LR_MULT,
+        flow_lr_mult: float = DEFAULT_FLOW_LR_MULT,
+        *,
+        lr: float | None = None,
     ) -> list[dict]:
-        """Optimizer groups for the loss's own parameters: proxies at lr x proxy_lr_mult, flow at
-        lr x flow_lr_mult. Add your model's group(s) beside them.
+        """Optimizer groups for the loss's own parameters, scaled from your model's learning rate.
+
+        ``model_lr`` is the learning rate of your model (backbone and embedding head), not one
+        for the loss: the proxies train at ``model_lr * proxy_lr_mult`` (x100 by default) and
+        the flow at ``model_lr * flow_lr_mult`` (x1). With Adam and a model at 1e-4 the proxies
+        get 1e-2, the usual lr of PML's separate loss optimizer. Add your model's group(s)
+        beside these; a setting that puts the proxies at lr 1 or more warns. ``lr=`` is the
+        spelling before 0.4.0 (deprecated).
 
         Example:
             >>> loss_fn = ProxyAnchorNIRLoss(num_classes=3, embedding_size=4)
             >>> model = torch.nn.Linear(8, 4)
             >>> groups = [{"params": model.parameters(), "lr": 1e-3}]
-            >>> opt = torch.optim.Adam(groups + loss_fn.param_groups(1e-3))
-            >>> [g["lr"] for g in opt.param_groups]
-            [0.001, 0.1, 0.001]
+            >>> groups += loss_fn.param_groups(model_lr=1e-3)
+            >>> opt = torch.optim.Adam(groups)
+            >>> [(g.get("name", "model"), g["lr"]) for g in opt.param_groups]
+            [('model', 0.001), ('proxies', 0.1), ('flow', 0.001)]
         """
+        if lr is not None:
+            if model_lr is not None:
+                raise TypeError(
+                    f"param_groups() got both model_lr={model_lr} and lr={lr}; lr= is the old spelling "
+                    "of model_lr=: pass model_lr= only."
+                )
+            warnings.warn(
+                "param_groups(lr=...) is deprecated and will be removed in 0.4.0: use "
+                "param_groups(model_lr=...), your model's learning rate, which the multipliers scale.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            model_lr = lr
+        if model_lr is None:
+            raise TypeError(
+                "param_groups() needs model_lr=, your model's learning rate: the proxies train at "
+                "model_lr * proxy_lr_mult and the flow at model_lr * flow_lr_mult."
+            )
+        if model_lr * proxy_lr_mult >= 1:
+            warnings.warn(
+                f"param_groups(model_lr={model_lr}) trains the proxies at lr {model_lr * proxy_lr_mult:g} "
+                f"(model_lr x proxy_lr_mult {proxy_lr_mult:g}). model_lr is your model's learning rate, "
+                "which the multipliers scale; for proxies at the lr of PML's loss optimizers (0.01) with "
+                f"the default x{DEFAULT_PROXY_LR_MULT:g}, pass model_lr=1e-4.",
+                UserWarning,
+                stacklevel=2,
+            )
         flow_ids = {id(p) for p in self.nir.parameters()}
         own = [p for p in self.parameters() if id(p) not in flow_ids]  # type: ignore[attr-defined]
         groups = [
-            {"params": own, "lr": lr * proxy_lr_mult, "name": "proxies"},
-            {"params": list(self.nir.parameters()), "lr": lr * flow_lr_mult, "name": "flow"},
+            {"params": own, "lr": model_lr * proxy_lr_mult, "name": "proxies"},
+            {"params": list(self.nir.parameters()), "lr": model_lr * flow_lr_mult, "name": "flow"},
         ]
         return [g for g in groups if g["params"]]
 

@@ -224,6 +224,24 @@ def test_param_groups_cover_every_parameter_once():
     torch.optim.Adam(groups)
 
 
+def test_param_groups_take_the_models_learning_rate_and_warn_when_the_proxies_would_get_1():
+    """A PML user passed the loss optimizer's usual lr (0.01) and got proxies at 1.0, silently."""
+    loss_fn = ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = loss_fn.param_groups(model_lr=1e-4)
+    assert [(g["name"], g["lr"]) for g in groups] == [("proxies", pytest.approx(1e-2)), ("flow", 1e-4)]
+    with pytest.warns(UserWarning, match=r"param_groups\(model_lr=0.01\) trains the proxies at lr 1 .*model_lr=1e-4"):
+        loss_fn.param_groups(0.01)
+    with pytest.warns(DeprecationWarning, match=r"param_groups\(lr=...\) is deprecated"):
+        old = loss_fn.param_groups(lr=1e-4)
+    assert [g["lr"] for g in old] == [g["lr"] for g in groups]
+    with pytest.raises(TypeError, match="param_groups\\(\\) got both model_lr=0.001 and lr=0.001"):
+        loss_fn.param_groups(1e-3, lr=1e-3)
+    with pytest.raises(TypeError, match="param_groups\\(\\) needs model_lr="):
+        loss_fn.param_groups()
+
+
 def test_log_likelihood_compiles_fullgraph():
     loss_fn = ProxyAnchorNIRLoss(C, D, flow_options=FLOW)
     x, y = batch(requires_grad=False)
