@@ -6,13 +6,16 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction, ProxyAnchorLoss
 from pytorch_metric_learning.reducers import DivisorReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 from .flow import ProxyConditionedFlow, _compute_dtype, _SameReleasePickles
 from .nir import NIRTerm, miner_weights, weighted_element_losses
@@ -43,17 +46,18 @@ DEFAULT_PROXY_LR_MULT = 100.0
 """Default learning-rate multiplier of the proxies in ``param_groups``."""
 DEFAULT_FLOW_LR_MULT = 1.0
 """Default learning-rate multiplier of the flow in ``param_groups``: the flow trains at the base
-learning rate (a 10x multiplier at a base lr of 1e-3 sharpened the flow into NLL spikes; docs/choosing.md)."""
+learning rate (a 10x multiplier at a base lr of 1e-3 sharpened the flow into NLL spikes;
+[Choose the weight and objective](choosing.md))."""
 _NLL_WEIGHT_TIMES_DIM = 1.28  # 0.01 at D = 128
 _EXP_NLL_WEIGHT = 1 / 0.0075  # the reference run's CUB setting
 
 
-def default_nir_weight(embedding_size: int, objective: str = DEFAULT_OBJECTIVE) -> float:
+def default_nir_weight(embedding_size: int, objective: str = "nll") -> float:
     """The NIR weight used when none is given.
 
     ``"nll"``: 1.28 / D (0.01 at D = 128, 0.0025 at D = 512), a weight of 1.28 on the NLL per
     dimension: the NLL's gradient on an embedding grows with D, the proxy loss's does not
-    (docs/concepts.md). ``"exp_nll"``: 1 / 0.0075, the reference code's CUB setting.
+    ([Concepts](concepts.md)). ``"exp_nll"``: 1 / 0.0075, the reference code's CUB setting.
 
     Example:
         >>> default_nir_weight(128), default_nir_weight(512)
@@ -147,8 +151,6 @@ def _old_spelling(
     return nir_weight, flow_options
 
 
-_Loss = TypeVar("_Loss", bound="_NIRMixin")
-
 
 class _NIRMixin(_SameReleasePickles):
     """What both adapters share; the host supplies ``_class_proxies()`` and PML's machinery.
@@ -236,8 +238,8 @@ class _NIRMixin(_SameReleasePickles):
         return self._class_proxies()
 
     def compile_nir(
-        self: _Loss, enabled: bool = True, *, mode: str | None = "auto", backend: str | Callable = "inductor"
-    ) -> _Loss:
+        self, enabled: bool = True, *, mode: str | None = "auto", backend: str | Callable = "inductor"
+    ) -> Self:
         """Compiles the NIR term (PML's loss stays eager); returns the loss. See ``NIRTerm.compile_nir``.
 
         Fullgraph with static shapes; CUDA graphs (``mode="reduce-overhead"``) on CUDA.
@@ -352,8 +354,8 @@ class _NIRMixin(_SameReleasePickles):
     def param_groups(
         self,
         model_lr: float | None = None,
-        proxy_lr_mult: float = DEFAULT_PROXY_LR_MULT,
-        flow_lr_mult: float = DEFAULT_FLOW_LR_MULT,
+        proxy_lr_mult: float = 100.0,  # DEFAULT_PROXY_LR_MULT, spelled out for the API page
+        flow_lr_mult: float = 1.0,  # DEFAULT_FLOW_LR_MULT
         *,
         lr: float | None = None,
     ) -> list[dict]:
@@ -423,7 +425,8 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
     include the wrapped loss's and the flow's. The flow models the embeddings as the wrapped
     loss compares them: L2-normalized if its distance normalizes (PML's default), as they are
     otherwise. Pass the loss itself, not as a PML ``embedding_regularizer=``: PML calls
-    regularizers without labels.
+    regularizers without labels. The wrapped loss is ``loss_fn.loss``: call its own methods
+    there, e.g. ``loss_fn.loss.get_logits(embeddings)`` for ArcFace.
 
     Args:
         loss: A PML loss with class proxies (see ``get_proxies``).
@@ -458,7 +461,7 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         self,
         loss: nn.Module,
         nir_weight: float | None = None,
-        objective: str = DEFAULT_OBJECTIVE,
+        objective: str = "nll",  # DEFAULT_OBJECTIVE
         flow: ProxyConditionedFlow | None = None,
         *,
         flow_options: Mapping[str, Any] | None = None,
@@ -570,7 +573,7 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         margin: float = 0.1,
         alpha: float = 32,
         nir_weight: float | None = None,
-        objective: str = DEFAULT_OBJECTIVE,
+        objective: str = "nll",  # DEFAULT_OBJECTIVE
         flow: ProxyConditionedFlow | None = None,
         *,
         flow_options: Mapping[str, Any] | None = None,

@@ -47,7 +47,7 @@ def default_noise_std(embedding_size: int) -> float:
     The noise vector's norm is then about 0.7 at every D, about the spread of a class whose
     samples have cosine 0.7 to its centre. It keeps the flow from sharpening below that
     scale: the training NLL is bounded below by (D/2) log(2 pi e noise_std^2)
-    (docs/concepts.md).
+    ([Concepts](concepts.md)).
 
     Example:
         >>> round(default_noise_std(128), 4)
