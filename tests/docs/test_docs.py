@@ -182,7 +182,8 @@ def test_tables_on_the_site_fit_the_column():
         lines = _shown_lines(path)
         i = 0
         while i < len(lines):
-            if i + 1 < len(lines) and lines[i].lstrip().startswith("|") and re.match(r"\s*\|[\s:|-]+\|\s*$", lines[i + 1]):
+            header = lines[i].lstrip().startswith("|") and i + 1 < len(lines)
+            if header and re.match(r"\s*\|[\s:|-]+\|\s*$", lines[i + 1]):
                 j = i + 2
                 while j < len(lines) and lines[j].lstrip().startswith("|"):
                     j += 1
