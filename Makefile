@@ -10,8 +10,11 @@ export OMP_NUM_THREADS ?= 1
 .PHONY: test demo bench lint format clean docs wheel-check
 
 $(STAMP): pyproject.toml setup.cfg
+	@echo "Creating $(VENV) (once; a few minutes on a fresh machine)."
 	$(PYTHON) -m venv $(VENV)
+	@echo "Installing $(TORCH) (about 1 GB with its CUDA libraries) ..."
 	$(PY) -m pip install -q $(TORCH)
+	@echo "Installing nir-loss with its [dev] extra (PML, normflows, test, docs and lint tools) ..."
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

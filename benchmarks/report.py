@@ -54,12 +54,12 @@ def speed(d, name="speed.json"):
             )
         return
     print("Loss forward + backward, ms (medians), and NIR's time as a fraction of FrEIA's:\n")
-    print("| B | D | C | PA | PA+NIR | PA+FrEIA | NIR / FrEIA | term / term |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| B, D, C | PA | PA+NIR | PA+FrEIA | NIR / FrEIA | term / term |")
+    print("|---|---|---|---|---|---|")
     for r in d.get("loss", []):
         term = f"{r['nir_term_over_freia_term']:.2f}" if r["C"] <= 1000 else "(PA-bound)"
         print(
-            f"| {r['B']} | {r['D']} | {r['C']} | {r['pa_s'] * 1e3:.1f} | {r['nir_s'] * 1e3:.1f} | "
+            f"| {r['B']}, {r['D']}, {r['C']} | {r['pa_s'] * 1e3:.1f} | {r['nir_s'] * 1e3:.1f} | "
             f"{r['freia_s'] * 1e3:.1f} | **{r['nir_over_freia']:.2f}** | {term} |"
         )
     print("\nAgainst ProxyAnchor alone, and activation memory saved for backward (MB):\n")
@@ -115,11 +115,11 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
     lines += [
         "MAP@R, paired difference against ProxyAnchor:",
         "",
-        "| data | D | arm | median | mean | W/L | worst (seed) | collapses |",
-        "|---|---|---|---|---|---|---|---|",
+        "| data, D | arm | median | mean | W/L | worst (seed) | collapses |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['dataset']} | {r['dim']} | {r['arm']} | **{r['d_mapr_median']:+.3f}** | {r['d_mapr']:+.3f} | "
+        f"| {r['dataset']}, {r['dim']} | {r['arm']} | **{r['d_mapr_median']:+.3f}** | {r['d_mapr']:+.3f} | "
         f"{r['wins_mapr']}/{r['losses_mapr']} | {r['worst_mapr']:+.3f} ({r['worst_seed_mapr']}) | {r['collapses']} |"
         for r in nir_rows
     ]
@@ -127,11 +127,11 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
         "",
         "R@1, paired difference against ProxyAnchor, and the largest per-sample training NLL:",
         "",
-        "| data | D | arm | median | mean | W/L | max NLL |",
-        "|---|---|---|---|---|---|---|",
+        "| data, D | arm | median | mean | W/L | max NLL |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['dataset']} | {r['dim']} | {r['arm']} | {r['d_r1_median']:+.3f} | {r['d_r1']:+.3f} | "
+        f"| {r['dataset']}, {r['dim']} | {r['arm']} | {r['d_r1_median']:+.3f} | {r['d_r1']:+.3f} | "
         f"{r['wins_r1']}/{r['losses_r1']} | {'' if r['nll_peak_max'] is None else format(r['nll_peak_max'], '.3g')} |"
         for r in nir_rows
     ]
@@ -162,8 +162,12 @@ def _quality_plot(d, path: Path) -> None:
 
     runs = d["runs"]
     datasets = list(dict.fromkeys(r["dataset"] for r in runs))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(3.2 * len(datasets), 3.4), squeeze=False, sharey=True)
-    for ax, ds in zip(axes[0], datasets):
+    # Two panels a row: the page shows the figure at about 700 px, where this text stays readable.
+    rows = -(-len(datasets) // 2)
+    fig, axes = plt.subplots(rows, 2, figsize=(7.5, 3.3 * rows + 0.5), squeeze=False, sharey=True)
+    for ax in axes.flat[len(datasets) :]:
+        ax.set_visible(False)
+    for ax, ds in zip(axes.flat, datasets):
         base = {(r["dim"], r["seed"]): r["mapr"] for r in runs if r["dataset"] == ds and r["arm"] == "pa"}
         groups = list(dict.fromkeys((r["dim"], r["arm"]) for r in runs if r["dataset"] == ds and r["arm"] != "pa"))
         for i, (dim, arm) in enumerate(groups):
@@ -176,10 +180,12 @@ def _quality_plot(d, path: Path) -> None:
             ax.plot([i - 0.3, i + 0.3], [sorted(diffs)[len(diffs) // 2]] * 2, color="k", lw=1.5)
         ax.axhline(0, color="grey", lw=0.8)
         ax.axhline(-0.1, color="red", lw=0.6, ls=":")
-        ax.set_xticks(range(len(groups)), [f"D={dim}\n{arm}" for dim, arm in groups], fontsize=7)
-        ax.set_title(ds, fontsize=9)
-    axes[0][0].set_ylabel("MAP@R − ProxyAnchor (same seed)")
-    fig.suptitle("Held-out classes: paired MAP@R difference per seed (bar: median; dotted: collapse line)", fontsize=9)
+        ax.set_xticks(range(len(groups)), [f"D={dim}\n{arm}" for dim, arm in groups], fontsize=10)
+        ax.tick_params(axis="y", labelsize=10)
+        ax.set_title(ds, fontsize=12)
+    for row in axes:
+        row[0].set_ylabel("MAP@R − ProxyAnchor\n(same seed)", fontsize=11)
+    fig.suptitle("Held-out classes: paired MAP@R difference per seed\n(bar: median; dotted: collapse line)", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,15 +16,15 @@ model = torch.nn.Sequential(
 # ProxyAnchorLoss with the NIR term built in (by default nir_weight=1.28 / D,
 # objective="nll").
 loss_fn = ProxyAnchorNIRLoss(num_classes, embedding_size)
-# The loss owns parameters (proxies, flow): give them to the optimizer, each
-# group with its own learning rate.
+# The loss owns parameters (proxies, flow): give them to the optimizer. Pass
+# your model's lr: the proxies train at 100x it (1e-2), the flow at 1x.
 groups = [{"params": model.parameters(), "lr": 1e-4}]
-groups += loss_fn.param_groups(lr=1e-4)
+groups += loss_fn.param_groups(model_lr=1e-4)
 optimizer = torch.optim.Adam(groups)
 
 inputs = torch.randn(32, 64)
 labels = torch.randint(0, num_classes, (32,))
-embeddings = F.normalize(model(inputs), dim=1)  # NIR models unit-norm vectors
+embeddings = F.normalize(model(inputs), dim=1)  # or model(inputs): same loss
 loss = loss_fn(embeddings, labels)
 optimizer.zero_grad()
 loss.backward()

@@ -3,7 +3,9 @@
 A small MLP embeds 8x8 digit images. As in PML's MNIST examples, every fifth image is held out
 and retrieves among the training images (``examples/demo.py`` holds out whole classes instead).
 The pieces are PML's (``MPerClassSampler``, ``AccuracyCalculator``) plus ``ProxyAnchorNIRLoss``
-and its ``param_groups``. Offline, about ten seconds on one CPU core.
+and its ``param_groups``. Offline, on one torch thread (``--threads``; more threads rarely
+help a model this small): the 10 epochs took 14 s on one core of a 2-core x86 server; the
+last line prints the time it took on yours.
 
 Run: ``python examples/pml_style.py --epochs 10``
 """
@@ -11,6 +13,8 @@ Run: ``python examples/pml_style.py --epochs 10``
 from __future__ import annotations
 
 import argparse
+import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -66,12 +70,12 @@ def get_all_embeddings(dataset, model, device):
     return model(x.to(device)), labels.to(device)
 
 
-def test(train_set, test_set, model, accuracy_calculator, device):
+def test(train_set, test_set, model, accuracy_calculator, device, when):
     train_embeddings, train_labels = get_all_embeddings(train_set, model, device)
     test_embeddings, test_labels = get_all_embeddings(test_set, model, device)
     accuracies = accuracy_calculator.get_accuracy(test_embeddings, test_labels, train_embeddings, train_labels)
     print(
-        f"Test set: Precision@1 = {accuracies['precision_at_1']:.3f}, "
+        f"Test set {when}: Precision@1 = {accuracies['precision_at_1']:.3f}, "
         f"MAP@R = {accuracies['mean_average_precision_at_r']:.3f}"
     )
     return accuracies
@@ -82,7 +86,11 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--max-steps", type=int, default=None, help="per epoch")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch CPU threads"
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -93,17 +101,24 @@ def main(argv=None):
     model = Net(embedding_size=32).to(device)
     loss_func = ProxyAnchorNIRLoss(num_classes=10, embedding_size=32, flow_options={"num_blocks": 2}).to(device)
     # The loss owns parameters (proxies, flow): they train with their own groups.
-    optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *loss_func.param_groups(lr=1e-3)])
+    optimizer = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *loss_func.param_groups(model_lr=1e-3)])
     accuracy_calculator = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r"),
         k="max_bin_count",
         knn_func=CustomKNN(CosineSimilarity()),
     )
 
-    history = [test(train_set, test_set, model, accuracy_calculator, device)]
+    history = [test(train_set, test_set, model, accuracy_calculator, device, "before training")]
+    start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         train(model, loss_func, device, loader, optimizer, epoch, args.max_steps)
-        history.append(test(train_set, test_set, model, accuracy_calculator, device))
+        history.append(test(train_set, test_set, model, accuracy_calculator, device, f"after epoch {epoch}"))
+    first, last = history[0], history[-1]
+    print(
+        f"Summary: {args.epochs} epochs in {time.perf_counter() - start:.0f} s on {torch.get_num_threads()} "
+        f"thread(s); Precision@1 {first['precision_at_1']:.3f} -> {last['precision_at_1']:.3f}, "
+        f"MAP@R {first['mean_average_precision_at_r']:.3f} -> {last['mean_average_precision_at_r']:.3f}"
+    )
     return history  # accuracies before training and after each epoch
 
 

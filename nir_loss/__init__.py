@@ -54,6 +54,12 @@ _MOVED = {
 }
 
 
+def __dir__() -> list[str]:
+    """What ``dir(nir_loss)`` lists: the API, the version and the modules (not this file's imports)."""
+    modules = ["distributed", "flow", "losses", "nir", "proxies", "testing", "validation"]
+    return sorted([*__all__, "__version__", *modules])
+
+
 if not TYPE_CHECKING:  # type checkers should see only the names above
 
     def __getattr__(name: str) -> Any:

@@ -46,7 +46,9 @@ class DistributedLossWrapper(pml_dist.DistributedLossWrapper):
     every rank computes the same loss on the same batch whatever its RNG did in between (data
     augmentation, say); torch's RNG state is restored after the call. Keep the loss out of the
     DDP-wrapped model. Only ``efficient=False`` (PML's default) is supported: proxy losses take
-    no ``ref_emb``.
+    no ``ref_emb``. Every rank must pass the same batch size (``drop_last=True``): each call
+    first exchanges the ranks' batch sizes (one small all_gather, read on the host) and raises
+    the same ``ValueError`` on every rank if they differ.
 
     Example:
         >>> from nir_loss import ProxyAnchorNIRLoss
@@ -88,6 +90,7 @@ class DistributedLossWrapper(pml_dist.DistributedLossWrapper):
         # PML: loss(gathered) * world_size, whose gradient is world_size x too large for the
         # loss's parameters. Here: the gradient reaches the local embeddings world_size x (as
         # with PML) and the loss's parameters 1x; the returned value is PML's.
+        _check_equal_batch_sizes(emb, world_size)
         rank = torch.distributed.get_rank()
         emb = _ScaleGrad.apply(emb, float(world_size))
         all_emb = _gather_in_rank_order(emb, rank, world_size)
@@ -103,6 +106,24 @@ class DistributedLossWrapper(pml_dist.DistributedLossWrapper):
         with self._same_rng_on_every_rank(all_emb.device):
             loss = self.loss(all_emb, all_labels, indices_tuple, all_ref_emb, all_ref_labels)
         return loss + (world_size - 1) * loss.detach()
+
+
+def _check_equal_batch_sizes(emb: Tensor, world_size: int) -> None:
+    """Raises the same ValueError on every rank if the ranks' batch sizes differ.
+
+    Gathering needs one size (gloo fails with "Received data size doesn't match" otherwise, NCCL
+    may hang); the sizes are exchanged first (a one-number all_gather and a host read).
+    """
+    mine = torch.tensor([emb.shape[0]], dtype=torch.int64, device=emb.device)
+    sizes = [torch.empty_like(mine) for _ in range(world_size)]
+    torch.distributed.all_gather(sizes, mine)
+    batch_sizes = [int(n) for n in torch.cat(sizes).tolist()]
+    if len(set(batch_sizes)) > 1:
+        raise ValueError(
+            f"DistributedLossWrapper needs the same batch size on every rank; got batch sizes "
+            f"{batch_sizes} (rank 0 first). Use DataLoader(..., drop_last=True) with a "
+            "DistributedSampler, so that every rank gets full batches and as many of them."
+        )
 
 
 def _gather_in_rank_order(x: Tensor, rank: int, world_size: int) -> Tensor:

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import normflows as nf
 import torch
@@ -44,6 +44,41 @@ def soft_clamp(s: Tensor, clamp: float) -> Tensor:
         tensor([0.0000, 1.9981])
     """
     return clamp * _ATAN_SCALE * torch.atan(s)
+
+
+# The key under which a pickled nir-loss module records the release that saved it.
+_RELEASE_KEY = "_nir_loss_release"
+
+
+class _SameReleasePickles:
+    """Whole-module pickles (``torch.save(loss_fn)``, ``pickle``) load only in the release that saved them.
+
+    Pickling records the release; unpickling another release's module (or one saved before
+    releases were recorded) raises a RuntimeError saying to rebuild the loss and load its state
+    dict, which loads in any release. ``copy.deepcopy`` works as before.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        from . import __version__
+
+        state = cast("dict[str, Any]", super().__getstate__())
+        return {**state, _RELEASE_KEY: __version__}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from . import __version__
+
+        state = dict(state)
+        saved = state.pop(_RELEASE_KEY, None)
+        if saved != __version__:
+            raise RuntimeError(
+                f"The {type(self).__name__} in this file was saved whole (torch.save(loss_fn) or pickle) by "
+                f"nir-loss {saved or '0.3.0 or earlier'}; this is nir-loss {__version__}. A whole module "
+                "loads only in the release that saved it; state dicts load in any release. Rebuild the loss "
+                "with the same arguments and load its state dict: loss_fn = ProxyAnchorNIRLoss(...); "
+                "loss_fn.load_state_dict(state_dict). To get the state dict of this file, load it with the "
+                "release that saved it and torch.save(loss_fn.state_dict(), path) (docs/how-to/save-load.md)."
+            )
+        super().__setstate__(state)  # type: ignore[misc]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -524,7 +559,7 @@ def _batched_weight_grads(
             g_w[num_hidden + layer] = list(b[(layer - 1) * num_couplings : layer * num_couplings])
 
 
-class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
+class ProxyConditionedFlow(_SameReleasePickles, nf.ConditionalNormalizingFlow):
     """Conditional normalizing flow p(x | context) for NIR, on normflows' conditional flow.
 
     In the density direction each of ``num_blocks`` blocks applies a fixed random ``Permute``
@@ -675,7 +710,7 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
     def _affine_plan(self, x: Tensor) -> _AffinePlan | None:
         """The fused path's plan if it applies to this flow and input, else None."""
         if (
-            not getattr(self, "fused", True)
+            not self.fused
             or self.coupling_type != "affine"
             or type(self).encode_context is not ProxyConditionedFlow.encode_context
         ):
@@ -683,7 +718,7 @@ class ProxyConditionedFlow(nf.ConditionalNormalizingFlow):
         if torch.compiler.is_compiling():  # no cache: setting it would invalidate the compiled graph
             plan = _affine_plan(self.flows)
         else:
-            plan = getattr(self, "_plan_cache", None)  # (absent in flows pickled by 0.2.0)
+            plan = self._plan_cache
             if plan is None or plan.key != tuple(map(id, self.flows)):
                 plan = self._plan_cache = _affine_plan(self.flows)
         if plan is None:

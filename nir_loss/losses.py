@@ -6,7 +6,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction, ProxyAnchorLoss
@@ -14,7 +14,10 @@ from pytorch_metric_learning.reducers import DivisorReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 from torch import Tensor, nn
 
-from .flow import ProxyConditionedFlow
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+from .flow import ProxyConditionedFlow, _compute_dtype, _SameReleasePickles
 from .nir import NIRTerm, miner_weights, weighted_element_losses
 from .proxies import get_proxies
 from .validation import (
@@ -43,17 +46,18 @@ DEFAULT_PROXY_LR_MULT = 100.0
 """Default learning-rate multiplier of the proxies in ``param_groups``."""
 DEFAULT_FLOW_LR_MULT = 1.0
 """Default learning-rate multiplier of the flow in ``param_groups``: the flow trains at the base
-learning rate (a 10x multiplier at a base lr of 1e-3 sharpened the flow into NLL spikes; docs/choosing.md)."""
+learning rate (a 10x multiplier at a base lr of 1e-3 sharpened the flow into NLL spikes;
+[Choose the weight and objective](choosing.md))."""
 _NLL_WEIGHT_TIMES_DIM = 1.28  # 0.01 at D = 128
 _EXP_NLL_WEIGHT = 1 / 0.0075  # the reference run's CUB setting
 
 
-def default_nir_weight(embedding_size: int, objective: str = DEFAULT_OBJECTIVE) -> float:
+def default_nir_weight(embedding_size: int, objective: str = "nll") -> float:
     """The NIR weight used when none is given.
 
     ``"nll"``: 1.28 / D (0.01 at D = 128, 0.0025 at D = 512), a weight of 1.28 on the NLL per
     dimension: the NLL's gradient on an embedding grows with D, the proxy loss's does not
-    (docs/concepts.md). ``"exp_nll"``: 1 / 0.0075, the reference code's CUB setting.
+    ([Concepts](concepts.md)). ``"exp_nll"``: 1 / 0.0075, the reference code's CUB setting.
 
     Example:
         >>> default_nir_weight(128), default_nir_weight(512)
@@ -64,11 +68,53 @@ def default_nir_weight(embedding_size: int, objective: str = DEFAULT_OBJECTIVE) 
     return _EXP_NLL_WEIGHT if objective == "exp_nll" else _NLL_WEIGHT_TIMES_DIM / embedding_size
 
 
+def _checked_nir_weight(value: Any) -> float:
+    """``value`` as a float if it is a finite number >= 0, else a ValueError naming the fix."""
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = math.nan
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(
+            f"nir_weight must be a finite number >= 0 (0: no NIR term), got {value!r}. A negative weight "
+            "would maximise the NLL, NaN or inf make the loss NaN: pass None for "
+            "default_nir_weight(embedding_size, objective), or a value such as 0.01."
+        )
+    return weight
+
+
+def _flow_option_names() -> list[str]:
+    return sorted(set(inspect.signature(ProxyConditionedFlow).parameters) - {"features"})
+
+
+def _check_flow_options(flow_options: Mapping[str, Any], owner: str) -> None:
+    """A TypeError naming the valid options for keys that ``ProxyConditionedFlow`` does not take."""
+    unknown = sorted(set(flow_options) - set(_flow_option_names()))
+    if unknown:
+        raise TypeError(
+            f"{owner} got unknown flow_options {unknown}; flow_options are ProxyConditionedFlow "
+            f"options: {', '.join(_flow_option_names())}."
+        )
+
+
+def _pml_regularizer_role(module: object) -> str | None:
+    """``"embedding"`` or ``"weight"`` if a PML loss is calling ``module`` as its regularizer, else None."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        name = frame.f_code.co_name
+        if name in ("embedding_regularization_loss", "weight_regularization_loss"):
+            kind = name.split("_")[0]
+            if getattr(frame.f_locals.get("self"), f"{kind}_regularizer", None) is module:
+                return kind
+        frame = frame.f_back
+    return None
+
+
 def _old_spelling(
     nir_weight: float | None, flow_options: Mapping[str, Any] | None, deprecated: dict[str, Any]
 ) -> tuple[float | None, Mapping[str, Any] | None]:
     """NIRRegularizer's keywords before 0.3.0 (``weight=``, flow options as keywords), translated."""
-    flow_names = set(inspect.signature(ProxyConditionedFlow).parameters) - {"features"}
+    flow_names = set(_flow_option_names())
     unknown = sorted(set(deprecated) - flow_names - {"weight"})
     if unknown:
         raise TypeError(
@@ -105,10 +151,8 @@ def _old_spelling(
     return nir_weight, flow_options
 
 
-_Loss = TypeVar("_Loss", bound="_NIRMixin")
 
-
-class _NIRMixin:
+class _NIRMixin(_SameReleasePickles):
     """What both adapters share; the host supplies ``_class_proxies()`` and PML's machinery.
 
     (Not named ``*RegularizerMixin``: PML treats such mixins as tensor-only regularizers.)
@@ -131,6 +175,7 @@ class _NIRMixin:
         guard_radius: float | None,
         centered: bool,
     ) -> None:
+        _check_flow_options(flow_options, type(self).__name__)
         self.nir = NIRTerm(
             embedding_size,
             objective,
@@ -141,7 +186,7 @@ class _NIRMixin:
             centered=centered,
             **flow_options,
         )
-        self.nir_weight = default_nir_weight(embedding_size, objective) if weight is None else float(weight)
+        self.nir_weight = default_nir_weight(embedding_size, objective) if weight is None else weight
         self.validate = validate
         if self.nir_weight != 0:
             check_nir_reducer(self.reducer)
@@ -151,8 +196,39 @@ class _NIRMixin:
         self.nir_nll_max: Tensor | float = math.nan
         self.add_to_recordable_attributes(list_of_names=["nir_weight", "nir_nll_mean", "nir_nll_max"], is_stat=False)
 
+    @property
+    def nir_weight(self) -> float:
+        """Weight of the NIR term: a finite number >= 0 (0: the wrapped loss alone), checked on assignment."""
+        return self._nir_weight
+
+    @nir_weight.setter
+    def nir_weight(self, value: float) -> None:
+        self._nir_weight = _checked_nir_weight(value)
+
     def _class_proxies(self) -> Tensor:
         raise NotImplementedError
+
+    def _compared_distance(self) -> Any:
+        """The PML distance the proxy loss compares embeddings with (None: unknown)."""
+        return getattr(self, "distance", None)
+
+    def _compared(self, embeddings: Tensor) -> Tensor:
+        """The embeddings as the proxy loss compares them: L2-normalized if its distance normalizes.
+
+        NIR models what the proxy loss compares, so the flow sees unit vectors when the loss's
+        distance has ``normalize_embeddings=True`` (PML's default), whatever the model outputs.
+        """
+        distance = self._compared_distance()
+        if distance is None or not getattr(distance, "normalize_embeddings", False):
+            return embeddings
+        return distance.maybe_normalize(embeddings.to(_compute_dtype(embeddings)))
+
+    def _record_nll(self, nll: Tensor | None) -> None:
+        """Sets ``nir_nll_mean`` / ``nir_nll_max``: NaN when the term was not computed (empty batch, weight 0)."""
+        if nll is None:
+            self.nir_nll_mean = self.nir_nll_max = math.nan
+        else:
+            self.nir_nll_mean, self.nir_nll_max = nll.mean(), nll.max()
 
     def get_proxies(self) -> Tensor:
         """The class proxies the NIR term conditions on: (C, D), or (C, K, D) for K centres per class.
@@ -164,8 +240,8 @@ class _NIRMixin:
         return self._class_proxies()
 
     def compile_nir(
-        self: _Loss, enabled: bool = True, *, mode: str | None = "auto", backend: str | Callable = "inductor"
-    ) -> _Loss:
+        self, enabled: bool = True, *, mode: str | None = "auto", backend: str | Callable = "inductor"
+    ) -> Self:
         """Compiles the NIR term (PML's loss stays eager); returns the loss. See ``NIRTerm.compile_nir``.
 
         Fullgraph with static shapes; CUDA graphs (``mode="reduce-overhead"``) on CUDA.
@@ -184,9 +260,20 @@ class _NIRMixin:
 
     def _checked_proxies(self, embeddings: Tensor, labels: Tensor | None, need_labels: bool = True) -> Tensor:
         proxies = self._class_proxies()
+        if need_labels and labels is None:
+            role = _pml_regularizer_role(self)
+            if role is not None:
+                name = type(self).__name__
+                raise ValueError(
+                    f"{name} was passed to a PML loss as its {role}_regularizer=, but PML calls regularizers "
+                    "with a tensor only, and NIR needs each sample's label. NIR wraps the proxy loss instead: "
+                    "loss_fn = NIRRegularizer(ProxyAnchorLoss(...)) (or ProxyAnchorNIRLoss(...)), called as "
+                    "loss_fn(embeddings, labels)."
+                )
         check_values = values_checked(self.validate)
         blocking = check_values and blocking_checks(embeddings.device, self._validated_calls)
         check_embeddings(embeddings, self.nir.embedding_size, check_values, blocking)
+        self.nir._check_dtype(embeddings)  # before PML recasts its proxies
         check_device(embeddings, cast(nn.Module, self), "the loss")  # before PML moves its proxies in place
         if need_labels:
             check_labels(labels, embeddings.shape[0], proxies.shape[0], check_values, blocking)
@@ -196,12 +283,12 @@ class _NIRMixin:
 
     def _nir_loss_entry(self, embeddings: Tensor, labels: Tensor, indices_tuple) -> dict:
         if self.nir_weight == 0 or embeddings.shape[0] == 0:
+            self._record_nll(None)
             return {"losses": 0, "indices": None, "reduction_type": "already_reduced"}
         reducer = sub_loss_reducer(self.reducer)
         check_nir_reducer(reducer)  # also catches set_reducer() after construction
-        per_sample, nll = self.nir.loss_and_nll(embeddings, self._class_proxies(), labels)
-        nll = nll.detach()
-        self.nir_nll_mean, self.nir_nll_max = nll.mean(), nll.max()
+        per_sample, nll = self.nir.loss_and_nll(self._compared(embeddings), self._class_proxies(), labels)
+        self._record_nll(nll.detach())
         weights = miner_weights(indices_tuple, embeddings.shape[0], per_sample.dtype, embeddings.device)
         losses = self.nir_weight * weighted_element_losses(per_sample, weights)
         if type(reducer) is DivisorReducer and not reducer.collect_stats:
@@ -228,7 +315,7 @@ class _NIRMixin:
             torch.Size([2])
         """
         proxies = self._checked_proxies(embeddings, labels)
-        return self.nir.log_likelihood(embeddings, proxies, labels.to(embeddings.device))
+        return self.nir.log_likelihood(self._compared(embeddings), proxies, labels.to(embeddings.device))
 
     def log_likelihood_matrix(
         self, embeddings: Tensor, chunk_size: int | None = None, *, requires_grad: bool = False
@@ -244,7 +331,9 @@ class _NIRMixin:
             torch.Size([2, 3])
         """
         proxies = self._checked_proxies(embeddings, None, need_labels=False)
-        return self.nir.log_likelihood_matrix(embeddings, proxies, chunk_size, requires_grad=requires_grad)
+        return self.nir.log_likelihood_matrix(
+            self._compared(embeddings), proxies, chunk_size, requires_grad=requires_grad
+        )
 
     def sample(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Draws one embedding from p(x | proxy_y) per label, shape (len(labels), D).
@@ -265,24 +354,63 @@ class _NIRMixin:
         return self.nir.sample(proxies, labels.to(proxies.device), generator)
 
     def param_groups(
-        self, lr: float, proxy_lr_mult: float = DEFAULT_PROXY_LR_MULT, flow_lr_mult: float = DEFAULT_FLOW_LR_MULT
+        self,
+        model_lr: float | None = None,
+        proxy_lr_mult: float = 100.0,  # DEFAULT_PROXY_LR_MULT, spelled out for the API page
+        flow_lr_mult: float = 1.0,  # DEFAULT_FLOW_LR_MULT
+        *,
+        lr: float | None = None,
     ) -> list[dict]:
-        """Optimizer groups for the loss's own parameters: proxies at lr x proxy_lr_mult, flow at
-        lr x flow_lr_mult. Add your model's group(s) beside them.
+        """Optimizer groups for the loss's own parameters, scaled from your model's learning rate.
+
+        ``model_lr`` is the learning rate of your model (backbone and embedding head), not one
+        for the loss: the proxies train at ``model_lr * proxy_lr_mult`` (x100 by default) and
+        the flow at ``model_lr * flow_lr_mult`` (x1). With Adam and a model at 1e-4 the proxies
+        get 1e-2, the usual lr of PML's separate loss optimizer. Add your model's group(s)
+        beside these; a setting that puts the proxies at lr 1 or more warns. ``lr=`` is the
+        spelling before 0.4.0 (deprecated).
 
         Example:
             >>> loss_fn = ProxyAnchorNIRLoss(num_classes=3, embedding_size=4)
             >>> model = torch.nn.Linear(8, 4)
             >>> groups = [{"params": model.parameters(), "lr": 1e-3}]
-            >>> opt = torch.optim.Adam(groups + loss_fn.param_groups(1e-3))
-            >>> [g["lr"] for g in opt.param_groups]
-            [0.001, 0.1, 0.001]
+            >>> groups += loss_fn.param_groups(model_lr=1e-3)
+            >>> opt = torch.optim.Adam(groups)
+            >>> [(g.get("name", "model"), g["lr"]) for g in opt.param_groups]
+            [('model', 0.001), ('proxies', 0.1), ('flow', 0.001)]
         """
+        if lr is not None:
+            if model_lr is not None:
+                raise TypeError(
+                    f"param_groups() got both model_lr={model_lr} and lr={lr}; lr= is the old spelling "
+                    "of model_lr=: pass model_lr= only."
+                )
+            warnings.warn(
+                "param_groups(lr=...) is deprecated and will be removed in 0.4.0: use "
+                "param_groups(model_lr=...), your model's learning rate, which the multipliers scale.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            model_lr = lr
+        if model_lr is None:
+            raise TypeError(
+                "param_groups() needs model_lr=, your model's learning rate: the proxies train at "
+                "model_lr * proxy_lr_mult and the flow at model_lr * flow_lr_mult."
+            )
+        if model_lr * proxy_lr_mult >= 1:
+            warnings.warn(
+                f"param_groups(model_lr={model_lr}) trains the proxies at lr {model_lr * proxy_lr_mult:g} "
+                f"(model_lr x proxy_lr_mult {proxy_lr_mult:g}). model_lr is your model's learning rate, "
+                "which the multipliers scale; for proxies at the lr of PML's loss optimizers (0.01) with "
+                f"the default x{DEFAULT_PROXY_LR_MULT:g}, pass model_lr=1e-4.",
+                UserWarning,
+                stacklevel=2,
+            )
         flow_ids = {id(p) for p in self.nir.parameters()}
         own = [p for p in self.parameters() if id(p) not in flow_ids]  # type: ignore[attr-defined]
         groups = [
-            {"params": own, "lr": lr * proxy_lr_mult, "name": "proxies"},
-            {"params": list(self.nir.parameters()), "lr": lr * flow_lr_mult, "name": "flow"},
+            {"params": own, "lr": model_lr * proxy_lr_mult, "name": "proxies"},
+            {"params": list(self.nir.parameters()), "lr": model_lr * flow_lr_mult, "name": "flow"},
         ]
         return [g for g in groups if g["params"]]
 
@@ -296,11 +424,16 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
     sub-loss. The NIR term is the ``nir_loss`` sub-loss: per-sample NLL (``objective="nll"``)
     or exp(NLL) (``"exp_nll"``), weighted by the miner's per-sample weights if ``indices_tuple``
     is given, reduced by this module's reducer (default ``MeanReducer``). ``parameters()``
-    include the wrapped loss's and the flow's.
+    include the wrapped loss's and the flow's. The flow models the embeddings as the wrapped
+    loss compares them: L2-normalized if its distance normalizes (PML's default), as they are
+    otherwise. Pass the loss itself, not as a PML ``embedding_regularizer=``: PML calls
+    regularizers without labels. The wrapped loss is ``loss_fn.loss``: call its own methods
+    there, e.g. ``loss_fn.loss.get_logits(embeddings)`` for ArcFace.
 
     Args:
         loss: A PML loss with class proxies (see ``get_proxies``).
-        nir_weight: Weight of the NIR term; None: ``default_nir_weight(D, objective)``.
+        nir_weight: Weight of the NIR term, a finite number >= 0; None:
+            ``default_nir_weight(D, objective)``.
         objective: ``"nll"`` (paper) or ``"exp_nll"`` (reference code).
         flow: A ``ProxyConditionedFlow``; else one is built from ``flow_options``.
         flow_options: ``ProxyConditionedFlow`` options (num_blocks, hidden_features, ...).
@@ -331,7 +464,7 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         self,
         loss: nn.Module,
         nir_weight: float | None = None,
-        objective: str = DEFAULT_OBJECTIVE,
+        objective: str = "nll",  # DEFAULT_OBJECTIVE
         flow: ProxyConditionedFlow | None = None,
         *,
         flow_options: Mapping[str, Any] | None = None,
@@ -365,9 +498,13 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
     def _class_proxies(self) -> Tensor:
         return get_proxies(self.loss)
 
+    def _compared_distance(self) -> Any:
+        return getattr(self.loss, "distance", None)
+
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         self._checked_proxies(embeddings, labels)
         if embeddings.shape[0] == 0:
+            self._record_nll(None)
             return self.zero_losses()
         proxy_loss = self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         return {
@@ -379,20 +516,43 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         return ["proxy_loss", "nir_loss"]
 
 
+def _check_pml_options(kwargs: Mapping[str, Any]) -> None:
+    """A TypeError naming the valid options for keywords that neither ProxyAnchorNIRLoss nor PML takes."""
+    pml = sorted(
+        name
+        for cls in ProxyAnchorLoss.__mro__
+        if cls not in (nn.Module, object) and "__init__" in cls.__dict__
+        for name, p in inspect.signature(cls.__dict__["__init__"]).parameters.items()
+        if name not in ("self", "num_classes", "embedding_size", "margin", "alpha")
+        and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    )
+    unknown = sorted(set(kwargs) - set(pml))
+    if unknown:
+        own = [n for n in inspect.signature(ProxyAnchorNIRLoss).parameters if n != "kwargs"]
+        raise TypeError(
+            f"ProxyAnchorNIRLoss got unexpected keyword arguments {unknown}; expected its own "
+            f"parameters ({', '.join(own)}), ProxyAnchorLoss options ({', '.join(pml)}), or "
+            f"ProxyConditionedFlow options inside flow_options={{...}} ({', '.join(_flow_option_names())})."
+        )
+
+
 class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
     """PML's ProxyAnchorLoss with the NIR term built in (``isinstance(.., ProxyAnchorLoss)``).
 
     Sub-losses ``pos_loss``, ``neg_loss`` (ProxyAnchor's, unchanged) and ``nir_loss`` (the NIR
     term, weighted by ``nir_weight``); all reduced by ProxyAnchor's default ``DivisorReducer``
     (``nir_loss`` to the same batch mean by nir-loss itself, without the reducer's host sync).
-    With ``nir_weight=0`` the value and gradients are exactly ProxyAnchorLoss's.
+    With ``nir_weight=0`` the value and gradients are exactly ProxyAnchorLoss's. The flow models
+    the embeddings as the loss's distance compares them (L2-normalized by PML's default
+    ``CosineSimilarity``), so raw model outputs and their normalized form give the same loss.
 
     Args:
         num_classes: Number of classes C.
         embedding_size: Embedding width D.
         margin: ProxyAnchor margin.
         alpha: ProxyAnchor scale.
-        nir_weight: Weight of the NIR term; None: ``default_nir_weight(D, objective)``.
+        nir_weight: Weight of the NIR term, a finite number >= 0; None:
+            ``default_nir_weight(D, objective)``.
         objective: ``"nll"`` (paper) or ``"exp_nll"`` (reference code).
         flow: A ``ProxyConditionedFlow``; else one is built from ``flow_options``.
         flow_options: ``ProxyConditionedFlow`` options.
@@ -419,7 +579,7 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         margin: float = 0.1,
         alpha: float = 32,
         nir_weight: float | None = None,
-        objective: str = DEFAULT_OBJECTIVE,
+        objective: str = "nll",  # DEFAULT_OBJECTIVE
         flow: ProxyConditionedFlow | None = None,
         *,
         flow_options: Mapping[str, Any] | None = None,
@@ -430,6 +590,7 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         validate: bool = True,
         **kwargs,
     ) -> None:
+        _check_pml_options(kwargs)
         super().__init__(num_classes, embedding_size, margin=margin, alpha=alpha, **kwargs)
         self._init_nir(
             embedding_size,

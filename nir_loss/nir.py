@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 import weakref
 from collections.abc import Callable
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .flow import ProxyConditionedFlow, _compute_dtype, standard_normal_log_prob
+from .flow import ProxyConditionedFlow, _compute_dtype, _SameReleasePickles, standard_normal_log_prob
 from .validation import check_device
 
 __all__ = [
@@ -46,7 +47,7 @@ def default_noise_std(embedding_size: int) -> float:
     The noise vector's norm is then about 0.7 at every D, about the spread of a class whose
     samples have cosine 0.7 to its centre. It keeps the flow from sharpening below that
     scale: the training NLL is bounded below by (D/2) log(2 pi e noise_std^2)
-    (docs/concepts.md).
+    ([Concepts](concepts.md)).
 
     Example:
         >>> round(default_noise_std(128), 4)
@@ -96,7 +97,39 @@ def _guarded_exp(energy: Tensor) -> Tensor:
     return torch.exp(capped) * (1 + (energy - capped))
 
 
-class NIRTerm(nn.Module):
+class _RecompilingFunction:
+    """``torch.compile(fn, fullgraph=True, dynamic=False)`` with a cache of its own that never fills.
+
+    torch.compile keeps its cache, and the recompile limit (8 variants), per code object. Each
+    instance compiles its own copy of ``fn``'s code, so every term, and every copy of a term,
+    has a cache of its own; when that cache is full (a 9th batch size, say) a fresh copy takes
+    over, so a new shape compiles again instead of raising ``FailOnRecompileLimitHit``. The
+    function is unbound (the term comes as its first argument), so the cache holds no reference
+    to the term.
+    """
+
+    def __init__(self, fn: Callable, mode: str | None, backend: str | Callable) -> None:
+        self._fn, self._mode, self._backend = fn, mode, backend
+        self._compiled = self._compile()
+        self.generations = 1  # how many code copies were compiled (each holds up to 8 variants)
+
+    def _compile(self) -> Callable:
+        fn = self._fn
+        own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        own.__kwdefaults__, own.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+        return torch.compile(own, fullgraph=True, dynamic=False, mode=self._mode, backend=self._backend)
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # Raised before the frame runs: nothing was computed. Start a fresh cache.
+            self._compiled = self._compile()
+            self.generations += 1
+            return self._compiled(*args, **kwargs)
+
+
+class NIRTerm(_SameReleasePickles, nn.Module):
     """Non-isotropy regularization: a proxy-conditioned flow and what is computed with it.
 
     Knows nothing of the loss that hosts it: every method takes the class ``proxies``, shaped
@@ -175,7 +208,8 @@ class NIRTerm(nn.Module):
         """Runs the training term and the B x C matrix passes through ``torch.compile``; returns self.
 
         Each is compiled whole (``fullgraph=True``) for static shapes (``dynamic=False``): a new
-        batch size compiles again, so keep it fixed (``drop_last=True``). ``mode="auto"`` is
+        batch size compiles again, so keep it fixed (``drop_last=True``). Each term, and each
+        copy, has a compile cache of its own, without a limit on the number of shapes. ``mode="auto"`` is
         ``"reduce-overhead"`` (CUDA graphs) with inductor on CUDA and the backend's default
         elsewhere; any ``torch.compile`` mode or backend can be given. The first call of each compiles; the
         module, its state dict and its copies are unchanged (a copy compiles its own on first use).
@@ -197,7 +231,7 @@ class NIRTerm(nn.Module):
 
     def _compiled(self, name: str, device: torch.device) -> Callable | None:
         """The compiled ``name`` method for this device (None: run eagerly), called with self first."""
-        options = getattr(self, "_compile_options", None)  # absent in terms pickled by 0.2.0
+        options = self._compile_options
         if options is None or torch.compiler.is_compiling():
             return None
         fns = _COMPILED.setdefault(self, {})
@@ -206,23 +240,41 @@ class NIRTerm(nn.Module):
             mode, backend = options
             if mode == "auto":  # CUDA graphs where they exist (an inductor mode)
                 mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
-            # The unbound function, so the cache holds no reference to the term.
-            fn = torch.compile(getattr(type(self), name), fullgraph=True, dynamic=False, mode=mode, backend=backend)
-            fns[key] = fn
+            fns[key] = _RecompilingFunction(getattr(type(self), name), mode, backend)
         return functools.partial(fns[key], self)
 
     # -- context ------------------------------------------------------------------------
-    def _match_flow(self, x: Tensor) -> torch.dtype:
-        """Casts the flow to the input's compute dtype (as PML recasts its proxies); a device mismatch is an error.
+    # The compute dtype of the last call that could train the flow (grad enabled), if any.
+    _trained_dtype: torch.dtype | None = None
 
-        Moving the module inside a call would leave the optimizer's state behind (and on "meta"
-        lose the weights), so the device is the caller's to choose, once, with ``.to(device)``.
+    def _match_flow(self, x: Tensor) -> torch.dtype:
+        """Casts the flow to the input's compute dtype (as PML recasts its proxies) until it has
+        trained; a device mismatch, or a dtype change after training, is an error.
+
+        Moving or recasting the module inside a call would leave the optimizer's state behind
+        (and on "meta" lose the weights), so the device is the caller's to choose, once, with
+        ``.to(device)``, and so is the dtype once the flow has trained.
         """
-        dtype = _compute_dtype(x)
+        dtype = self._check_dtype(x)
         check_device(x, self.flow)
         p = next(self.flow.parameters(), None)
         if p is not None and p.dtype != dtype:
             self.flow.to(dtype=dtype)
+        if p is not None and torch.is_grad_enabled() and p.requires_grad and self._trained_dtype != dtype:
+            self._trained_dtype = dtype
+        return dtype
+
+    def _check_dtype(self, x: Tensor) -> torch.dtype:
+        """The compute dtype for ``x``; a ValueError if the flow trained in another one."""
+        dtype = _compute_dtype(x)
+        p = next(self.flow.parameters(), None)
+        if p is not None and p.dtype != dtype and p.dtype == self._trained_dtype:
+            raise ValueError(
+                f"embeddings are {x.dtype} but the NIR flow has trained in {p.dtype}: recasting it "
+                f"would leave the optimizer's state in {p.dtype}, and mixed-dtype training is not "
+                f"supported. Pass {p.dtype} embeddings (embeddings.to({p.dtype})), or cast the "
+                f"loss once, before building the optimizer: loss_fn.to({dtype})."
+            )
         return dtype
 
     def _proxies(self, proxies: Tensor, dtype: torch.dtype) -> Tensor:
@@ -290,8 +342,8 @@ class NIRTerm(nn.Module):
         if chunk_size is None:
             rows = _MATRIX_ROWS_CPU if x.device.type == "cpu" else _MATRIX_ROWS
             chunk_size = max(1, rows // num_classes)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1 (None: the default), got {chunk_size!r}.")
         chunk_size = min(chunk_size, max(batch, 1))
         num_chunks = -(-batch // chunk_size)
         padded = F.pad(x, (0, 0, 0, num_chunks * chunk_size - batch))

@@ -121,6 +121,36 @@ def test_two_gloo_processes_match_one_process():
             )
 
 
+def unequal_batches_worker(rank, port, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        x, y = data()
+        part = slice(0, 6) if rank == 0 else slice(6, 11)  # the last batch of an epoch: 6 and 5
+        wrapped = nir_loss.DistributedLossWrapper(make_model_and_loss()[1])
+        try:
+            wrapped(F.normalize(x[part, :D], dim=1), y[part])
+            results[rank] = "no error"
+        except ValueError as e:
+            results[rank] = str(e)
+        full = wrapped(F.normalize(x[rank * 6 : rank * 6 + 6, :D], dim=1), y[rank * 6 : rank * 6 + 6])
+        results[(rank, "next call")] = bool(torch.isfinite(full))  # the process group still works
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unequal_batch_sizes_raise_one_clear_error_on_every_rank():
+    """gloo used to fail inside all_gather ("Received data size doesn't match") on one rank and
+    with a reset connection on the other."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(unequal_batches_worker, args=(free_port(), results), nprocs=WORLD, join=True)
+        results = dict(results)
+    for rank in range(WORLD):
+        assert "batch sizes [6, 5] (rank 0 first)" in results[rank] and "drop_last=True" in results[rank]
+        assert results[(rank, "next call")]
+
+
 def test_efficient_mode_is_rejected_with_the_fix():
     with pytest.raises(ValueError, match="use efficient=False"):
         nir_loss.DistributedLossWrapper(make_model_and_loss()[1], efficient=True)

@@ -4,6 +4,8 @@ spelling (the old one deprecated), and a short real-data training."""
 import copy
 import inspect
 import io
+import math
+import pathlib
 import pickle
 import warnings
 
@@ -16,6 +18,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 from sklearn.datasets import load_digits
 
+import nir_loss
 from nir_loss import NIRRegularizer, ProxyAnchorNIRLoss, get_proxies
 
 from . import reference
@@ -119,13 +122,14 @@ def test_pml_reducers_combine_the_nir_term():
     div_red.reducer = ProxyAnchorNIRLoss(C, D).reducer  # default DivisorReducer
     for m in (mean_red, div_red):
         m.load_state_dict(plain.state_dict(), strict=False)
-    nir = 0.2 * mean_red.nir.per_sample_loss(x, mean_red.proxies, y).mean()
+    unit = F.normalize(x, dim=1)  # what the losses' cosine distances compare, and the flow models
+    nir = 0.2 * mean_red.nir.per_sample_loss(unit, mean_red.proxies, y).mean()
     torch.testing.assert_close(div_red(x, y) - plain(x, y), nir)
     sum_red = NIRRegularizer(
         losses.ProxyNCALoss(C, D), nir_weight=0.2, reducer=reducers.SumReducer(), flow_options=FLOW, **EXACT
     ).double()
     base = sum_red.loss(x, y)
-    per = sum_red.nir.per_sample_loss(x, get_proxies(sum_red.loss), y)
+    per = sum_red.nir.per_sample_loss(unit, get_proxies(sum_red.loss), y)
     torch.testing.assert_close(sum_red(x, y) - base, 0.2 * per.sum())
 
 
@@ -177,6 +181,22 @@ def test_state_dict_deepcopy_pickle_and_device_move():
         torch.testing.assert_close(clone(x, y), expected)
 
 
+@pytest.mark.parametrize("name", ["ProxyAnchorNIRLoss", "NIRRegularizer"])
+def test_whole_module_pickled_by_an_older_release_says_to_load_its_state_dict(name):
+    """tests/data/nir_0.2.0_whole_modules.pt: both losses saved whole by nir-loss 0.2.0 (small flows).
+
+    They used to load and then fail with AttributeError on each attribute added since; now loading
+    fails at once, saying how to move the loss across releases (its state dict loads)."""
+    with pytest.raises(RuntimeError, match=r"saved whole .* by nir-loss 0.3.0 or earlier.*load_state_dict"):
+        torch.load(pathlib.Path(__file__).parent / "data" / "nir_0.2.0_whole_modules.pt", weights_only=False)
+    current = pickle.loads(pickle.dumps(ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW)))
+    state = current.__getstate__()
+    assert state["_nir_loss_release"] == nir_loss.__version__
+    state["_nir_loss_release"] = "0.3.1"
+    with pytest.raises(RuntimeError, match=r"by nir-loss 0.3.1; this is nir-loss"):
+        ProxyAnchorNIRLoss.__new__(ProxyAnchorNIRLoss).__setstate__(state)
+
+
 @pytest.mark.parametrize("objective", ["nll", "exp_nll"])
 def test_autocast_keeps_nir_math_in_float32(objective):
     model = torch.nn.Linear(16, D)
@@ -202,6 +222,24 @@ def test_param_groups_cover_every_parameter_once():
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in loss_fn.parameters())
     torch.optim.Adam(groups)
+
+
+def test_param_groups_take_the_models_learning_rate_and_warn_when_the_proxies_would_get_1():
+    """A PML user passed the loss optimizer's usual lr (0.01) and got proxies at 1.0, silently."""
+    loss_fn = ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = loss_fn.param_groups(model_lr=1e-4)
+    assert [(g["name"], g["lr"]) for g in groups] == [("proxies", pytest.approx(1e-2)), ("flow", 1e-4)]
+    with pytest.warns(UserWarning, match=r"param_groups\(model_lr=0.01\) trains the proxies at lr 1 .*model_lr=1e-4"):
+        loss_fn.param_groups(0.01)
+    with pytest.warns(DeprecationWarning, match=r"param_groups\(lr=...\) is deprecated"):
+        old = loss_fn.param_groups(lr=1e-4)
+    assert [g["lr"] for g in old] == [g["lr"] for g in groups]
+    with pytest.raises(TypeError, match="param_groups\\(\\) got both model_lr=0.001 and lr=0.001"):
+        loss_fn.param_groups(1e-3, lr=1e-3)
+    with pytest.raises(TypeError, match="param_groups\\(\\) needs model_lr="):
+        loss_fn.param_groups()
 
 
 def test_log_likelihood_compiles_fullgraph():
@@ -255,6 +293,30 @@ def test_compile_nir_compiles_the_term_and_the_matrix_pass_once_each():
     compiled.compile_nir(False)
     compiled(F.normalize(x, dim=1), y)
     assert counter.frame_count == 3
+
+
+def test_compile_nir_recompiles_new_shapes_and_copies_past_the_recompile_limit():
+    """torch.compile allows a code object 8 compiled variants (here 2, to keep the test short);
+    with fullgraph=True one more raised FailOnRecompileLimitHit. Every term and copy now has a cache
+    of its own, and a full cache is replaced: new batch sizes, copies, train/eval and dtypes run."""
+    with torch._dynamo.config.patch(recompile_limit=2):
+        loss_fn = ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW).compile_nir(backend="eager")
+        for b in range(2, 7):  # 5 batch sizes
+            x = F.normalize(torch.randn(b, D), dim=1).requires_grad_()
+            loss_fn(x, torch.arange(b) % C).backward()
+            assert torch.isfinite(x.grad).all()
+        copies = [copy.deepcopy(loss_fn) for _ in range(4)]
+        copies.append(ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW).compile_nir(backend="eager"))
+        for clone in copies:  # every copy compiles its own
+            clone(F.normalize(torch.randn(4, D), dim=1), torch.arange(4) % C).backward()
+        x, y = F.normalize(torch.randn(4, D), dim=1), torch.arange(4) % C
+        loss_fn.eval()
+        eager = copy.deepcopy(loss_fn).compile_nir(False)
+        torch.testing.assert_close(loss_fn(x, y), eager(x, y))
+        loss_fn.train()
+        loss_fn.double()
+        eager.double()
+        torch.testing.assert_close(loss_fn.log_likelihood_matrix(x.double()), eager.log_likelihood_matrix(x.double()))
 
 
 def test_training_steps_change_proxies_and_flow():
@@ -418,6 +480,149 @@ def test_both_spellings_of_flow_options_is_an_error():
 def test_unknown_keyword_names_the_valid_ones():
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['nir_wieght'\].*hidden_features"):
         NIRRegularizer(losses.ProxyNCALoss(C, D), nir_wieght=0.1)
+
+
+def test_proxy_anchor_unknown_keyword_names_the_valid_ones():
+    with pytest.raises(TypeError, match=r"keyword arguments \['num_blocks'\].*flow_options=\{...\} \(.*num_blocks"):
+        ProxyAnchorNIRLoss(C, D, num_blocks=2)
+    with pytest.raises(TypeError, match=r"\['nir_wieght'\]; expected its own parameters \(.*nir_weight.*reducer"):
+        ProxyAnchorNIRLoss(C, D, nir_wieght=0.1)
+    ProxyAnchorNIRLoss(C, D, reducer=reducers.DivisorReducer(), embedding_reg_weight=1)  # PML's own pass
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opts: ProxyAnchorNIRLoss(C, D, flow_options=opts),
+        lambda opts: NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=opts),
+    ],
+)
+def test_unknown_flow_option_names_the_valid_ones(make):
+    with pytest.raises(TypeError, match=r"unknown flow_options \['num_block'\]; .*: clamp, .*num_blocks"):
+        make({"num_block": 2})
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1.0, -1e-9, "heavy"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW, **kw),
+        lambda **kw: NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=TINY_FLOW, **kw),
+    ],
+)
+def test_nir_weight_must_be_finite_and_not_negative(make, bad):
+    """NaN or inf gave a NaN loss and a negative weight maximised the NLL, silently."""
+    with pytest.raises(ValueError, match=r"nir_weight must be a finite number >= 0 \(0: no NIR term\), got"):
+        make(nir_weight=bad)
+    loss_fn = make(nir_weight=0.5)
+    with pytest.raises(ValueError, match="nir_weight must be a finite number >= 0"):
+        loss_fn.nir_weight = bad
+    assert loss_fn.nir_weight == 0.5
+    loss_fn.nir_weight = 0
+    assert loss_fn.nir_weight == 0.0 and make(nir_weight=torch.tensor(0.25)).nir_weight == 0.25
+
+
+def test_passed_as_a_pml_regularizer_it_says_that_it_wraps_a_loss():
+    """PML calls an embedding_regularizer with the embeddings only: "NIR needs labels" was wrong."""
+    for nir in (NIRRegularizer(losses.ProxyAnchorLoss(C, D)), ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW)):
+        host = losses.ProxyAnchorLoss(C, D, embedding_regularizer=nir)
+        x, y = batch()
+        with pytest.raises(ValueError, match=r"embedding_regularizer=, .*NIRRegularizer\(ProxyAnchorLoss\(...\)\)"):
+            host(x, y)
+    with pytest.raises(ValueError, match="NIR needs labels"):  # called directly without labels
+        NIRRegularizer(losses.ProxyAnchorLoss(C, D))(x)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ProxyAnchorNIRLoss(C, D, flow_options=FLOW),
+        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=FLOW),
+        lambda: NIRRegularizer(losses.ArcFaceLoss(C, D), flow_options=FLOW),
+    ],
+)
+def test_nir_models_the_normalized_embeddings_the_proxy_loss_compares(make):
+    """PML's distances normalize by default, so users pass raw model outputs: NIR models the unit
+    vectors the proxy loss compares, not the raw ones (norm ~28 here)."""
+    loss_fn = make().eval()  # no training noise: the recorded NLL is deterministic
+    assert loss_fn._compared_distance().normalize_embeddings
+    raw, y = 10 * torch.randn(12, D, dtype=torch.float64), torch.arange(12) % C
+    unit = F.normalize(raw, dim=1)
+    loss_fn.double()
+    torch.testing.assert_close(loss_fn.log_likelihood(raw, y), loss_fn.log_likelihood(unit, y))
+    torch.testing.assert_close(loss_fn.log_likelihood_matrix(raw), loss_fn.log_likelihood_matrix(unit))
+    torch.testing.assert_close(loss_fn(raw, y), loss_fn(unit, y))
+    from_raw = loss_fn.nir_nll_mean
+    loss_fn(unit, y)
+    torch.testing.assert_close(from_raw, loss_fn.nir_nll_mean)
+    direct = loss_fn.nir.log_likelihood(unit, loss_fn.get_proxies(), y)
+    torch.testing.assert_close(loss_fn.log_likelihood(raw, y), direct)
+
+
+def test_nir_takes_embeddings_as_they_are_when_the_distance_does_not_normalize():
+    from pytorch_metric_learning.distances import LpDistance
+
+    distance = LpDistance(normalize_embeddings=False, power=2)
+    loss_fn = NIRRegularizer(losses.ProxyNCALoss(C, D, distance=distance), flow_options=FLOW).eval()
+    raw, y = 3 * torch.randn(12, D), torch.arange(12) % C
+    direct = loss_fn.nir.log_likelihood(raw, loss_fn.get_proxies(), y)
+    torch.testing.assert_close(loss_fn.log_likelihood(raw, y), direct)
+    assert not torch.allclose(loss_fn.log_likelihood(raw, y), loss_fn.log_likelihood(F.normalize(raw, dim=1), y))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW),
+        lambda: NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options=TINY_FLOW),
+    ],
+)
+def test_empty_batch_records_nan_nll_statistics(make):
+    """They kept the previous batch's tensors: a trainer summing them per step counted it twice."""
+    loss_fn = make()
+    x, y = batch()
+    loss_fn(x, y)
+    assert math.isfinite(float(loss_fn.nir_nll_mean)) and math.isfinite(float(loss_fn.nir_nll_max))
+    loss_fn(torch.randn(0, D), torch.zeros(0, dtype=torch.long))
+    assert math.isnan(loss_fn.nir_nll_mean) and math.isnan(loss_fn.nir_nll_max)
+    loss_fn(x, y)
+    loss_fn.nir_weight = 0  # not computed either
+    loss_fn(x, y)
+    assert math.isnan(loss_fn.nir_nll_mean) and math.isnan(loss_fn.nir_nll_max)
+
+
+def test_chunk_size_must_be_a_positive_int():
+    loss_fn = ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW)
+    x, _ = batch(requires_grad=False)
+    for bad in (2.5, 0, -1, True, "4"):
+        with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1 \(None: the default\), got"):
+            loss_fn.log_likelihood_matrix(x, chunk_size=bad)
+    assert loss_fn.log_likelihood_matrix(x, chunk_size=5).shape == (12, C)
+
+
+def test_a_dtype_change_after_training_is_refused_before_anything_is_recast():
+    """A float64 call after float32 Adam steps recast the flow (and PML the proxies) in place,
+    leaving the optimizer's state in float32. Now it is an error, and nothing is recast."""
+    loss_fn = ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW)
+    opt = torch.optim.Adam(loss_fn.param_groups(1e-3))
+    x, y = batch(requires_grad=False)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(x, y).backward()
+        opt.step()
+    for call in (lambda: loss_fn(x.double(), y), lambda: loss_fn.log_likelihood(x.double(), y)):
+        with pytest.raises(ValueError, match=r"are torch.float64 but the NIR flow has trained in torch.float32"):
+            call()
+    assert {p.dtype for p in loss_fn.parameters()} == {torch.float32}
+    opt.zero_grad()
+    loss_fn(x, y).backward()
+    opt.step()  # the optimizer still matches its parameters
+    loss_fn.double()  # an explicit cast is the caller's choice
+    opt = torch.optim.Adam(loss_fn.param_groups(1e-3))
+    loss_fn(x.double(), y).backward()
+    opt.step()
+    fresh = ProxyAnchorNIRLoss(C, D, flow_options=TINY_FLOW)  # before training, a call's dtype is taken
+    assert fresh.log_likelihood(x.double(), y).dtype == torch.float64
 
 
 # -- a short real-data training: the NIR likelihood rises, held-out retrieval improves --------

@@ -37,8 +37,9 @@ def batch(b=12, d=8, c=5, dtype=torch.float64):
 def test_matches_independent_reference(objective):
     loss_fn = ProxyAnchorNIRLoss(5, 8, nir_weight=0.3, objective=objective, flow_options=DEEP_FLOW, **EXACT).double()
     x, y = batch()
+    # The flow models what ProxyAnchor's cosine compares: x / ||x|| (same value, projected gradient).
     expected = reference.proxy_anchor(x, y, loss_fn.proxies) + 0.3 * reference.nir_term(
-        loss_fn.flow, x, loss_fn.proxies, y, objective
+        loss_fn.flow, F.normalize(x, dim=1), loss_fn.proxies, y, objective
     )
     got = loss_fn(x, y)
     assert abs(float((got - expected).detach())) < 1e-6 * max(1.0, abs(float(expected.detach())))

@@ -50,3 +50,23 @@ def test_unknown_top_level_name_is_an_attribute_error():
     assert not hasattr(nir_loss, "no_such_name")
     with pytest.raises(ImportError):
         from nir_loss import no_such_name  # noqa: F401
+
+
+def test_dir_lists_the_api_not_the_modules_imports():
+    listed = set(dir(nir_loss))
+    assert set(nir_loss.__all__) <= listed and "__version__" in listed
+    assert not listed & {"Any", "TYPE_CHECKING", "importlib", "warnings"}
+
+
+def test_signatures_show_the_defaults_values_and_they_are_the_constants():
+    """The API page shows a signature's defaults as written: values, not constant names."""
+    import inspect
+
+    groups = inspect.signature(nir_loss.ProxyAnchorNIRLoss.param_groups).parameters
+    assert groups["proxy_lr_mult"].default == nir_loss.DEFAULT_PROXY_LR_MULT
+    assert groups["flow_lr_mult"].default == nir_loss.DEFAULT_FLOW_LR_MULT
+    for fn in (nir_loss.ProxyAnchorNIRLoss, nir_loss.NIRRegularizer, nir_loss.default_nir_weight):
+        assert inspect.signature(fn).parameters["objective"].default == nir_loss.DEFAULT_OBJECTIVE
+    source = inspect.getsource(nir_loss.losses)
+    assert "= DEFAULT_" not in source.split("__all__", 1)[1].split("def default_nir_weight", 1)[1]
+    assert "-> _Loss" not in source

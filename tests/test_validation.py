@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pytorch_metric_learning import losses, reducers
 
 from nir_loss import NIRRegularizer, ProxyAnchorNIRLoss, get_proxies
@@ -131,7 +132,7 @@ def test_thresholding_reducers_work_for_the_proxy_terms():
     ).double()
     plain = losses.ProxyAnchorLoss(C, D, reducer=reducers.AvgNonZeroReducer()).double()
     plain.load_state_dict({"proxies": mixed.proxies.detach().clone()})
-    nir = 0.2 * mixed.nir.per_sample_loss(x, mixed.proxies, y).mean()
+    nir = 0.2 * mixed.nir.per_sample_loss(F.normalize(x, dim=1), mixed.proxies, y).mean()
     torch.testing.assert_close(mixed(x, y), plain(x, y) + nir)
     inner = NIRRegularizer(
         losses.ProxyNCALoss(C, D, reducer=reducers.AvgNonZeroReducer()), nir_weight=0.2, flow_options=FLOW

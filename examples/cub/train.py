@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -31,7 +32,7 @@ from trainer.engine import (  # noqa: E402
     seed_everything,
     setup_distributed,
 )
-from trainer.errors import UsageError  # noqa: E402
+from trainer.errors import ConfigError, UsageError  # noqa: E402
 from trainer.losses import LOSSES, build_loss  # noqa: E402
 from trainer.models import ARCHS, build_embedder, input_normalization  # noqa: E402
 
@@ -78,9 +79,32 @@ def default_workers() -> int:
     return min(4, available_cpus())
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, and the description and epilog as written (one example a line)."""
+
+
+def _presets_epilog(parser: argparse.ArgumentParser) -> str:
+    """What each preset sets, as the flags that set it."""
+    flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    lines = ["presets (explicit flags override them):"]
+    for name, settings in sorted(PRESETS.items()):
+        lines.append(f"  {name}:")
+        words = [f"{flag[k]} {v}" for k, v in settings.items()]
+        line = "   "
+        for w in words:
+            if len(line) + len(w) + 1 > 78:
+                lines.append(line)
+                line = "   "
+            line += " " + w
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="reference settings; explicit flags override them")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help="reference settings (listed below); explicit flags override them"
+    )
     p.add_argument("--data", required=True, help="CUB_200_2011 directory (or its parent, or a class-folder tree)")
     p.add_argument("--split", default="dml", help="dml (classes 1-100 train, 101-200 test), classes:N, official")
     p.add_argument("--out", default="runs/cub", help="output directory")
@@ -95,44 +119,57 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dim", type=int, default=128, help="embedding size (128 or 512 in the paper)")
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a torchvision state dict")
     g.add_argument("--max-pool", action="store_true", help="add global max pooling to average pooling")
-    g.add_argument("--image-size", type=int, default=224)
+    g.add_argument("--image-size", type=int, default=224, help="side of the square training and test crops, px")
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", default="proxyanchor", choices=LOSSES)
+    g.add_argument("--loss", default="proxyanchor", choices=LOSSES, help="the PML proxy loss")
     g.add_argument("--nir", default="on", choices=["on", "off"], help="off = the plain PML loss (baseline)")
-    g.add_argument("--nir-objective", default=nir_loss.DEFAULT_OBJECTIVE, choices=list(nir_loss.nir.OBJECTIVES))
+    g.add_argument(
+        "--nir-objective",
+        default=nir_loss.DEFAULT_OBJECTIVE,
+        choices=list(nir_loss.nir.OBJECTIVES),
+        help="nll: the paper's mean NLL; exp_nll: the reference code's mean exp(NLL)",
+    )
     g.add_argument(
         "--nir-weight",
         type=float,
         default=None,
-        help="default: nir_loss.default_nir_weight(dim, objective), 1.28/dim for nll",
+        help="weight of the NIR term, a finite number >= 0; default: "
+        "nir_loss.default_nir_weight(dim, objective), 1.28/dim for nll",
     )
     g.add_argument("--alpha", type=float, default=32.0, help="ProxyAnchor scale")
     g.add_argument("--margin", type=float, default=0.1, help="ProxyAnchor margin")
-    g.add_argument("--flow-blocks", type=int, default=5)
-    g.add_argument("--flow-hidden", type=int, default=128)
-    g.add_argument("--flow-layers", type=int, default=8)
+    g.add_argument("--flow-blocks", type=int, default=5, help="flow blocks (permutation + coupling), >= 1")
+    g.add_argument("--flow-hidden", type=int, default=128, help="width of each coupling subnet's hidden layers")
+    g.add_argument("--flow-layers", type=int, default=8, help="linear layers per coupling subnet, >= 2")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=40)
-    g.add_argument("--batch-size", type=int, default=90)
+    g.add_argument("--epochs", type=int, default=40, help="training epochs (warmup included)")
+    g.add_argument("--batch-size", type=int, default=90, help="training batch size, a multiple of m")
     # Not "--m": torchrun's parser rejects it as an ambiguous prefix of its own options.
     g.add_argument(
         "--samples-per-class", dest="m", type=int, default=2, help="m: samples per class per batch (divides batch size)"
     )
     g.add_argument("--lr", type=float, default=1e-4, help="backbone and head learning rate")
-    g.add_argument("--proxy-lr-mult", type=float, default=nir_loss.DEFAULT_PROXY_LR_MULT)
-    g.add_argument("--flow-lr-mult", type=float, default=nir_loss.DEFAULT_FLOW_LR_MULT)
+    g.add_argument(
+        "--proxy-lr-mult", type=float, default=nir_loss.DEFAULT_PROXY_LR_MULT, help="proxies' lr = --lr x this"
+    )
+    g.add_argument(
+        "--flow-lr-mult", type=float, default=nir_loss.DEFAULT_FLOW_LR_MULT, help="NIR flow's lr = --lr x this"
+    )
     g.add_argument("--weight-decay", type=float, default=4e-4, help="backbone only")
     g.add_argument("--warmup-epochs", type=int, default=1, help="epochs with the trunk frozen")
     g.add_argument("--lr-steps", default="", help="comma-separated epochs at which lr *= lr-gamma")
-    g.add_argument("--lr-gamma", type=float, default=0.5)
+    g.add_argument("--lr-gamma", type=float, default=0.5, help="lr factor at each of --lr-steps")
     g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0 = off)")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast on CUDA")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of torch, NumPy and Python's RNGs")
     g = p.add_argument_group("operations")
-    g.add_argument("--eval-every", type=int, default=1)
-    g.add_argument("--eval-batch-size", type=int, default=128)
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    g.add_argument("--eval-batch-size", type=int, default=128, help="batch size of the evaluation passes")
     g.add_argument(
-        "--workers", type=int, default=default_workers(), help="data-loading processes (default: min(4, CPU cores))"
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="data-loading processes, 0 = in the main process (default: %(default)s, min(4, CPU cores))",
     )
     g.add_argument(
         "--no-image-check",
@@ -142,10 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples-per-epoch", type=int, default=0, help="0 = train set size")
     g.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (smoke tests)")
     g.add_argument("--resume", default="", help="checkpoint to continue from (e.g. runs/cub/last.pt)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
     g.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch CPU threads")
-    g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-plots", action="store_true", help="write no curves.png / projection.png")
     g = p.add_argument_group("does NIR help on this data? (docs/how-to/cub.md)")
     g.add_argument(
         "--check-nir",
@@ -160,7 +197,66 @@ def build_parser() -> argparse.ArgumentParser:
         "weight; writes check_nir.json to --out. Ignores --nir, --nir-weight. WEIGHTS omitted: %(const)s",
     )
     g.add_argument("--check-seeds", type=positive_int, default=3, help="seeds of --check-nir: --seed, --seed+1, ...")
+    p.epilog = _presets_epilog(p)
     return p
+
+
+def _flag_error(flag: str, value: object, expected: str) -> ConfigError:
+    return ConfigError(f"{flag} {value}: expected {expected}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raises ConfigError, naming the flag, for values that cannot work: before any data or model loads."""
+    at_least = {
+        "--epochs": (args.epochs, 1),
+        "--batch-size": (args.batch_size, 1),
+        "--samples-per-class": (args.m, 1),
+        "--dim": (args.dim, 2),
+        "--image-size": (args.image_size, 1),
+        "--flow-blocks": (args.flow_blocks, 1),
+        "--flow-hidden": (args.flow_hidden, 1),
+        "--flow-layers": (args.flow_layers, 2),
+        "--warmup-epochs": (args.warmup_epochs, 0),
+        "--eval-every": (args.eval_every, 1),
+        "--eval-batch-size": (args.eval_batch_size, 1),
+        "--workers": (args.workers, 0),
+        "--samples-per-epoch": (args.samples_per_epoch, 0),
+        "--max-steps": (args.max_steps, 0),
+        "--threads": (args.threads, 1),
+    }
+    for flag, (value, low) in at_least.items():
+        if value < low:
+            raise _flag_error(flag, value, f"an integer >= {low}")
+    positive = {"--lr": args.lr, "--lr-gamma": args.lr_gamma, "--alpha": args.alpha}
+    non_negative = {
+        "--proxy-lr-mult": args.proxy_lr_mult,
+        "--flow-lr-mult": args.flow_lr_mult,
+        "--weight-decay": args.weight_decay,
+        "--grad-clip": args.grad_clip,
+        "--margin": args.margin,
+    }
+    if args.nir_weight is not None:
+        non_negative["--nir-weight"] = args.nir_weight
+    for flag, value in positive.items():
+        if not (math.isfinite(value) and value > 0):
+            raise _flag_error(flag, value, "a finite number > 0")
+    for flag, value in non_negative.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise _flag_error(flag, value, "a finite number >= 0" + (" (0 = off)" if flag == "--grad-clip" else ""))
+    steps = [s.strip() for s in args.lr_steps.split(",") if s.strip()]
+    if not all(s.isdigit() and int(s) > 0 for s in steps):
+        raise _flag_error("--lr-steps", repr(args.lr_steps), "comma-separated epochs >= 1, e.g. --lr-steps 50,100")
+    device = args.device
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise _flag_error("--device", device, "auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if args.resume and not Path(args.resume).is_file():
+        raise ConfigError(
+            f"--resume {args.resume}: no such checkpoint file; pass the last.pt (or best.pt) of an earlier run"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,7 +273,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
+    check_args(args)
+    torch.set_num_threads(args.threads)
     dist = setup_distributed(args.device)
     say = print if dist.is_main else (lambda *a, **k: None)
     if args.preset:
@@ -229,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
             flow_lr_mult=args.flow_lr_mult,
             weight_decay=args.weight_decay,
             warmup_epochs=args.warmup_epochs,
-            lr_steps=tuple(int(s) for s in args.lr_steps.split(",") if s),
+            lr_steps=tuple(int(s) for s in args.lr_steps.split(",") if s.strip()),
             lr_gamma=args.lr_gamma,
             grad_clip=args.grad_clip,
             amp=args.amp,

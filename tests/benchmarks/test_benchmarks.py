@@ -101,11 +101,21 @@ def image_root(tmp_path, monkeypatch):
 
     monkeypatch.setenv("NIR_DATA", str(tmp_path))
     units = tmp_path / "wesnoth" / image_sets._WESNOTH_UNITS
-    for race, unit, count in [("orcs", "archer", 12), ("orcs", "grunt", 10), ("elves", "fighter", 11), ("elves", "rare", 3)]:
+    for race, unit, count in [
+        ("orcs", "archer", 12),
+        ("orcs", "grunt", 10),
+        ("elves", "fighter", 11),
+        ("elves", "rare", 3),
+    ]:
         for i in range(count):
             _png(units / race / f"{unit}-attack-{i}.png", (20 * i, 0, 0), alpha=0 if i == 0 else 255)
     entries = [
-        {"sort_order": order, "short_name": name, "image": f"{order}.png", **{f"has_img_{v}": True for v in image_sets.EMOJI_VENDORS}}
+        {
+            "sort_order": order,
+            "short_name": name,
+            "image": f"{order}.png",
+            **{f"has_img_{v}": True for v in image_sets.EMOJI_VENDORS},
+        }
         for order, name in [(3, "c"), (1, "a"), (2, "b"), (4, "d")]
     ]
     entries.append({"sort_order": 5, "short_name": "google-only", "image": "5.png", "has_img_google": True})
@@ -155,7 +165,12 @@ def test_features_are_cached_and_split_by_class(image_root):
 
 def test_the_check_split_uses_the_training_classes_only(monkeypatch):
     x = torch.arange(12.0)[:, None]
-    fake = {"x_train": x[:8], "y_train": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), "x_test": x[8:], "y_test": torch.zeros(4)}
+    fake = {
+        "x_train": x[:8],
+        "y_train": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]),
+        "x_test": x[8:],
+        "y_test": torch.zeros(4),
+    }
     monkeypatch.setattr(quality.image_sets, "features", lambda name, backbone: fake)
     xtr, ytr, xval, yval = quality._feature_split("wesnoth", "lite0", validation=True)
     assert xtr.flatten().tolist() == [0, 1, 2, 3] and ytr.tolist() == [0, 0, 1, 1]

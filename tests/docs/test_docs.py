@@ -143,6 +143,61 @@ def test_code_shown_on_the_site_fits_its_column():
     assert not wide, f"code lines wider than {SHOWN_CODE_WIDTH} characters:\n" + "\n".join(wide)
 
 
+# A table scrolls sideways when its narrowest layout is wider than the column. mkdocs-material
+# gives every column at least 5rem (100 px at 1280 px), sets tables at 0.64rem (about 7 px a
+# character) with 1.25em padding on each side, and wraps cells only between words; its content
+# column at 1280 px, between the two sidebars, is about 704 px (tables of 8 columns scrolled there).
+TABLE_COLUMN_PX, TABLE_TH_MIN_PX, TABLE_CHAR_PX, TABLE_PADDING_PX = 704, 100, 7, 32
+
+
+def _shown_lines(path: pathlib.Path) -> list[str]:
+    """The page's Markdown lines with included snippets expanded."""
+    lines = []
+    for line in path.read_text().splitlines():
+        snippet = re.match(r'\s*--8<-- "([^":]+)"\s*$', line)
+        lines += (ROOT / snippet.group(1)).read_text().splitlines() if snippet else [line]
+    return lines
+
+
+def _narrowest_table_px(rows: list[str]) -> int:
+    """The narrowest width a Markdown table renders at: each column as wide as its longest word."""
+
+    def words(cell: str) -> list[str]:
+        cell = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", cell)  # a link shows its text
+        cell = re.sub(r"\$([^$]*)\$", lambda m: re.sub(r"\\[a-zA-Z]+|[{}^_]", "", m.group(1)), cell)
+        return cell.replace("**", "").replace("`", "").split()
+
+    table = [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows]
+    widths: dict[int, int] = {}
+    for row in table:
+        for k, cell in enumerate(row):
+            widths[k] = max([widths.get(k, 0), *(len(w) for w in words(cell))])
+    return sum(max(TABLE_TH_MIN_PX, TABLE_CHAR_PX * w + TABLE_PADDING_PX) for w in widths.values())
+
+
+def test_tables_on_the_site_fit_the_column():
+    """No table scrolls sideways at 1280 px (an estimate of its rendered width, from the theme's CSS)."""
+    wide, tables = [], 0
+    for path in [*sorted(DOCS.rglob("*.md"))]:
+        lines = _shown_lines(path)
+        i = 0
+        while i < len(lines):
+            header = lines[i].lstrip().startswith("|") and i + 1 < len(lines)
+            if header and re.match(r"\s*\|[\s:|-]+\|\s*$", lines[i + 1]):
+                j = i + 2
+                while j < len(lines) and lines[j].lstrip().startswith("|"):
+                    j += 1
+                tables += 1
+                px = _narrowest_table_px([lines[i], *lines[i + 2 : j]])
+                if px > TABLE_COLUMN_PX:
+                    wide.append(f"{path.relative_to(ROOT)}: {lines[i].strip()[:60]} ({px} px)")
+                i = j
+            else:
+                i += 1
+    assert tables > 20
+    assert not wide, f"tables wider than the column ({TABLE_COLUMN_PX} px at 1280 px):\n" + "\n".join(wide)
+
+
 def test_site_loads_nothing_from_elsewhere():
     yaml = pytest.importorskip("yaml")
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())

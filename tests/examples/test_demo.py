@@ -45,6 +45,16 @@ def test_demo_prints_per_seed_and_paired_results_and_writes_them(demo_run, capsy
     assert (out / "digits" / "comparison.png").stat().st_size > 10_000
 
 
+def test_demo_says_what_a_healthy_nll_is_how_to_read_the_plot_and_what_to_try_next(tmp_path, capsys):
+    demo.main(["--dataset", "digits", "--seeds", "3", "--dim", "8", "--epochs", "1", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert printed.index("below about 1,000 is healthy") < printed.index("seed 3:")
+    assert "compared at the last epoch" in printed and printed.rstrip().splitlines()[-5] == "Try next:"
+    curves = json.loads((tmp_path / "digits" / "comparison.json").read_text())["curves"]
+    titles = demo.plot(curves, tmp_path / "again.png", "digits, D = 8, paired seeds 3")
+    assert titles[0] == "digits, D = 8, paired seeds 3" and "last epoch" in titles[1]
+
+
 def test_demo_records_curves_of_every_epoch(demo_run):
     _, record = demo_run
     for name, runs in record["curves"].items():

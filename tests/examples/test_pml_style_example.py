@@ -17,6 +17,9 @@ def test_pml_style_example_trains_and_improves_retrieval(capsys):
     assert after > before + 0.05, (before, after)  # one epoch: about 0.41 -> 0.6
     out = capsys.readouterr().out
     assert "Epoch 1 Iteration 0: Loss = " in out and "mean NLL = " in out
+    assert out.startswith("Test set before training: Precision@1 = ") and "Test set after epoch 1:" in out
+    summary = out.rstrip().splitlines()[-1]
+    assert summary.startswith("Summary: 1 epochs in ") and f"MAP@R {before:.3f} -> {after:.3f}" in summary
 
 
 def test_pml_style_example_max_steps_limits_an_epoch(capsys):

@@ -359,6 +359,59 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(cub, tmp_path, capsy
     assert resumed.resume == str(out / "last.pt") and resumed.epochs == 3 and resumed.data == str(cub)
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--eval-every", "0"], "--eval-every 0: expected an integer >= 1"),
+        (["--resume", "/missing/last.pt"], "--resume /missing/last.pt: no such checkpoint file"),
+        (["--lr-steps", "10,x"], "--lr-steps '10,x': expected comma-separated epochs >= 1"),
+        (["--eval-batch-size", "0"], "--eval-batch-size 0: expected an integer >= 1"),
+        (["--flow-layers", "1"], "--flow-layers 1: expected an integer >= 2"),
+        (["--dim", "1"], "--dim 1: expected an integer >= 2"),
+        (["--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
+        (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
+        (["--nir-weight", "nan"], "--nir-weight nan: expected a finite number >= 0"),
+        (["--nir-weight", "-1"], "--nir-weight -1.0: expected a finite number >= 0"),
+        (["--grad-clip", "-1"], "--grad-clip -1.0: expected a finite number >= 0 (0 = off)"),
+        (["--epochs", "0"], "--epochs 0: expected an integer >= 1"),
+        (["--lr", "0"], "--lr 0.0: expected a finite number > 0"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors_before_training(cub, tmp_path, capsys, monkeypatch, flags, message):
+    """Each used to end in a traceback (some after a whole epoch), or was taken silently."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    started = []
+    monkeypatch.setattr(train_cub, "read_cub", lambda *a, **k: started.append(a))  # the first step of a run
+    out = tmp_path / "run"
+    code, stdout, err = _cli(["--data", str(cub), "--out", str(out), *FAST, *flags], capsys)
+    assert message in _one_line_error(code, err)
+    assert not started and not out.exists() and not stdout
+
+
+def test_a_folder_of_one_class_asks_whether_it_is_cub(cub, tmp_path, capsys):
+    one_class = tmp_path / "one"
+    (one_class / "images").mkdir(parents=True)
+    first = sorted((cub / "images").iterdir())[0]
+    (one_class / "images" / first.name).symlink_to(first)
+    code, _, err = _cli(["--data", str(one_class), "--out", str(tmp_path / "run"), *FAST], capsys)
+    err = _one_line_error(code, err)
+    assert f"found 1 class in {one_class / 'images'} ({first.name}); is this CUB_200_2011?" in err
+
+
+def test_help_explains_every_option_and_lists_the_presets(capsys):
+    parser = train_cub.build_parser()
+    undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not undocumented, undocumented
+    text = parser.format_help()
+    assert "\nSingle process:" in text and "\nSeveral GPUs/CPUs:" in text  # one usage example a line
+    assert len(re.findall(r"\(default: \d+, min\(4, CPU cores\)\)", text)) == 1
+    assert text.count("min(4, CPU cores)") == 1  # the workers' default, shown once
+    for name, settings in train_cub.PRESETS.items():
+        listed = text.split(f"  {name}:\n", 1)[1].split("\n  cub", 1)[0]
+        assert "--nir-objective exp_nll" in listed or settings.get("nir") == "off"
+        assert "--lr-steps 50,100" in listed and "--samples-per-class 2" in listed
+
+
 def test_workers_default_to_the_cores_available(monkeypatch):
     monkeypatch.setattr(train_cub.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert train_cub.parse_args(["--data", "x"]).workers == 2

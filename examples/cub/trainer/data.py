@@ -159,6 +159,12 @@ def read_folder_tree(root: str | os.PathLike, split: str = "dml") -> Split:
             f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {base} ({folders}); {CUB_LAYOUT}"
         )
     y = np.array(ys, dtype=np.int64)
+    if len(np.unique(y)) < 2:
+        found = ", ".join(names[c] for c in np.unique(y))
+        raise LayoutError(
+            f"found 1 class in {base} ({found}); is this CUB_200_2011? Pass the CUB_200_2011 directory "
+            "(or its parent) as --data, or a folder with one subfolder of images per class (2 or more)"
+        )
     return _make_split(
         paths,
         y,
