@@ -10,6 +10,8 @@ import torch
 from pytorch_metric_learning.utils import distributed as pml_dist
 from torch import Tensor, nn
 
+from .validation import values_checked
+
 __all__ = ["DistributedLossWrapper"]
 
 
@@ -48,7 +50,8 @@ class DistributedLossWrapper(pml_dist.DistributedLossWrapper):
     DDP-wrapped model. Only ``efficient=False`` (PML's default) is supported: proxy losses take
     no ``ref_emb``. Every rank must pass the same batch size (``drop_last=True``): each call
     first exchanges the ranks' batch sizes (one small all_gather, read on the host) and raises
-    the same ``ValueError`` on every rank if they differ.
+    the same ``ValueError`` on every rank if they differ. The wrapped loss's ``validate=False``
+    skips that check and its host read.
 
     Example:
         >>> from nir_loss import ProxyAnchorNIRLoss
@@ -90,7 +93,8 @@ class DistributedLossWrapper(pml_dist.DistributedLossWrapper):
         # PML: loss(gathered) * world_size, whose gradient is world_size x too large for the
         # loss's parameters. Here: the gradient reaches the local embeddings world_size x (as
         # with PML) and the loss's parameters 1x; the returned value is PML's.
-        _check_equal_batch_sizes(emb, world_size)
+        if values_checked(getattr(self.loss, "validate", True)):  # a host read: off with validate=False
+            _check_equal_batch_sizes(emb, world_size)
         rank = torch.distributed.get_rank()
         emb = _ScaleGrad.apply(emb, float(world_size))
         all_emb = _gather_in_rank_order(emb, rank, world_size)
