@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import image_sets
 import quality
+import torch
 
 import nir_loss
 
@@ -107,12 +110,23 @@ def main(argv=None):
     out = Path(a.out) if a.out else quality.RESULTS / nir_loss.__version__ / "finetune.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     jobs = [(s, arm, seed) for seed in range(a.seeds) for s in a.sets.split(",") for arm in a.arms.split(",")]
-    meta = {"argv": sys.argv[1:] if argv is None else argv, "version": nir_loss.__version__}
-    runs: list[dict] = []
+    meta = {
+        "script": "finetune.py",
+        "argv": sys.argv[1:] if argv is None else argv,
+        "version": nir_loss.__version__,
+        "torch": torch.__version__,
+        "jobs": 1,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+    }
+    t0, runs = time.perf_counter(), []
     for job in jobs:
         r = run_one(*job, a)
         runs.append(r)
-        print(f"  {r['dataset']} seed {r['seed']} {r['arm']:24} R@1 {r['r1']:.4f} MAP@R {r['mapr']:.4f}  {r['seconds']:.0f}s", flush=True)
+        meta["total_seconds"] = time.perf_counter() - t0
+        print(
+            f"  {r['dataset']} seed {r['seed']} {r['arm']:24} R@1 {r['r1']:.4f} MAP@R {r['mapr']:.4f}  {r['seconds']:.0f}s",
+            flush=True,
+        )
         out.write_text(json.dumps({"meta": meta, "summary": quality.summarize(runs), "runs": runs}, indent=1))
     quality.print_table(quality.summarize(runs))
     print(f"wrote {out}")

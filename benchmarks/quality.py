@@ -107,12 +107,24 @@ def parse_arm(arm: str, dim: int) -> tuple[dict | None, float]:
     return kwargs, flow_lr_mult
 
 
-def run_one(dataset: str, arm: str, seed: int, dim: int, lr: float, epochs: int | None) -> dict:
+def run_one(
+    dataset: str, arm: str, seed: int, dim: int, lr: float, epochs: int | None, conditioning: float = 0.0
+) -> dict:
     nir, flow_lr_mult = parse_arm(arm, dim)
     jitter = NULL_JITTER if arm == "null" else 0.0
     return {
         "arm": arm,
-        **held_out.run(dataset, seed, dim, nir, flow_lr_mult=flow_lr_mult, lr=lr, epochs=epochs, proxy_jitter=jitter),
+        **held_out.run(
+            dataset,
+            seed,
+            dim,
+            nir,
+            flow_lr_mult=flow_lr_mult,
+            lr=lr,
+            epochs=epochs,
+            proxy_jitter=jitter,
+            conditioning_holdout=conditioning,
+        ),
     }
 
 
@@ -152,6 +164,9 @@ def summarize(runs: list[dict]) -> list[dict]:
                 row["worst_" + m] = paired["worst"]
                 row["worst_seed_" + m] = rs[paired["worst_index"]]["seed"]
             row["collapses"] = paired["collapses"]  # of MAP@R, the last metric
+            for key in ("id_proxy", "id_density"):
+                if all(key in r for r in rs):
+                    row[key] = statistics.fmean(r[key] for r in rs)
             peaks = [max(m for _, m in r["nll_mean_max"]) for r in rs if r["nll_mean_max"]]
             row["nll_peak_max"] = max(peaks) if peaks else None
             rows.append(row)
@@ -173,6 +188,7 @@ def print_table(rows):
             f"{r['mapr']:.4f} {r['d_mapr_median']:+.4f}/{r['d_mapr']:+.4f} {r['wins_mapr']:>2}/{r['losses_mapr']:<2} "
             f"{r['worst_mapr']:+.4f} ({r['worst_seed_mapr']:>2}) {r['collapses']:>4} {peak:>9} {r['seconds']:6.1f}"
             + (f"  nonfinite={r['nonfinite']}" if r["nonfinite"] else "")
+            + (f"  id proxy/density {r['id_proxy']:.3f}/{r.get('id_density', math.nan):.3f}" if "id_proxy" in r else "")
         )
 
 
@@ -185,6 +201,13 @@ def main(argv=None):
     p.add_argument("--seed-list", default=None, help="these seeds instead, e.g. 11 or 3,11")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=None, help="override the per-data-set epochs")
+    p.add_argument(
+        "--conditioning",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of the training classes' samples and report how often their class is "
+        "the nearest proxy and the class of highest NIR density (the runs then train on fewer samples)",
+    )
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, one torch thread each")
     p.add_argument("--quick", action="store_true", help="2 seeds, 3 epochs, D 32: a smoke run")
     p.add_argument(
@@ -202,7 +225,7 @@ def main(argv=None):
     # Arms interleaved within a seed: machine noise hits all arms alike.
     # Seed-major order: an interrupted run still has every data set at the same number of seeds.
     jobs = [
-        (ds, arm, seed, int(dim), a.lr, a.epochs)
+        (ds, arm, seed, int(dim), a.lr, a.epochs, a.conditioning)
         for seed in seeds
         for ds in a.datasets.split(",")
         for dim in a.dims.split(",")

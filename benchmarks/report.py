@@ -2,10 +2,10 @@
 """Renders the tables and the plot of docs/benchmarks.md from benchmarks/results/<version>/*.json.
 
     python benchmarks/report.py            # speed and quality, from the newest version of each
-    python benchmarks/report.py quality    # one of them
+    python benchmarks/report.py quality    # one of them (speed, quality, pretrained, finetune)
 
 Tables go to ``<results file>.md`` beside each results file (docs/benchmarks.md includes them);
-the quality plot goes to docs/img/quality.png.
+the quality plots go to docs/img/<name>.png.
 """
 
 from __future__ import annotations
@@ -105,8 +105,9 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
     m = d["meta"]
     rows = d["summary"]
     seeds = sorted({r["seed"] for r in d["runs"]})
+    script = m.get("script", "quality.py")
     lines = [
-        f"Command: `{' '.join(['python benchmarks/quality.py', *m['argv']])}` ({m['total_seconds'] / 60:.0f} min on "
+        f"Command: `{' '.join([f'python benchmarks/{script}', *m['argv']])}` ({m['total_seconds'] / 60:.0f} min on "
         f"{m['machine']}, {m['jobs']} runs in parallel, one torch thread each; nir-loss {m['version']}, "
         f"torch {m['torch']}). Seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}), paired.",
         "",
@@ -185,7 +186,9 @@ def _quality_plot(d, path: Path) -> None:
         ax.set_title(ds, fontsize=12)
     for row in axes:
         row[0].set_ylabel("MAP@R − ProxyAnchor\n(same seed)", fontsize=11)
-    fig.suptitle("Held-out classes: paired MAP@R difference per seed\n(bar: median; dotted: collapse line)", fontsize=12)
+    fig.suptitle(
+        "Held-out classes: paired MAP@R difference per seed\n(bar: median; dotted: collapse line)", fontsize=12
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -262,7 +265,7 @@ def speed_tables(d) -> str:
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["speed", "quality"]
+    which = sys.argv[1:] or ["speed", "quality", "pretrained", "finetune"]
     # Each rendering is written where the docs include it from (a snippet beside its results file,
     # the plot into docs/img) and printed.
     path = latest("speed.json")
@@ -272,7 +275,10 @@ if __name__ == "__main__":
         path.with_suffix(".md").write_text(text)
         path.with_name("speed_kernels.md").write_text(kernels(d))
         print(text + kernels(d))
-    path = latest("quality.json")
-    if "quality" in which and path:
-        docs = RESULTS.parents[1] / "docs"
-        print(quality(json.loads(path.read_text()), path.with_suffix(".md"), docs / "img" / "quality.png"))
+    # quality.json: small models from scratch; pretrained.json: frozen ImageNet features and a head;
+    # finetune.json: the whole pretrained network fine-tuned by the example trainer.
+    for name in ("quality", "pretrained", "finetune"):
+        path = latest(f"{name}.json")
+        if name in which and path:
+            docs = RESULTS.parents[1] / "docs"
+            print(quality(json.loads(path.read_text()), path.with_suffix(".md"), docs / "img" / f"{name}.png"))

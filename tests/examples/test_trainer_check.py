@@ -133,7 +133,7 @@ def test_bad_check_options_stop_at_parsing(argv, message, capsys):
 @pytest.mark.parametrize(
     "classes, extra, message",
     [
-        (12, ["--resume", "last.pt"], "--check-nir trains new runs from scratch and cannot --resume one"),
+        (12, ["--resume", "{tmp}/last.pt"], "--check-nir trains new runs from scratch and cannot --resume one"),
         (12, ["--check-nir", "1x,0.01"], "names one weight twice (1x = 0.01)"),
         (12, ["--batch-size", "8"], "--check-nir trains on the first 3 of the 6 training classes"),
         (6, [], "needs at least 4 training classes; the data has 3"),
@@ -141,6 +141,8 @@ def test_bad_check_options_stop_at_parsing(argv, message, capsys):
 )
 def test_check_errors_are_one_line(cub, tmp_path, capsys, classes, extra, message):
     data = cub if classes == 12 else make_mini_cub(tmp_path / "small", num_classes=classes, per_class=4, size=32)
+    (tmp_path / "last.pt").touch()  # a checkpoint that exists: the check, not the path, refuses it
+    extra = [arg.format(tmp=tmp_path) for arg in extra]
     argv = ["--data", str(data), "--out", str(tmp_path / "out"), *FAST, "--check-nir", "1x", *extra]
     code = train_cub.cli(argv)
     err = capsys.readouterr().err
