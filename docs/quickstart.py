@@ -13,8 +13,8 @@ model = torch.nn.Sequential(
     torch.nn.Linear(128, embedding_size),
 )
 
-# ProxyAnchorLoss with the NIR term built in (by default nir_weight=1.28 / D,
-# objective="nll").
+# ProxyAnchorLoss with the NIR term built in (by default the reference code's
+# objective="exp_nll" at its CUB weight, nir_weight=1/0.0075).
 loss_fn = ProxyAnchorNIRLoss(num_classes, embedding_size)
 # The loss owns parameters (proxies, flow): give them to the optimizer. Pass
 # your model's lr: the proxies train at 100x it (1e-2), the flow at 1x.

@@ -146,8 +146,8 @@ class NIRTerm(_SameReleasePickles, nn.Module):
 
     Args:
         embedding_size: Embedding width D.
-        objective: ``"nll"`` (the paper: mean NLL) or ``"exp_nll"`` (the reference code: mean
-            of exp(NLL without the (D/2) log(2 pi) constant)).
+        objective: ``"exp_nll"`` (the reference code, the default: mean of exp(NLL without
+            the (D/2) log(2 pi) constant)) or ``"nll"`` (the paper: mean NLL).
         detach_proxies: Stop the NIR term's gradient from reaching the proxies.
         flow: A ``ProxyConditionedFlow`` to use; else one is built from ``flow_options``.
         noise_std: Std of the training noise on the flow's input; None:
@@ -168,7 +168,7 @@ class NIRTerm(_SameReleasePickles, nn.Module):
     def __init__(
         self,
         embedding_size: int,
-        objective: str = "nll",
+        objective: str = "exp_nll",
         detach_proxies: bool = False,
         flow: ProxyConditionedFlow | None = None,
         *,

@@ -336,11 +336,13 @@ def test_training_steps_change_proxies_and_flow():
 def test_default_weight_scales_with_embedding_width():
     from nir_loss import default_nir_weight
 
-    assert ProxyAnchorNIRLoss(C, 128).nir_weight == pytest.approx(0.01)
-    assert NIRRegularizer(losses.ProxyNCALoss(C, 512)).nir_weight == pytest.approx(0.0025)
-    assert NIRRegularizer(losses.ProxyNCALoss(C, D), objective="exp_nll").nir_weight == pytest.approx(1 / 0.0075)
+    # exp_nll (the default): the reference's CUB weight at every D; nll: 1.28 / D.
+    assert ProxyAnchorNIRLoss(C, 128).nir_weight == pytest.approx(1 / 0.0075)
+    assert NIRRegularizer(losses.ProxyNCALoss(C, 512)).nir_weight == pytest.approx(1 / 0.0075)
+    assert ProxyAnchorNIRLoss(C, 128, objective="nll").nir_weight == pytest.approx(0.01)
+    assert NIRRegularizer(losses.ProxyNCALoss(C, 512), objective="nll").nir_weight == pytest.approx(0.0025)
     assert ProxyAnchorNIRLoss(C, D, nir_weight=0.3).nir_weight == 0.3
-    assert default_nir_weight(64) == pytest.approx(0.02)
+    assert default_nir_weight(64, "nll") == pytest.approx(0.02) and default_nir_weight(64) == pytest.approx(1 / 0.0075)
 
 
 def test_exp_nll_stays_finite_for_unnormalized_embeddings():

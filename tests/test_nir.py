@@ -134,7 +134,9 @@ def test_miner_weights_match_pml_and_handle_empty():
 
 @pytest.mark.parametrize("miner", [miners.MultiSimilarityMiner(0.3), miners.TripletMarginMiner(0.3)])
 def test_nir_term_is_miner_weighted_mean(miner):
-    loss_fn = NIRRegularizer(losses.ProxyNCALoss(5, 8), nir_weight=0.5, flow_options=DEEP_FLOW, **EXACT).double()
+    loss_fn = NIRRegularizer(
+        losses.ProxyNCALoss(5, 8), nir_weight=0.5, objective="nll", flow_options=DEEP_FLOW, **EXACT
+    ).double()
     x, y = batch(b=16)
     tup = miner(x, y)
     w = lmu.convert_to_weights(tup, y, dtype=torch.float64)
@@ -172,7 +174,8 @@ def test_state_dicts_saved_by_0_2_0_give_the_same_term_and_gradients(d):
     (eval mode: no noise, default tail guard), log-likelihoods, matrix and gradients, in float64.
     """
     saved = torch.load(DATA / "nir_0.2.0_float64.pt", weights_only=True)[d]
-    loss_fn = ProxyAnchorNIRLoss(5, d, flow_options=dict(num_blocks=2, hidden_features=8, num_layers=4)).double()
+    flow_options = dict(num_blocks=2, hidden_features=8, num_layers=4)
+    loss_fn = ProxyAnchorNIRLoss(5, d, objective="nll", flow_options=flow_options).double()  # 0.2.0's default
     loss_fn.load_state_dict(saved["state_dict"])
     loss_fn.eval()
     x, labels = saved["x"].clone().requires_grad_(), saved["labels"]
@@ -197,7 +200,7 @@ def seeded_batch(b=10, d=8, c=4, dtype=torch.float64, seed=0):
 
 
 def test_switched_off_the_term_is_the_plain_nll():
-    term = NIRTerm(8, noise_std=0.0, guard_radius=math.inf, **FLOW).double()
+    term = NIRTerm(8, "nll", noise_std=0.0, guard_radius=math.inf, **FLOW).double()
     x, y = seeded_batch()
     proxies = torch.randn(4, 8, dtype=torch.float64)
     expected = reference.flow_nll(term.flow, x, F.normalize(proxies[y], dim=1))
@@ -215,7 +218,7 @@ def test_defaults_scale_with_the_dimension():
 
 
 def test_noise_is_drawn_in_training_mode_only_and_is_reproducible():
-    term = NIRTerm(8, noise_std=0.05, guard_radius=math.inf, **FLOW).double()
+    term = NIRTerm(8, "nll", noise_std=0.05, guard_radius=math.inf, **FLOW).double()
     x, y = seeded_batch()
     proxies = torch.randn(4, 8, dtype=torch.float64)
     clean = -term.log_likelihood(x, proxies, y)
@@ -270,7 +273,7 @@ def test_guard_is_continuous_in_value_and_gradient():
 def test_far_sample_gets_a_bounded_gradient_from_a_sharp_flow():
     # A small flow trained to be sharp on tightly bunched embeddings of one class.
     torch.manual_seed(0)
-    term = NIRTerm(8, noise_std=0.0, guard_radius=math.inf, **FLOW)
+    term = NIRTerm(8, "nll", noise_std=0.0, guard_radius=math.inf, **FLOW)
     proxies, label = torch.randn(1, 8), torch.zeros(1, dtype=torch.long)
     centre = F.normalize(torch.randn(1, 8), dim=1)
     opt = torch.optim.Adam(term.parameters(), lr=1e-2)
