@@ -58,7 +58,8 @@ def test_readme_quick_start_runs():
     block = re.search(r"## Quick start\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     namespace: dict = {}
     exec(compile(block.group(1), "README.md", "exec"), namespace)
-    assert namespace["loss"].ndim == 0 and namespace["loss_fn"].nir_weight == 1.28 / 16
+    assert namespace["loss"].ndim == 0 and namespace["loss_fn"].nir_weight == nir_loss.default_nir_weight(16)
+    assert namespace["loss_fn"].nir.objective == nir_loss.DEFAULT_OBJECTIVE
     assert torch.isfinite(namespace["loss"])
 
 
