@@ -173,6 +173,33 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def recommendations(runs: list[dict]) -> list[dict]:
+    """Per (data set, D): ``held_out.recommend_weight`` over the NIR arms of one objective and options.
+
+    The check a user runs before training (examples/cub ``--check-nir``), on the benchmark's
+    runs: arms that differ only in their weight (``nll:0.5x``, ``nll:1x``, ...) compete; ``pa``
+    is the baseline. Only seeds that every competing arm finished count.
+    """
+    out = []
+    for ds, dim in dict.fromkeys((r["dataset"], r["dim"]) for r in runs):
+        group = [r for r in runs if (r["dataset"], r["dim"]) == (ds, dim)]
+        base = {r["seed"]: r["mapr"] for r in group if r["arm"] == "pa"}
+        families: dict[tuple, dict[float, dict[int, float]]] = {}
+        for r in group:
+            if r["arm"] in ("pa", "null"):
+                continue
+            objective, _, *opts = r["arm"].split(":")
+            families.setdefault((objective, *opts), {}).setdefault(r["weight"], {})[r["seed"]] = r["mapr"]
+        for family, by_weight in families.items():
+            seeds = sorted(set(base).intersection(*(set(v) for v in by_weight.values())))
+            if not seeds:
+                continue
+            arms = {w: [v[s] for s in seeds] for w, v in sorted(by_weight.items())}
+            rec = held_out.recommend_weight([base[s] for s in seeds], arms)
+            out.append({"dataset": ds, "dim": dim, "family": ":".join(family), "seeds": seeds, **rec})
+    return out
+
+
 def print_table(rows):
     hdr = (
         f"{'data':7} {'D':>4} {'arm':24} {'n':>2} {'R@1':>6} {'dR@1 med/mean':>15} {'W/L':>5} "
@@ -201,6 +228,12 @@ def main(argv=None):
     p.add_argument("--seed-list", default=None, help="these seeds instead, e.g. 11 or 3,11")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=None, help="override the per-data-set epochs")
+    p.add_argument(
+        "--recommend",
+        action="store_true",
+        help="also print the weight that examples/cub --check-nir would pick from these runs "
+        "(held_out.recommend_weight over the arms of each objective; pa is the baseline)",
+    )
     p.add_argument(
         "--conditioning",
         type=float,
@@ -261,6 +294,9 @@ def main(argv=None):
     if pool:
         pool.close()
     print_table(summarize(runs))
+    if a.recommend:
+        for rec in recommendations(runs):
+            print(f"{rec['dataset']} D={rec['dim']} {rec['family']}: weight {rec['weight']:.4g}; {rec['reason']}")
     print(f"wrote {out}; total {time.perf_counter() - t0:.0f}s")
 
 

@@ -202,3 +202,14 @@ def test_finetune_writes_each_set_once_as_a_class_folder_tree(image_root):
     assert len(list((tree / "0001_orcs_archer").glob("*.png"))) == 12
     stamp = (tree / ".complete").stat().st_mtime_ns
     assert finetune.class_tree("wesnoth")[0] == tree and (tree / ".complete").stat().st_mtime_ns == stamp
+
+
+def test_recommendations_compare_the_weights_of_one_objective_against_pa():
+    runs = [_run("pa", s, m) for s, m in enumerate([0.5, 0.6, 0.7])]
+    for arm, weight, gains in [("exp_nll:1x", 133.0, [0.02, 0.01, 0.03]), ("exp_nll:3x", 400.0, [-0.01, 0.0, 0.01])]:
+        runs += [dict(_run(arm, s, 0.5 + 0.1 * s + g), weight=weight) for s, g in enumerate(gains)]
+    runs += [dict(_run("nll:1x", s, 0.4 + 0.1 * s), weight=0.01) for s in range(2)]  # loses, 2 seeds only
+    (exp, nll) = quality.recommendations(runs)
+    assert exp["family"] == "exp_nll" and exp["weight"] == 133.0 and exp["seeds"] == [0, 1, 2]
+    assert nll["family"] == "nll" and nll["weight"] == 0.0 and nll["seeds"] == [0, 1]
+    assert "leave NIR off" in nll["reason"] or "did not beat" in nll["reason"]
