@@ -10,14 +10,22 @@ AccuracyCalculator with CustomKNN(CosineSimilarity()), k="max_bin_count", R@1 an
 last epoch (no selection on the test set). A collapse is a seed whose MAP@R is more than
 held_out.COLLAPSE = 0.1 below that of the paired ProxyAnchor seed.
 
-    python benchmarks/quality.py                          # the release run: 4 data sets, D 128 and 32, 15 seeds
+    python benchmarks/quality.py                          # 4 data sets, D 128 and 32, 15 seeds, the defaults at 1x, 3x
     python benchmarks/quality.py --datasets pigcvp --seed-list 11 --dims 128   # one seed
     python benchmarks/quality.py --quick                  # smoke run
 
-Arms are ``pa`` (plain ProxyAnchorLoss) or ``OBJECTIVE:WEIGHT[:KEY=VALUE...]`` (ProxyAnchorNIRLoss):
+Arms are ``pa`` (plain ProxyAnchorLoss), ``null`` (ProxyAnchorLoss with its proxies' initialization
+jittered by 1e-4: the noise floor of a paired difference) or ``OBJECTIVE:WEIGHT[:KEY=VALUE...]``
+(ProxyAnchorNIRLoss):
 WEIGHT is a number, or ``Nx`` for N times ``default_nir_weight(D)``; keys ``noise`` (noise_std),
-``noisenorm`` (noise_std times sqrt(D)), ``radius`` (guard_radius; ``inf`` for none) and ``flowlr``
-(flow learning-rate multiplier).
+``noisenorm`` (noise_std times sqrt(D)), ``radius`` (guard_radius; ``inf`` for none), ``flowlr``
+(flow learning-rate multiplier) and ``center`` (1: ``centered=True``).
+
+The paper's regime (an ImageNet-pretrained backbone, many classes) is here too: ``wesnoth`` and
+``emoji`` are frozen EfficientNet-Lite0 features of two image sets (``image_sets.py``; fetch them
+with ``bash benchmarks/fetch_image_sets.sh``) under a trainable head:
+
+    python benchmarks/quality.py --datasets wesnoth,emoji --dims 128 --arms pa,null,exp_nll:1x,exp_nll:3x
 """
 
 from __future__ import annotations
@@ -222,7 +230,7 @@ def print_table(rows):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="digits,pigcvp,leaves,vowels")
-    p.add_argument("--arms", default="pa,nll:1x,nll:3x")
+    p.add_argument("--arms", default="pa,exp_nll:1x,exp_nll:3x", help="pa, null, or OBJECTIVE:WEIGHT[:KEY=VALUE...]")
     p.add_argument("--dims", default="128,32")
     p.add_argument("--seeds", type=int, default=15, help="seeds 0..N-1")
     p.add_argument("--seed-list", default=None, help="these seeds instead, e.g. 11 or 3,11")
