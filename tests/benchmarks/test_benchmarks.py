@@ -71,7 +71,7 @@ def statistics_median(values):
     return (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
 
 
-@pytest.mark.parametrize("name", ["speed", "quality"])
+@pytest.mark.parametrize("name", ["speed", "quality", "pretrained"])
 def test_the_docs_tables_are_the_reports_rendering_of_the_committed_results(name, tmp_path):
     """docs/benchmarks.md includes the tables that `python benchmarks/report.py` writes."""
     path = report.latest(f"{name}.json")
@@ -81,9 +81,9 @@ def test_the_docs_tables_are_the_reports_rendering_of_the_committed_results(name
         assert path.with_name("speed_kernels.md").read_text() == report.kernels(data)
         assert "| NIR term (fused pass, the default) | **" in report.kernels(data)
     else:
-        rendered = report.quality(data, tmp_path / "quality.md", tmp_path / "quality.png")
-        assert path.with_suffix(".md").read_text() == (tmp_path / "quality.md").read_text()
-        assert rendered and (tmp_path / "quality.png").stat().st_size > 10_000
+        rendered = report.quality(data, tmp_path / f"{name}.md", tmp_path / f"{name}.png")
+        assert path.with_suffix(".md").read_text() == (tmp_path / f"{name}.md").read_text()
+        assert rendered and (tmp_path / f"{name}.png").stat().st_size > 10_000
 
 
 # -- the pretrained regime: image sets, cached features, the check split, the null arm -------
