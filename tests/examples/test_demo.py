@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import nir_loss
+
 from .helpers import import_example
 
 demo = import_example("demo")
@@ -32,7 +34,8 @@ def test_demo_prints_per_seed_and_paired_results_and_writes_them(demo_run, capsy
     for name, runs in record["runs"].items():
         assert [r["seed"] for r in runs] == [0, 1]
         assert all(0 < r["mapr"] <= 1 and 0 < r["r1"] <= 1 for r in runs), name
-    assert [r["weight"] for r in record["runs"]["ProxyAnchor+NIR"]] == [pytest.approx(1.28 / 16)] * 2
+    default_weight = pytest.approx(nir_loss.default_nir_weight(16))
+    assert [r["weight"] for r in record["runs"]["ProxyAnchor+NIR"]] == [default_weight] * 2
     for metric in ("r1", "mapr"):
         diffs = [n[metric] - p[metric] for p, n in zip(*record["runs"].values())]
         summary = record["summary"][metric]
@@ -49,7 +52,7 @@ def test_demo_says_what_a_healthy_nll_is_how_to_read_the_plot_and_what_to_try_ne
     demo.main(["--dataset", "digits", "--seeds", "3", "--dim", "8", "--epochs", "1", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert printed.index("below about 1,000 is healthy") < printed.index("seed 3:")
-    assert "compared at the last epoch" in printed and printed.rstrip().splitlines()[-5] == "Try next:"
+    assert "compared at the last epoch" in printed and printed.rstrip().splitlines()[-6] == "Try next:"
     curves = json.loads((tmp_path / "digits" / "comparison.json").read_text())["curves"]
     titles = demo.plot(curves, tmp_path / "again.png", "digits, D = 8, paired seeds 3")
     assert titles[0] == "digits, D = 8, paired seeds 3" and "last epoch" in titles[1]
@@ -70,7 +73,7 @@ def test_demo_records_curves_of_every_epoch(demo_run):
 def test_demo_is_the_quality_benchmarks_experiment(demo_run):
     """Same data, model, training and defaults: the benchmark's runs give the demo's numbers."""
     _, record = demo_run
-    for name, arm in (("ProxyAnchor", "pa"), ("ProxyAnchor+NIR", "nll:1x")):
+    for name, arm in (("ProxyAnchor", "pa"), ("ProxyAnchor+NIR", f"{nir_loss.DEFAULT_OBJECTIVE}:1x")):
         bench = quality.run_one("digits", arm, seed=1, dim=16, lr=1e-3, epochs=2)
         shown = record["runs"][name][1]
         assert (bench["r1"], bench["mapr"], bench["nll_mean_max"]) == (

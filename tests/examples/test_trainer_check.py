@@ -134,7 +134,7 @@ def test_bad_check_options_stop_at_parsing(argv, message, capsys):
     "classes, extra, message",
     [
         (12, ["--resume", "{tmp}/last.pt"], "--check-nir trains new runs from scratch and cannot --resume one"),
-        (12, ["--check-nir", "1x,0.01"], "names one weight twice (1x = 0.01)"),
+        (12, ["--check-nir", "1x,0.01", "--nir-objective", "nll"], "names one weight twice (1x = 0.01)"),
         (12, ["--batch-size", "8"], "--check-nir trains on the first 3 of the 6 training classes"),
         (6, [], "needs at least 4 training classes; the data has 3"),
     ],
