@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 def test_arms_are_relative_to_the_default_weight():
     assert quality.parse_arm("pa", 128) == (None, nir_loss.DEFAULT_FLOW_LR_MULT)
     nir, flow_lr_mult = quality.parse_arm("nll:3x", 64)
-    assert nir == {"objective": "nll", "nir_weight": pytest.approx(3 * nir_loss.default_nir_weight(64))}
+    assert nir == {"objective": "nll", "nir_weight": pytest.approx(3 * nir_loss.default_nir_weight(64, "nll"))}
     assert flow_lr_mult == nir_loss.DEFAULT_FLOW_LR_MULT
     nir, flow_lr_mult = quality.parse_arm("nll:0.01:noisenorm=0.5:radius=inf:flowlr=10", 25)
     assert nir["nir_weight"] == 0.01 and nir["noise_std"] == pytest.approx(0.1) and math.isinf(nir["guard_radius"])
