@@ -42,12 +42,12 @@ def class_tree(name: str) -> tuple[Path, int]:
     from PIL import Image
 
     paths, names, num_train = image_sets.image_list(name)
-    classes = sorted(set(names))
+    index = {c: i for i, c in enumerate(sorted(set(names)))}
     tree = image_sets.data_root() / "trees" / name
     done = tree / ".complete"
     if not done.is_file():
         for i, (path, cls) in enumerate(zip(paths, names)):
-            folder = tree / f"{classes.index(cls):04d}_{cls.replace('/', '_')}"
+            folder = tree / f"{index[cls]:04d}_{cls.replace('/', '_')}"
             folder.mkdir(parents=True, exist_ok=True)
             with Image.open(path) as im:
                 rgba = im.convert("RGBA")

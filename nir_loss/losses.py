@@ -157,7 +157,6 @@ def _old_spelling(
     return nir_weight, flow_options
 
 
-
 class _NIRMixin(_SameReleasePickles):
     """What both adapters share; the host supplies ``_class_proxies()`` and PML's machinery.
 

@@ -154,6 +154,9 @@ class NIRTerm(_SameReleasePickles, nn.Module):
             ``default_noise_std(D)``; 0: none.
         guard_radius: Latent norm beyond which the NLL's tail is linear; None:
             ``default_guard_radius(D)``; ``math.inf``: no guard.
+        centered: The flow models the offset from the class proxy, (x - proxy) * sqrt(D), so
+            the density is centred on the own proxy from the start (the likelihood stays exact:
+            the scaling's log-det is added); else the embedding itself.
         **flow_options: Keyword arguments of ``ProxyConditionedFlow``.
 
     Example:
