@@ -19,7 +19,7 @@ jittered by 1e-4: the noise floor of a paired difference) or ``OBJECTIVE:WEIGHT[
 (ProxyAnchorNIRLoss):
 WEIGHT is a number, or ``Nx`` for N times ``default_nir_weight(D)``; keys ``noise`` (noise_std),
 ``noisenorm`` (noise_std times sqrt(D)), ``radius`` (guard_radius; ``inf`` for none), ``flowlr``
-(flow learning-rate multiplier) and ``center`` (1: ``centered=True``).
+(flow learning-rate multiplier) ``center`` (1: ``centered=True``) and ``fit`` (0/1: ``fit_flow``).
 
 The paper's regime (an ImageNet-pretrained backbone, many classes) is here too: ``wesnoth`` and
 ``emoji`` are frozen EfficientNet-Lite0 features of two image sets (``image_sets.py``; fetch them
@@ -110,6 +110,8 @@ def parse_arm(arm: str, dim: int) -> tuple[dict | None, float]:
             kwargs[names[key]] = float(value)
         elif key == "center":
             kwargs["centered"] = bool(int(value))
+        elif key == "fit":
+            kwargs["fit_flow"] = bool(int(value))
         else:
             raise SystemExit(f"unknown arm option {key!r} in {arm!r}")
     return kwargs, flow_lr_mult

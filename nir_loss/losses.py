@@ -179,6 +179,7 @@ class _NIRMixin(_SameReleasePickles):
         noise_std: float | None,
         guard_radius: float | None,
         centered: bool,
+        fit_flow: bool | None,
     ) -> None:
         _check_flow_options(flow_options, type(self).__name__)
         self.nir = NIRTerm(
@@ -189,6 +190,7 @@ class _NIRMixin(_SameReleasePickles):
             noise_std=noise_std,
             guard_radius=guard_radius,
             centered=centered,
+            fit_flow=fit_flow,
             **flow_options,
         )
         self.nir_weight = default_nir_weight(embedding_size, objective) if weight is None else weight
@@ -448,6 +450,8 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         guard_radius: Latent norm where the NLL's tail guard starts; None:
             ``default_guard_radius(D)``; ``math.inf``: no guard.
         centered: The flow models the sample's offset from its class proxy (see ``NIRTerm``).
+        fit_flow: With ``"exp_nll"``, also fit the flow by maximum likelihood on detached
+            inputs (see ``NIRTerm``); None: on for ``"exp_nll"``.
         validate: Check label range and finiteness (on an accelerator only the first call reads values,
             a host sync; later calls assert on the device without one; off under torch.compile).
         reducer: PML reducer for the NIR term.
@@ -478,6 +482,7 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         noise_std: float | None = None,
         guard_radius: float | None = None,
         centered: bool = False,
+        fit_flow: bool | None = None,
         validate: bool = True,
         reducer=None,
         collect_stats: bool | None = None,
@@ -499,6 +504,7 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
             noise_std,
             guard_radius,
             centered,
+            fit_flow,
         )
 
     def _class_proxies(self) -> Tensor:
@@ -567,6 +573,8 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         guard_radius: Latent norm where the NLL's tail guard starts; None:
             ``default_guard_radius(D)``; ``math.inf``: no guard.
         centered: The flow models the sample's offset from its class proxy (see ``NIRTerm``).
+        fit_flow: With ``"exp_nll"``, also fit the flow by maximum likelihood on detached
+            inputs (see ``NIRTerm``); None: on for ``"exp_nll"``.
         validate: Check label range and finiteness (on an accelerator only the first call reads values,
             a host sync; later calls assert on the device without one; off under torch.compile).
         **kwargs: ProxyAnchorLoss / BaseMetricLossFunction options (reducer, distance, ...).
@@ -593,6 +601,7 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         noise_std: float | None = None,
         guard_radius: float | None = None,
         centered: bool = False,
+        fit_flow: bool | None = None,
         validate: bool = True,
         **kwargs,
     ) -> None:
@@ -609,6 +618,7 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
             noise_std,
             guard_radius,
             centered,
+            fit_flow,
         )
 
     def _class_proxies(self) -> Tensor:

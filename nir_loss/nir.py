@@ -157,6 +157,10 @@ class NIRTerm(_SameReleasePickles, nn.Module):
         centered: The flow models the offset from the class proxy, (x - proxy) * sqrt(D), so
             the density is centred on the own proxy from the start (the likelihood stays exact:
             the scaling's log-det is added); else the embedding itself.
+        fit_flow: With ``"exp_nll"``: the flow is also fit by maximum likelihood on the
+            detached embeddings and proxies, so it keeps modelling p(x | proxy) after
+            exp(NLL) has vanished (the embeddings and proxies get exp(NLL)'s gradient only,
+            and the term's value is unchanged). None: on for ``"exp_nll"``.
         **flow_options: Keyword arguments of ``ProxyConditionedFlow``.
 
     Example:
@@ -178,11 +182,18 @@ class NIRTerm(_SameReleasePickles, nn.Module):
         noise_std: float | None = None,
         guard_radius: float | None = None,
         centered: bool = False,
+        fit_flow: bool | None = None,
         **flow_options,
     ) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+        fit_flow = objective == "exp_nll" if fit_flow is None else fit_flow
+        if fit_flow and objective != "exp_nll":
+            raise ValueError(
+                f"fit_flow=True applies to objective='exp_nll' only ({objective!r} fits the flow "
+                "by its own gradient); pass fit_flow=None or False."
+            )
         noise_std = default_noise_std(embedding_size) if noise_std is None else float(noise_std)
         guard_radius = default_guard_radius(embedding_size) if guard_radius is None else float(guard_radius)
         if not noise_std >= 0 or math.isinf(noise_std):
@@ -201,6 +212,7 @@ class NIRTerm(_SameReleasePickles, nn.Module):
         self.noise_std = noise_std
         self.guard_radius = guard_radius
         self.centered = centered
+        self.fit_flow = bool(fit_flow)
         self.flow = flow
         self._compile_options: tuple[str | None, str | Callable] | None = None
 
@@ -399,14 +411,24 @@ class NIRTerm(_SameReleasePickles, nn.Module):
         if self.training and self.noise_std > 0:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             x = torch.add(x, noise, alpha=self.noise_std)
-        z, log_det = self.flow.inverse_and_log_det(self._flow_input(x, context), context)
+        flow_input = self._flow_input(x, context)
+        fit = self.fit_flow and torch.is_grad_enabled()
+        if fit:  # one pass of 2B rows; the second half reaches the flow's parameters only
+            flow_input = torch.cat([flow_input, flow_input.detach()])
+            context = torch.cat([context, context.detach()])
+        z, log_det = self.flow.inverse_and_log_det(flow_input, context)
         log_det = log_det + self._input_log_det(x.shape[-1])
         constant = 0.5 * z.shape[-1] * math.log(2 * math.pi)
         sq = z.square().sum(-1)
-        nll = 0.5 * sq - log_det + constant
         energy = _guarded_energy_of_squared_norm(sq, self.guard_radius) - log_det  # NLL without the constant
+        if fit:
+            batch = x.shape[0]
+            fit_energy, energy, sq, log_det = energy[batch:], energy[:batch], sq[:batch], log_det[:batch]
+        nll = 0.5 * sq - log_det + constant
         if self.objective == "exp_nll":
-            return _guarded_exp(energy), nll
+            loss = _guarded_exp(energy)
+            # value 0, gradient that of the NLL: maximum likelihood for the flow
+            return (loss + (fit_energy - fit_energy.detach()) if fit else loss), nll
         return energy + constant, nll
 
     def per_sample_loss(

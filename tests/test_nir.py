@@ -401,3 +401,29 @@ def test_centred_samples_have_the_flows_density():
     x = term.sample(proxies, labels, generator=torch.Generator().manual_seed(1))
     z = torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     torch.testing.assert_close(term.latent(x, proxies, labels)[0], z)
+
+
+# -- fit_flow: exp(NLL) for the embeddings, maximum likelihood for the flow -------------------
+def test_fit_flow_adds_the_nll_gradient_to_the_flow_alone():
+    fit = NIRTerm(8, "exp_nll", noise_std=0, **DEEP_FLOW).double()
+    plain = NIRTerm(8, "exp_nll", flow=fit.flow, noise_std=0, fit_flow=False)
+    mle = NIRTerm(8, "nll", flow=fit.flow, noise_std=0)
+    proxies = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    x, y = batch()
+    params = [x, proxies, *fit.flow.parameters()]
+    got = fit.per_sample_loss(x, proxies, y).sum()
+    expected = plain.per_sample_loss(x, proxies, y).sum()
+    torch.testing.assert_close(got, expected)  # the term's value is exp(NLL)'s
+    g_got = torch.autograd.grad(got, params)
+    g_plain = torch.autograd.grad(expected, params)
+    g_mle = torch.autograd.grad(mle.per_sample_loss(x, proxies, y).sum(), params)
+    torch.testing.assert_close(g_got[:2], g_plain[:2])  # embeddings and proxies: exp(NLL) only
+    for a, b, c in zip(g_got[2:], g_plain[2:], g_mle[2:]):
+        torch.testing.assert_close(a, b + c)  # the flow: exp(NLL) + NLL
+    assert any(c.abs().max() > 0 for c in g_mle[2:])
+
+
+def test_fit_flow_defaults_on_for_exp_nll_and_is_refused_for_nll():
+    assert NIRTerm(8, "exp_nll", **FLOW).fit_flow and not NIRTerm(8, "nll", **FLOW).fit_flow
+    with pytest.raises(ValueError, match="fit_flow"):
+        ProxyAnchorNIRLoss(4, 8, objective="nll", fit_flow=True, flow_options=FLOW)
