@@ -254,6 +254,11 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, one torch thread each")
     p.add_argument("--quick", action="store_true", help="2 seeds, 3 epochs, D 32: a smoke run")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in --out and run only the (data set, D, arm, seed) runs it lacks",
+    )
+    p.add_argument(
         "--out", default=None, help=f"JSON path (default benchmarks/results/{nir_loss.__version__}/quality.json)"
     )
     a = p.parse_args(argv)
@@ -274,6 +279,13 @@ def main(argv=None):
         for dim in a.dims.split(",")
         for arm in arms
     ]
+    runs: list[dict] = []
+    history: list[dict] = []
+    if a.resume and out.is_file():
+        previous = json.loads(out.read_text())
+        runs, history = previous["runs"], previous["meta"].get("history", []) + [previous["meta"]]
+        done = {(r["dataset"], r["dim"], r["arm"], r["seed"]) for r in runs}
+        jobs = [j for j in jobs if (j[0], j[3], j[1], j[2]) not in done]
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
     ).stdout.strip()
@@ -285,11 +297,13 @@ def main(argv=None):
         "jobs": a.jobs,
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
     }
+    if history:
+        meta["history"] = [{k: v for k, v in m.items() if k != "history"} for m in history]
     print(
         f"nir-loss {meta['version']}, torch {meta['torch']}, {a.jobs} jobs, {meta['machine']}; {len(jobs)} runs",
         flush=True,
     )
-    t0, runs = time.perf_counter(), []
+    t0 = time.perf_counter()
     pool = mp.get_context("spawn").Pool(a.jobs) if a.jobs > 1 else None
     results = pool.imap(_run_job, jobs) if pool else map(_run_job, jobs)
     for r in results:

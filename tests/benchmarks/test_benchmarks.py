@@ -213,3 +213,23 @@ def test_recommendations_compare_the_weights_of_one_objective_against_pa():
     assert exp["family"] == "exp_nll" and exp["weight"] == 133.0 and exp["seeds"] == [0, 1, 2]
     assert nll["family"] == "nll" and nll["weight"] == 0.0 and nll["seeds"] == [0, 1]
     assert "leave NIR off" in nll["reason"] or "did not beat" in nll["reason"]
+
+
+def test_resume_runs_only_what_the_results_file_lacks(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(dataset, arm, seed, dim, *rest):
+        calls.append((dataset, arm, seed))
+        return dict(_run(arm, seed, 0.5), dataset=dataset, dim=dim)
+
+    monkeypatch.setattr(quality, "_run_job", lambda job: fake_run(*job))
+    out = tmp_path / "q.json"
+    common = ["--datasets", "digits", "--dims", "16", "--jobs", "1", "--out", str(out)]
+    quality.main([*common, "--arms", "pa", "--seeds", "2"])
+    quality.main([*common, "--arms", "pa,nll:1x", "--seeds", "3", "--resume"])
+    assert calls == [("digits", a, s) for a, s in [("pa", 0), ("pa", 1), ("nll:1x", 0), ("nll:1x", 1)]] + [
+        ("digits", "pa", 2),
+        ("digits", "nll:1x", 2),
+    ]
+    data = json.loads(out.read_text())
+    assert len(data["runs"]) == 6 and data["meta"]["history"][0]["argv"][-2:] == ["--seeds", "2"]
