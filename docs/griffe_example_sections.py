@@ -1,11 +1,8 @@
-"""Griffe extension for the docs build: ``Example:`` sections as ``Examples:``; no ``**deprecated``.
+"""Griffe extension for the docs build: ``Example:`` sections as ``Examples:``.
 
 The library's docstrings use ``Example:`` (Google style, as zuko does); griffe's Google parser only
 treats the plural ``Examples:`` as a doctest section and would render the singular as an
-admonition in which ``>>>`` lines become nested block quotes. A ``**deprecated`` catch-all (old
-keyword spellings, still accepted with a warning) is left out of the shown signatures: users
-should not write new code against it; the docstring says what it takes. This changes nothing in
-the package.
+admonition in which ``>>>`` lines become nested block quotes. This changes nothing in the package.
 """
 
 from __future__ import annotations
@@ -22,7 +19,3 @@ class ExampleSections(griffe.Extension):
     def on_object(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         if obj.docstring is not None:
             obj.docstring.value = _SINGULAR.sub(r"\1Examples:", obj.docstring.value)
-        parameters = getattr(obj, "parameters", None)
-        if parameters is not None and "deprecated" in parameters:
-            if parameters["deprecated"].kind is griffe.ParameterKind.var_keyword:
-                del parameters["deprecated"]

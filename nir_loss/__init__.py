@@ -2,27 +2,19 @@
 
 The top level holds what a training script uses: the losses, the flow, ``get_proxies``, the
 defaults and the distributed wrapper. Building blocks live in their modules: ``nir_loss.nir``
-(``NIRTerm``, objectives, miner weights, the tail guard) and ``nir_loss.flow`` (the coupling
-layer and its helpers); test helpers in ``nir_loss.testing``.
+(``NIRTerm``, its options and objectives, the tail guard), ``nir_loss.losses`` (the PML
+adapters and their miner weights) and ``nir_loss.flow`` (the coupling layer and its helpers);
+test helpers in ``nir_loss.testing``.
 """
 
 from __future__ import annotations
 
-import importlib
-import warnings
 from typing import TYPE_CHECKING, Any
 
 from .distributed import DistributedLossWrapper
 from .flow import ProxyConditionedFlow
-from .losses import (
-    DEFAULT_FLOW_LR_MULT,
-    DEFAULT_OBJECTIVE,
-    DEFAULT_PROXY_LR_MULT,
-    NIRRegularizer,
-    ProxyAnchorNIRLoss,
-    default_nir_weight,
-)
-from .nir import default_guard_radius, default_noise_std
+from .losses import DEFAULT_FLOW_LR_MULT, DEFAULT_PROXY_LR_MULT, NIRRegularizer, ProxyAnchorNIRLoss
+from .nir import DEFAULT_OBJECTIVE, default_guard_radius, default_nir_weight, default_noise_std
 from .proxies import get_proxies
 
 __version__ = "0.3.0"
@@ -41,16 +33,17 @@ __all__ = [
     "get_proxies",
 ]
 
-# Exported here up to 0.2.0; still found here, with a DeprecationWarning, until 0.4.0.
-_MOVED = {
+# Building blocks exported here up to 0.2.0 (with a DeprecationWarning up to 0.3.0), and the
+# module each is imported from now: named in the AttributeError.
+_MODULE_OF = {
     "ContextAffineCoupling": "flow",
     "soft_clamp": "flow",
     "standard_normal_log_prob": "flow",
     "NIRTerm": "nir",
     "OBJECTIVES": "nir",
     "guarded_energy": "nir",
-    "miner_weights": "nir",
-    "weighted_element_losses": "nir",
+    "miner_weights": "losses",
+    "weighted_element_losses": "losses",
 }
 
 
@@ -63,12 +56,8 @@ def __dir__() -> list[str]:
 if not TYPE_CHECKING:  # type checkers should see only the names above
 
     def __getattr__(name: str) -> Any:
-        if name not in _MOVED:
-            raise AttributeError(f"module 'nir_loss' has no attribute {name!r}")
-        module = f"nir_loss.{_MOVED[name]}"
-        warnings.warn(
-            f"nir_loss.{name} is deprecated and will be removed in 0.4.0: use from {module} import {name}.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(module), name)
+        message = f"module 'nir_loss' has no attribute {name!r}"
+        if name in _MODULE_OF:
+            module = f"nir_loss.{_MODULE_OF[name]}"
+            message += f"; since 0.4.0 it is imported from its module: from {module} import {name}"
+        raise AttributeError(message)

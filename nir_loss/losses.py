@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction, ProxyAnchorLoss
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 from .flow import ProxyConditionedFlow, _compute_dtype, _SameReleasePickles
-from .nir import NIRTerm, miner_weights, weighted_element_losses
+from .nir import DEFAULT_OBJECTIVE as DEFAULT_OBJECTIVE  # defined with the NIR term; found here too
+from .nir import NIROptions, NIRTerm
+from .nir import default_nir_weight as default_nir_weight
 from .proxies import get_proxies
 from .validation import (
     blocking_checks,
@@ -33,45 +36,62 @@ from .validation import (
 __all__ = [
     "NIRRegularizer",
     "ProxyAnchorNIRLoss",
-    "default_nir_weight",
-    "DEFAULT_OBJECTIVE",
     "DEFAULT_PROXY_LR_MULT",
     "DEFAULT_FLOW_LR_MULT",
+    "miner_weights",
+    "weighted_element_losses",
 ]
 
-# Defaults and the measurements behind them: docs/choosing.md.
-DEFAULT_OBJECTIVE = "exp_nll"
-"""Default objective: the reference code's ``L_proxy + weight * mean(exp(NLL - (D/2) log 2 pi))``.
-
-It trains the flow and pulls the embeddings while the flow is still learning, and switches itself
-off once the flow fits (exp of a falling NLL vanishes): the NLL's late contraction, which cost
-held-out retrieval on most benchmark sets, never comes. ``"nll"`` is the paper's form
-([Choose the weight and objective](choosing.md))."""
+# Defaults and the measurements behind them: docs/choosing.md (the NIR term's own are in nir.py).
 DEFAULT_PROXY_LR_MULT = 100.0
 """Default learning-rate multiplier of the proxies in ``param_groups``."""
 DEFAULT_FLOW_LR_MULT = 1.0
 """Default learning-rate multiplier of the flow in ``param_groups``: the flow trains at the base
 learning rate (a 10x multiplier at a base lr of 1e-3 sharpened the flow into NLL spikes;
 [Choose the weight and objective](choosing.md))."""
-_NLL_WEIGHT_TIMES_DIM = 1.28  # 0.01 at D = 128
-_EXP_NLL_WEIGHT = 1 / 0.0075  # the reference run's CUB setting
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def default_nir_weight(embedding_size: int, objective: str = "exp_nll") -> float:
-    """The NIR weight used when none is given.
+def miner_weights(
+    indices_tuple: tuple[Tensor, ...] | None, batch_size: int, dtype: torch.dtype, device: torch.device
+) -> Tensor | None:
+    """Per-sample weights from a PML miner's output, without a host sync.
 
-    ``"exp_nll"`` (the default objective): 1 / 0.0075, about 133, the reference code's CUB
-    setting, at every D. ``"nll"``: 1.28 / D (0.01 at D = 128, 0.0025 at D = 512), a weight of
-    1.28 on the NLL per dimension: the NLL's gradient on an embedding grows with D, the proxy
-    loss's does not ([Concepts](concepts.md)).
+    Like ``pytorch_metric_learning.utils.loss_and_miner_utils.convert_to_weights``: a sample
+    weighs (times it is named) / (most times any sample is named). Unlike it, a miner that names
+    no sample gives all-zero weights (PML would fall back to all ones). None means no miner.
 
     Example:
-        >>> round(default_nir_weight(128), 1)
-        133.3
-        >>> default_nir_weight(128, "nll"), default_nir_weight(512, "nll")
-        (0.01, 0.0025)
+        >>> pairs = (torch.tensor([0, 0]), torch.tensor([1, 2]))
+        >>> miner_weights(pairs, 4, torch.float32, "cpu")
+        tensor([1.0000, 0.5000, 0.5000, 0.0000])
     """
-    return _EXP_NLL_WEIGHT if objective == "exp_nll" else _NLL_WEIGHT_TIMES_DIM / embedding_size
+    if indices_tuple is None:
+        return None
+    named = [t.reshape(-1).to(device=device, dtype=torch.int64) for t in indices_tuple]
+    counts = torch.zeros(batch_size, dtype=dtype, device=device)
+    if named:
+        idx = torch.cat(named)
+        counts = counts.index_add(0, idx, torch.ones_like(idx, dtype=dtype))
+    return counts / counts.max().clamp_min(1) if batch_size else counts
+
+
+def weighted_element_losses(per_sample: Tensor, weights: Tensor | None) -> Tensor:
+    """Element losses whose plain mean is the weighted mean of ``per_sample``.
+
+    ``per_sample_i * w_i / mean(w)``; all-zero weights give all-zero losses (never NaN).
+
+    Example:
+        >>> losses, weights = torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.0])
+        >>> weighted_element_losses(losses, weights).mean()
+        tensor(1.)
+    """
+    if weights is None:
+        return per_sample
+    weights = weights.to(per_sample.dtype)
+    scale = weights / weights.mean().clamp_min(torch.finfo(per_sample.dtype).tiny)
+    return torch.where(weights > 0, per_sample * scale, torch.zeros_like(per_sample))
 
 
 def _checked_nir_weight(value: Any) -> float:
@@ -89,18 +109,46 @@ def _checked_nir_weight(value: Any) -> float:
     return weight
 
 
-def _flow_option_names() -> list[str]:
-    return sorted(set(inspect.signature(ProxyConditionedFlow).parameters) - {"features"})
+def _checked_keywords(renamed: Mapping[str, str]) -> Callable[[_F], _F]:
+    """A method that names the fix for a keyword it does not take (Python's error names the keyword only).
+
+    ``renamed`` maps old spellings, removed in 0.4.0, to their new names; flow options given as
+    keywords are pointed to ``flow_options={...}``; any other name gets the list of valid ones.
+    """
+
+    def decorate(method: _F) -> _F:
+        own = [n for n in inspect.signature(method).parameters if n != "self"]
+
+        @functools.wraps(method)
+        def checked(self, *args, **kwargs):
+            unknown = sorted(set(kwargs) - set(own))
+            if unknown:
+                name = type(self).__name__ if method.__name__ == "__init__" else f"{method.__name__}()"
+                raise TypeError(_unknown_keywords_message(name, unknown, kwargs, own, renamed))
+            return method(self, *args, **kwargs)
+
+        return cast(_F, checked)
+
+    return decorate
 
 
-def _check_flow_options(flow_options: Mapping[str, Any], owner: str) -> None:
-    """A TypeError naming the valid options for keys that ``ProxyConditionedFlow`` does not take."""
-    unknown = sorted(set(flow_options) - set(_flow_option_names()))
-    if unknown:
-        raise TypeError(
-            f"{owner} got unknown flow_options {unknown}; flow_options are ProxyConditionedFlow "
-            f"options: {', '.join(_flow_option_names())}."
+def _unknown_keywords_message(
+    name: str, unknown: list[str], given: Mapping[str, Any], own: list[str], renamed: Mapping[str, str]
+) -> str:
+    flow_names = NIROptions.flow_option_names() if "flow_options" in own else []
+    fixes = [f"{old}= is {renamed[old]}= (the old spelling was removed in 0.4.0)" for old in unknown if old in renamed]
+    flow = [n for n in unknown if n in flow_names]
+    if flow:
+        options = ", ".join(f"{n!r}: {given[n]!r}" for n in flow)
+        fixes.append(
+            f"flow options go inside flow_options={{...}} (as keywords removed in 0.4.0): flow_options={{{options}}}"
         )
+    if set(unknown) - set(renamed) - set(flow):
+        expected = f"expected its own parameters ({', '.join(own)})"
+        if flow_names:
+            expected += f", or ProxyConditionedFlow options inside flow_options={{...}} ({', '.join(flow_names)})"
+        fixes.append(expected)
+    return f"{name} got unexpected keyword arguments {unknown}; {'; '.join(fixes)}."
 
 
 def _pml_regularizer_role(module: object) -> str | None:
@@ -116,47 +164,6 @@ def _pml_regularizer_role(module: object) -> str | None:
     return None
 
 
-def _old_spelling(
-    nir_weight: float | None, flow_options: Mapping[str, Any] | None, deprecated: dict[str, Any]
-) -> tuple[float | None, Mapping[str, Any] | None]:
-    """NIRRegularizer's keywords before 0.3.0 (``weight=``, flow options as keywords), translated."""
-    flow_names = set(_flow_option_names())
-    unknown = sorted(set(deprecated) - flow_names - {"weight"})
-    if unknown:
-        raise TypeError(
-            f"NIRRegularizer got unexpected keyword arguments {unknown}; expected its own "
-            f"parameters, or ProxyConditionedFlow options inside flow_options={{...}} "
-            f"({', '.join(sorted(flow_names))})."
-        )
-    if "weight" in deprecated:
-        if nir_weight is not None:
-            raise TypeError(
-                f"NIRRegularizer got both nir_weight={nir_weight} and weight={deprecated['weight']}; "
-                "weight= is the old spelling of nir_weight=: pass nir_weight= only."
-            )
-        nir_weight = deprecated.pop("weight")
-        warnings.warn(
-            "NIRRegularizer(weight=...) is deprecated and will be removed in 0.4.0: "
-            "use nir_weight=..., as in ProxyAnchorNIRLoss.",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-    if deprecated:
-        if flow_options is not None:
-            raise TypeError(
-                f"NIRRegularizer got flow_options= and flow options as keywords {sorted(deprecated)}; "
-                "pass all of them in flow_options={...}."
-            )
-        flow_options = deprecated
-        warnings.warn(
-            f"NIRRegularizer(..., {', '.join(f'{k}=...' for k in deprecated)}) is deprecated and will "
-            "be removed in 0.4.0: pass flow options as flow_options={...}, as in ProxyAnchorNIRLoss.",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-    return nir_weight, flow_options
-
-
 class _NIRMixin(_SameReleasePickles):
     """What both adapters share; the host supplies ``_class_proxies()`` and PML's machinery.
 
@@ -167,33 +174,9 @@ class _NIRMixin(_SameReleasePickles):
     add_to_recordable_attributes: Any  # from PML's ModuleWithRecords
     reducer: Any  # from PML's BaseMetricLossFunction
 
-    def _init_nir(
-        self,
-        embedding_size: int,
-        weight: float | None,
-        objective: str,
-        detach_proxies: bool,
-        validate: bool,
-        flow: ProxyConditionedFlow | None,
-        flow_options: Mapping[str, Any],
-        noise_std: float | None,
-        guard_radius: float | None,
-        centered: bool,
-        fit_flow: bool | None,
-    ) -> None:
-        _check_flow_options(flow_options, type(self).__name__)
-        self.nir = NIRTerm(
-            embedding_size,
-            objective,
-            detach_proxies,
-            flow,
-            noise_std=noise_std,
-            guard_radius=guard_radius,
-            centered=centered,
-            fit_flow=fit_flow,
-            **flow_options,
-        )
-        self.nir_weight = default_nir_weight(embedding_size, objective) if weight is None else weight
+    def _init_nir(self, embedding_size: int, options: NIROptions, nir_weight: float | None, validate: bool) -> None:
+        self.nir = NIRTerm.from_options(embedding_size, options)
+        self.nir_weight = self.get_default_nir_weight() if nir_weight is None else nir_weight
         self.validate = validate
         if self.nir_weight != 0:
             check_nir_reducer(self.reducer)
@@ -202,6 +185,15 @@ class _NIRMixin(_SameReleasePickles):
         self.nir_nll_mean: Tensor | float = math.nan
         self.nir_nll_max: Tensor | float = math.nan
         self.add_to_recordable_attributes(list_of_names=["nir_weight", "nir_nll_mean", "nir_nll_max"], is_stat=False)
+
+    def get_default_nir_weight(self) -> float:
+        """The weight used for ``nir_weight=None``: ``default_nir_weight(D, objective)``.
+
+        Example:
+            >>> ProxyAnchorNIRLoss(3, 4, objective="nll").get_default_nir_weight()
+            0.32
+        """
+        return default_nir_weight(self.nir.embedding_size, self.nir.objective)
 
     @property
     def nir_weight(self) -> float:
@@ -375,7 +367,7 @@ class _NIRMixin(_SameReleasePickles):
         the flow at ``model_lr * flow_lr_mult`` (x1). With Adam and a model at 1e-4 the proxies
         get 1e-2, the usual lr of PML's separate loss optimizer. Add your model's group(s)
         beside these; a setting that puts the proxies at lr 1 or more warns. ``lr=`` is the
-        spelling before 0.4.0 (deprecated).
+        spelling before 0.4.0 (deprecated, removed in 0.5.0).
 
         Example:
             >>> loss_fn = ProxyAnchorNIRLoss(num_classes=3, embedding_size=4)
@@ -393,7 +385,7 @@ class _NIRMixin(_SameReleasePickles):
                     "of model_lr=: pass model_lr= only."
                 )
             warnings.warn(
-                "param_groups(lr=...) is deprecated and will be removed in 0.4.0: use "
+                "param_groups(lr=...) is deprecated and will be removed in 0.5.0: use "
                 "param_groups(model_lr=...), your model's learning rate, which the multipliers scale.",
                 DeprecationWarning,
                 stacklevel=2,
@@ -438,27 +430,18 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
     ``loss_fn.loss``: call its own methods there, e.g. ``loss_fn.loss.get_logits(embeddings)``
     for ArcFace.
 
+    The NIR term's options, ``objective``, ``flow``, ``flow_options``, ``detach_proxies``,
+    ``noise_std``, ``guard_radius``, ``centered`` and ``fit_flow``, are documented once, in
+    [`NIROptions`][nir_loss.nir.NIROptions]; both losses take them as keywords.
+
     Args:
         loss: A PML loss with class proxies (see ``get_proxies``).
         nir_weight: Weight of the NIR term, a finite number >= 0; None:
-            ``default_nir_weight(D, objective)``.
-        objective: ``"exp_nll"`` (reference code, the default) or ``"nll"`` (paper).
-        flow: A ``ProxyConditionedFlow``; else one is built from ``flow_options``.
-        flow_options: ``ProxyConditionedFlow`` options (num_blocks, hidden_features, ...).
-        detach_proxies: Keep the NIR gradient away from the proxies.
-        noise_std: Training noise on the flow's input; None: ``default_noise_std(D)``; 0: none.
-        guard_radius: Latent norm where the NLL's tail guard starts; None:
-            ``default_guard_radius(D)``; ``math.inf``: no guard.
-        centered: The flow models the sample's offset from its class proxy (see ``NIRTerm``).
-        fit_flow: With ``"exp_nll"``, also fit the flow by maximum likelihood on detached
-            inputs (see ``NIRTerm``); None: on for ``"exp_nll"``.
+            ``get_default_nir_weight()``, that is ``default_nir_weight(D, objective)``.
         validate: Check label range and finiteness (on an accelerator only the first call reads values,
             a host sync; later calls assert on the device without one; off under torch.compile).
         reducer: PML reducer for the NIR term.
         collect_stats: PML's collect_stats.
-        **deprecated: The spelling before 0.3.0, ``weight=`` for ``nir_weight=`` and flow options
-            as keywords instead of ``flow_options={...}``: still accepted with a
-            ``DeprecationWarning``, removed in 0.4.0.
 
     Example:
         >>> from pytorch_metric_learning.losses import ProxyNCALoss
@@ -470,6 +453,7 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         >>> loss.backward()
     """
 
+    @_checked_keywords(renamed={"weight": "nir_weight"})
     def __init__(
         self,
         loss: nn.Module,
@@ -486,26 +470,21 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         validate: bool = True,
         reducer=None,
         collect_stats: bool | None = None,
-        **deprecated: Any,
     ) -> None:
-        if deprecated:
-            nir_weight, flow_options = _old_spelling(nir_weight, flow_options, deprecated)
         proxies = get_proxies(loss)
+        options = NIROptions(
+            objective=objective,
+            detach_proxies=detach_proxies,
+            flow=flow,
+            flow_options=flow_options or {},
+            noise_std=noise_std,
+            guard_radius=guard_radius,
+            centered=centered,
+            fit_flow=fit_flow,
+        )
         super().__init__(reducer=reducer, collect_stats=collect_stats)
         self.loss = loss
-        self._init_nir(
-            proxies.shape[-1],
-            nir_weight,
-            objective,
-            detach_proxies,
-            validate,
-            flow,
-            flow_options or {},
-            noise_std,
-            guard_radius,
-            centered,
-            fit_flow,
-        )
+        self._init_nir(proxies.shape[-1], options, nir_weight, validate)
 
     def _class_proxies(self) -> Tensor:
         return get_proxies(self.loss)
@@ -544,7 +523,7 @@ def _check_pml_options(kwargs: Mapping[str, Any]) -> None:
         raise TypeError(
             f"ProxyAnchorNIRLoss got unexpected keyword arguments {unknown}; expected its own "
             f"parameters ({', '.join(own)}), ProxyAnchorLoss options ({', '.join(pml)}), or "
-            f"ProxyConditionedFlow options inside flow_options={{...}} ({', '.join(_flow_option_names())})."
+            f"ProxyConditionedFlow options inside flow_options={{...}} ({', '.join(NIROptions.flow_option_names())})."
         )
 
 
@@ -558,23 +537,17 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
     the embeddings as the loss's distance compares them (L2-normalized by PML's default
     ``CosineSimilarity``), so raw model outputs and their normalized form give the same loss.
 
+    The NIR term's options, ``objective``, ``flow``, ``flow_options``, ``detach_proxies``,
+    ``noise_std``, ``guard_radius``, ``centered`` and ``fit_flow``, are documented once, in
+    [`NIROptions`][nir_loss.nir.NIROptions]; both losses take them as keywords.
+
     Args:
         num_classes: Number of classes C.
         embedding_size: Embedding width D.
         margin: ProxyAnchor margin.
         alpha: ProxyAnchor scale.
         nir_weight: Weight of the NIR term, a finite number >= 0; None:
-            ``default_nir_weight(D, objective)``.
-        objective: ``"exp_nll"`` (reference code, the default) or ``"nll"`` (paper).
-        flow: A ``ProxyConditionedFlow``; else one is built from ``flow_options``.
-        flow_options: ``ProxyConditionedFlow`` options.
-        detach_proxies: Keep the NIR gradient away from the proxies.
-        noise_std: Training noise on the flow's input; None: ``default_noise_std(D)``; 0: none.
-        guard_radius: Latent norm where the NLL's tail guard starts; None:
-            ``default_guard_radius(D)``; ``math.inf``: no guard.
-        centered: The flow models the sample's offset from its class proxy (see ``NIRTerm``).
-        fit_flow: With ``"exp_nll"``, also fit the flow by maximum likelihood on detached
-            inputs (see ``NIRTerm``); None: on for ``"exp_nll"``.
+            ``get_default_nir_weight()``, that is ``default_nir_weight(D, objective)``.
         validate: Check label range and finiteness (on an accelerator only the first call reads values,
             a host sync; later calls assert on the device without one; off under torch.compile).
         **kwargs: ProxyAnchorLoss / BaseMetricLossFunction options (reducer, distance, ...).
@@ -606,20 +579,18 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         **kwargs,
     ) -> None:
         _check_pml_options(kwargs)
-        super().__init__(num_classes, embedding_size, margin=margin, alpha=alpha, **kwargs)
-        self._init_nir(
-            embedding_size,
-            nir_weight,
-            objective,
-            detach_proxies,
-            validate,
-            flow,
-            flow_options or {},
-            noise_std,
-            guard_radius,
-            centered,
-            fit_flow,
+        options = NIROptions(
+            objective=objective,
+            detach_proxies=detach_proxies,
+            flow=flow,
+            flow_options=flow_options or {},
+            noise_std=noise_std,
+            guard_radius=guard_radius,
+            centered=centered,
+            fit_flow=fit_flow,
         )
+        super().__init__(num_classes, embedding_size, margin=margin, alpha=alpha, **kwargs)
+        self._init_nir(embedding_size, options, nir_weight, validate)
 
     def _class_proxies(self) -> Tensor:
         return self.proxies

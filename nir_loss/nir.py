@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import math
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,22 +20,26 @@ from .flow import ProxyConditionedFlow, _compute_dtype, _SameReleasePickles, sta
 from .validation import check_device
 
 __all__ = [
+    "DEFAULT_OBJECTIVE",
     "OBJECTIVES",
+    "NIROptions",
     "NIRTerm",
+    "Objective",
     "default_guard_radius",
+    "default_nir_weight",
     "default_noise_std",
     "guarded_energy",
-    "miner_weights",
-    "weighted_element_losses",
 ]
 
-OBJECTIVES = ("nll", "exp_nll")
 # Training noise: its norm, as a fraction of the unit-norm embedding, is the same at every D.
 _NOISE_NORM = 0.7  # noise_std 0.062 at D = 128
 # Latent radius of the tail guard, in units of the typical latent norm sqrt(D).
 _GUARD_RADIUS_TIMES_SQRT_DIM = 2.0
 # exp_nll: exp(e) above this energy continues linearly (float32 exp overflows at 88.7).
 _EXP_LINEAR_ABOVE = 30.0
+# Default weights (the measurements behind them: docs/choosing.md).
+_NLL_WEIGHT_TIMES_DIM = 1.28  # 0.01 at D = 128
+_EXP_NLL_WEIGHT = 1 / 0.0075  # the reference run's CUB setting
 # Rows (sample x class pairs) per pass of the B x C matrix. On CPU smaller passes are faster, as
 # their activations stay in cache (measurements: docs/benchmarks.md); accelerators keep the larger pass.
 _MATRIX_ROWS = 4096
@@ -97,6 +105,154 @@ def _guarded_exp(energy: Tensor) -> Tensor:
     return torch.exp(capped) * (1 + (energy - capped))
 
 
+# -- objectives -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Objective:
+    """A training objective of the NIR term: one entry of ``OBJECTIVES``.
+
+    Args:
+        term: The per-sample training term, ``term(energy, constant)``: ``energy`` is the
+            NLL without its (D/2) log(2 pi) constant, its quadratic part tail-guarded
+            (``guarded_energy``), shape (B,); ``constant`` is (D/2) log(2 pi).
+        default_weight: The NIR weight used when none is given, a function of D.
+        saturates: The term's gradient vanishes once the flow fits (as exp(NLL)'s does), so
+            the flow stops learning from it: ``fit_flow`` applies, and is on by default.
+
+    Example:
+        >>> nll = OBJECTIVES["nll"]
+        >>> nll.term(torch.tensor([1.0]), 2.0), nll.default_weight(128), nll.saturates
+        (tensor([3.]), 0.01, False)
+    """
+
+    term: Callable[[Tensor, float], Tensor]
+    default_weight: Callable[[int], float]
+    saturates: bool = False
+
+
+def _nll(energy: Tensor, constant: float) -> Tensor:
+    return energy + constant
+
+
+def _exp_nll(energy: Tensor, constant: float) -> Tensor:
+    return _guarded_exp(energy)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "nll": Objective(_nll, default_weight=lambda dim: _NLL_WEIGHT_TIMES_DIM / dim),
+    "exp_nll": Objective(_exp_nll, default_weight=lambda dim: _EXP_NLL_WEIGHT, saturates=True),
+}
+"""The NIR term's objectives by name; a new objective is one entry.
+
+``"nll"`` (the paper): the guarded NLL; default weight 1.28 / D. ``"exp_nll"`` (the reference
+code): exp(guarded NLL - (D/2) log(2 pi)), linear above an exponent of 30 so that it stays
+finite; default weight 1 / 0.0075; it saturates."""
+
+DEFAULT_OBJECTIVE = "exp_nll"
+"""Default objective: the reference code's ``L_proxy + weight * mean(exp(NLL - (D/2) log 2 pi))``.
+
+It trains the flow and pulls the embeddings while the flow is still learning, and switches itself
+off once the flow fits (exp of a falling NLL vanishes): the NLL's late contraction, which cost
+held-out retrieval on most benchmark sets, never comes. ``"nll"`` is the paper's form
+([Choose the weight and objective](choosing.md))."""
+
+
+def _objective(name: str) -> Objective:
+    """The entry ``name`` of ``OBJECTIVES``; a ValueError naming the valid ones if there is none."""
+    try:
+        return OBJECTIVES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {name!r}.") from None
+
+
+def default_nir_weight(embedding_size: int, objective: str = "exp_nll") -> float:  # DEFAULT_OBJECTIVE
+    """The NIR weight used when none is given: the objective's ``default_weight(D)``.
+
+    ``"exp_nll"`` (the default objective): 1 / 0.0075, about 133, the reference code's CUB
+    setting, at every D. ``"nll"``: 1.28 / D (0.01 at D = 128, 0.0025 at D = 512), a weight of
+    1.28 on the NLL per dimension: the NLL's gradient on an embedding grows with D, the proxy
+    loss's does not ([Concepts](concepts.md)).
+
+    Example:
+        >>> round(default_nir_weight(128), 1)
+        133.3
+        >>> default_nir_weight(128, "nll"), default_nir_weight(512, "nll")
+        (0.01, 0.0025)
+    """
+    return _objective(objective).default_weight(embedding_size)
+
+
+@dataclass(frozen=True)
+class NIROptions:
+    """The options of the NIR term: keywords of the same names in ``ProxyAnchorNIRLoss``,
+    ``NIRRegularizer`` and ``NIRTerm`` (flow options as ``NIRTerm``'s own keywords there).
+
+    Checked when built: an unknown objective or flow option, a negative noise, a guard radius
+    that is not positive, or ``flow=`` with flow options is an error naming the fix.
+
+    Args:
+        objective: A name in ``OBJECTIVES``: ``"exp_nll"`` (the reference code, the default:
+            mean of exp(NLL without the (D/2) log(2 pi) constant)) or ``"nll"`` (the paper:
+            mean NLL).
+        detach_proxies: Stop the NIR term's gradient from reaching the proxies.
+        flow: A ``ProxyConditionedFlow`` to use; else one is built from ``flow_options``.
+        flow_options: Keyword arguments of ``ProxyConditionedFlow`` (``num_blocks``,
+            ``hidden_features``, ...).
+        noise_std: Std of the Gaussian noise added to the flow's input in training; None:
+            ``default_noise_std(D)``; 0: none.
+        guard_radius: Latent norm beyond which the NLL's tail grows linearly; None:
+            ``default_guard_radius(D)``; ``math.inf``: no guard.
+        centered: The flow models the offset from the class proxy, (x - proxy) * sqrt(D), so
+            the density is centred on the own proxy from the start (the likelihood stays exact:
+            the scaling's log-det is added); else the embedding itself.
+        fit_flow: For an objective that saturates (``"exp_nll"``): the flow is also fit by
+            maximum likelihood on the detached embeddings and proxies, so it keeps modelling
+            p(x | proxy) after exp(NLL) has vanished (the embeddings and proxies get
+            exp(NLL)'s gradient only, and the term's value is unchanged). None: on for an
+            objective that saturates.
+
+    Example:
+        >>> options = NIROptions(objective="nll", flow_options={"num_blocks": 2})
+        >>> NIRTerm.from_options(8, options).objective
+        'nll'
+    """
+
+    objective: str = "exp_nll"  # DEFAULT_OBJECTIVE
+    detach_proxies: bool = False
+    flow: ProxyConditionedFlow | None = None
+    flow_options: Mapping[str, Any] = field(default_factory=dict)
+    noise_std: float | None = None
+    guard_radius: float | None = None
+    centered: bool = False
+    fit_flow: bool | None = None
+
+    @staticmethod
+    def flow_option_names() -> list[str]:
+        """The keywords of ``ProxyConditionedFlow`` that ``flow_options`` may hold, sorted."""
+        return sorted(set(inspect.signature(ProxyConditionedFlow).parameters) - {"features"})
+
+    def __post_init__(self) -> None:
+        # A copy: changing the caller's dict later changes nothing here. None counts as no options.
+        object.__setattr__(self, "flow_options", dict(self.flow_options or {}))
+        objective = _objective(self.objective)
+        if self.fit_flow and not objective.saturates:
+            raise ValueError(
+                f"fit_flow=True applies to objectives that saturate only ({self.objective!r} fits the "
+                "flow by its own gradient); pass fit_flow=None or False."
+            )
+        if self.noise_std is not None and (not self.noise_std >= 0 or math.isinf(self.noise_std)):
+            raise ValueError(f"noise_std must be a finite number >= 0 (0: no noise), got {self.noise_std}.")
+        if self.guard_radius is not None and not self.guard_radius > 0:
+            raise ValueError(f"guard_radius must be > 0 (math.inf: no guard), got {self.guard_radius}.")
+        unknown = sorted(set(self.flow_options) - set(self.flow_option_names()))
+        if unknown:
+            raise TypeError(
+                f"unknown flow_options {unknown}; flow_options are ProxyConditionedFlow options: "
+                f"{', '.join(self.flow_option_names())}."
+            )
+        if self.flow is not None and self.flow_options:
+            raise ValueError(f"Pass either flow= or flow options, not both (got {sorted(self.flow_options)}).")
+
+
 class _RecompilingFunction:
     """``torch.compile(fn, fullgraph=True, dynamic=False)`` with a cache of its own that never fills.
 
@@ -146,22 +302,9 @@ class NIRTerm(_SameReleasePickles, nn.Module):
 
     Args:
         embedding_size: Embedding width D.
-        objective: ``"exp_nll"`` (the reference code, the default: mean of exp(NLL without
-            the (D/2) log(2 pi) constant)) or ``"nll"`` (the paper: mean NLL).
-        detach_proxies: Stop the NIR term's gradient from reaching the proxies.
-        flow: A ``ProxyConditionedFlow`` to use; else one is built from ``flow_options``.
-        noise_std: Std of the training noise on the flow's input; None:
-            ``default_noise_std(D)``; 0: none.
-        guard_radius: Latent norm beyond which the NLL's tail is linear; None:
-            ``default_guard_radius(D)``; ``math.inf``: no guard.
-        centered: The flow models the offset from the class proxy, (x - proxy) * sqrt(D), so
-            the density is centred on the own proxy from the start (the likelihood stays exact:
-            the scaling's log-det is added); else the embedding itself.
-        fit_flow: With ``"exp_nll"``: the flow is also fit by maximum likelihood on the
-            detached embeddings and proxies, so it keeps modelling p(x | proxy) after
-            exp(NLL) has vanished (the embeddings and proxies get exp(NLL)'s gradient only,
-            and the term's value is unchanged). None: on for ``"exp_nll"``.
-        **flow_options: Keyword arguments of ``ProxyConditionedFlow``.
+        objective: See ``NIROptions``, as are ``detach_proxies``, ``flow``, ``noise_std``,
+            ``guard_radius``, ``centered`` and ``fit_flow``.
+        **flow_options: Keyword arguments of ``ProxyConditionedFlow`` (``NIROptions.flow_options``).
 
     Example:
         >>> term = NIRTerm(8, hidden_features=16, num_layers=3)
@@ -175,7 +318,7 @@ class NIRTerm(_SameReleasePickles, nn.Module):
     def __init__(
         self,
         embedding_size: int,
-        objective: str = "exp_nll",
+        objective: str = "exp_nll",  # DEFAULT_OBJECTIVE
         detach_proxies: bool = False,
         flow: ProxyConditionedFlow | None = None,
         *,
@@ -186,35 +329,40 @@ class NIRTerm(_SameReleasePickles, nn.Module):
         **flow_options,
     ) -> None:
         super().__init__()
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
-        fit_flow = objective == "exp_nll" if fit_flow is None else fit_flow
-        if fit_flow and objective != "exp_nll":
-            raise ValueError(
-                f"fit_flow=True applies to objective='exp_nll' only ({objective!r} fits the flow "
-                "by its own gradient); pass fit_flow=None or False."
-            )
-        noise_std = default_noise_std(embedding_size) if noise_std is None else float(noise_std)
-        guard_radius = default_guard_radius(embedding_size) if guard_radius is None else float(guard_radius)
-        if not noise_std >= 0 or math.isinf(noise_std):
-            raise ValueError(f"noise_std must be a finite number >= 0 (0: no noise), got {noise_std}.")
-        if not guard_radius > 0:
-            raise ValueError(f"guard_radius must be > 0 (math.inf: no guard), got {guard_radius}.")
+        options = NIROptions(  # checks them all
+            objective=objective,
+            detach_proxies=detach_proxies,
+            flow=flow,
+            flow_options=flow_options,
+            noise_std=noise_std,
+            guard_radius=guard_radius,
+            centered=centered,
+            fit_flow=fit_flow,
+        )
         if flow is None:
-            flow = ProxyConditionedFlow(embedding_size, **flow_options)
-        elif flow_options:
-            raise ValueError(f"Pass either flow= or flow options, not both (got {sorted(flow_options)}).")
+            flow = ProxyConditionedFlow(embedding_size, **options.flow_options)
         if flow.features != embedding_size:
             raise ValueError(f"flow has {flow.features} features but embedding_size is {embedding_size}.")
         self.embedding_size = embedding_size
         self.objective = objective
         self.detach_proxies = detach_proxies
-        self.noise_std = noise_std
-        self.guard_radius = guard_radius
+        self.noise_std = default_noise_std(embedding_size) if noise_std is None else float(noise_std)
+        self.guard_radius = default_guard_radius(embedding_size) if guard_radius is None else float(guard_radius)
         self.centered = centered
-        self.fit_flow = bool(fit_flow)
+        self.fit_flow = _objective(objective).saturates if fit_flow is None else bool(fit_flow)
         self.flow = flow
         self._compile_options: tuple[str | None, str | Callable] | None = None
+
+    @classmethod
+    def from_options(cls, embedding_size: int, options: NIROptions) -> NIRTerm:
+        """The term of embedding width ``embedding_size`` with ``options`` (as both losses build theirs).
+
+        Example:
+            >>> NIRTerm.from_options(8, NIROptions(noise_std=0)).noise_std
+            0.0
+        """
+        keywords = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+        return cls(embedding_size, **keywords.pop("flow_options"), **keywords)
 
     # -- compiled path --------------------------------------------------------------------
     def compile_nir(
@@ -395,9 +543,9 @@ class NIRTerm(_SameReleasePickles, nn.Module):
 
         The NLL (with the (D/2) log(2 pi) constant, no guard) is that of the flow's input, noisy
         in training mode. Noise comes from torch's RNG, or from ``generator`` (on the
-        embeddings' device) if given. The term is the guarded NLL (``"nll"``) or
-        exp(guarded NLL - (D/2) log(2 pi)) (``"exp_nll"``, linear above an exponent of 30 so
-        that it stays finite).
+        embeddings' device) if given. The term is the objective's (``OBJECTIVES``) of the
+        guarded NLL: the guarded NLL itself (``"nll"``) or exp(guarded NLL - (D/2) log(2 pi))
+        (``"exp_nll"``, linear above an exponent of 30 so that it stays finite).
         """
         dtype = self._match_flow(embeddings)
         fn = self._compiled("_loss_and_nll", embeddings.device) if generator is None else None
@@ -425,11 +573,10 @@ class NIRTerm(_SameReleasePickles, nn.Module):
             batch = x.shape[0]
             fit_energy, energy, sq, log_det = energy[batch:], energy[:batch], sq[:batch], log_det[:batch]
         nll = 0.5 * sq - log_det + constant
-        if self.objective == "exp_nll":
-            loss = _guarded_exp(energy)
-            # value 0, gradient that of the NLL: maximum likelihood for the flow
-            return (loss + (fit_energy - fit_energy.detach()) if fit else loss), nll
-        return energy + constant, nll
+        loss = OBJECTIVES[self.objective].term(energy, constant)
+        if fit:  # value 0, gradient that of the NLL: maximum likelihood for the flow
+            loss = loss + (fit_energy - fit_energy.detach())
+        return loss, nll
 
     def per_sample_loss(
         self, embeddings: Tensor, proxies: Tensor, labels: Tensor, generator: torch.Generator | None = None
@@ -441,8 +588,8 @@ class NIRTerm(_SameReleasePickles, nn.Module):
             >>> term.eval()  # no training noise: exp(0.5 ||x||^2) under the identity flow
             NIRTerm(...)
             >>> x, label = torch.tensor([[0.6, 0.8]]), torch.tensor([1])
-            >>> term.per_sample_loss(x, torch.eye(2), label)
-            tensor([1.6487], grad_fn=<MulBackward0>)
+            >>> term.per_sample_loss(x, torch.eye(2), label).detach()
+            tensor([1.6487])
         """
         return self.loss_and_nll(embeddings, proxies, labels, generator)[0]
 
@@ -458,44 +605,3 @@ class NIRTerm(_SameReleasePickles, nn.Module):
             rows = torch.take_along_dim(rows, k.to(rows.device)[:, None, None], dim=1).squeeze(1)
         x = self.flow.sample(labels.shape[0], rows, generator=generator)[0]
         return rows + x / math.sqrt(x.shape[-1]) if self.centered else x
-
-
-def miner_weights(
-    indices_tuple: tuple[Tensor, ...] | None, batch_size: int, dtype: torch.dtype, device: torch.device
-) -> Tensor | None:
-    """Per-sample weights from a PML miner's output, without a host sync.
-
-    Like ``pytorch_metric_learning.utils.loss_and_miner_utils.convert_to_weights``: a sample
-    weighs (times it is named) / (most times any sample is named). Unlike it, a miner that names
-    no sample gives all-zero weights (PML would fall back to all ones). None means no miner.
-
-    Example:
-        >>> pairs = (torch.tensor([0, 0]), torch.tensor([1, 2]))
-        >>> miner_weights(pairs, 4, torch.float32, "cpu")
-        tensor([1.0000, 0.5000, 0.5000, 0.0000])
-    """
-    if indices_tuple is None:
-        return None
-    named = [t.reshape(-1).to(device=device, dtype=torch.int64) for t in indices_tuple]
-    counts = torch.zeros(batch_size, dtype=dtype, device=device)
-    if named:
-        idx = torch.cat(named)
-        counts = counts.index_add(0, idx, torch.ones_like(idx, dtype=dtype))
-    return counts / counts.max().clamp_min(1) if batch_size else counts
-
-
-def weighted_element_losses(per_sample: Tensor, weights: Tensor | None) -> Tensor:
-    """Element losses whose plain mean is the weighted mean of ``per_sample``.
-
-    ``per_sample_i * w_i / mean(w)``; all-zero weights give all-zero losses (never NaN).
-
-    Example:
-        >>> losses, weights = torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.0])
-        >>> weighted_element_losses(losses, weights).mean()
-        tensor(1.)
-    """
-    if weights is None:
-        return per_sample
-    weights = weights.to(per_sample.dtype)
-    scale = weights / weights.mean().clamp_min(torch.finfo(per_sample.dtype).tiny)
-    return torch.where(weights > 0, per_sample * scale, torch.zeros_like(per_sample))

@@ -1,12 +1,14 @@
 """PML adapters: every supported loss, drop-in equality, reducers, state, precision, the keywords'
-spelling (the old one deprecated), and a short real-data training."""
+spelling (the old one removed, with an error naming the fix), and a short real-data training."""
 
 import copy
+import dataclasses
 import inspect
 import io
 import math
 import pathlib
 import pickle
+import re
 import warnings
 
 import pytest
@@ -14,12 +16,15 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners, reducers
 from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 from sklearn.datasets import load_digits
 
 import nir_loss
 from nir_loss import NIRRegularizer, ProxyAnchorNIRLoss, get_proxies
+from nir_loss.losses import miner_weights, weighted_element_losses
+from nir_loss.nir import NIROptions, NIRTerm
 
 from . import reference
 from .conftest import TEST_DEVICE, TEST_DTYPES
@@ -393,6 +398,20 @@ def test_nir_part_of_a_default_loss_call_runs_on_meta_tensors(make):
         assert entry["reduction_type"] == "already_reduced"
 
 
+def test_miner_weights_match_pml_and_handle_empty():
+    labels = torch.randint(0, 3, (10,))
+    x = torch.randn(10, 4)
+    for miner in (miners.MultiSimilarityMiner(0.5), miners.TripletMarginMiner(0.5)):
+        tup = miner(x, labels)
+        ours = miner_weights(tup, 10, torch.float32, x.device)
+        torch.testing.assert_close(ours, lmu.convert_to_weights(tup, labels, dtype=torch.float32))
+    empty = (torch.tensor([], dtype=torch.long),) * 3
+    assert miner_weights(empty, 10, torch.float32, x.device).abs().sum() == 0
+    assert miner_weights(None, 10, torch.float32, x.device) is None
+    losses_ = weighted_element_losses(torch.tensor([1.0, float("inf")]), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(losses_, torch.tensor([2.0, 0.0]))
+
+
 def test_divisor_reducer_collecting_stats_gets_the_element_losses():
     x, y = torch.randn(6, 8), torch.randint(0, 7, (6,))
     plain = ProxyAnchorNIRLoss(7, 8, flow_options=FLOW, noise_std=0.0)
@@ -405,7 +424,7 @@ def test_divisor_reducer_collecting_stats_gets_the_element_losses():
     assert torch.equal(stats(x, y), plain(x, y))
 
 
-# -- one spelling of the NIR keywords in both losses; the old one warns -----------------------
+# -- one spelling of the NIR keywords in both losses; the old one is an error naming the fix --
 
 
 def _batch():
@@ -434,32 +453,21 @@ def test_nir_weight_and_flow_options_build_the_same_term_in_both_losses():
     assert len(reg.flow.flows) == 3  # one block: a permutation and two couplings
 
 
-def test_old_weight_keyword_warns_and_gives_the_same_loss():
-    base = losses.ProxyNCALoss(C, D)
-    new = NIRRegularizer(base, nir_weight=0.5, flow_options=TINY_FLOW)
-    with pytest.warns(DeprecationWarning, match=r"weight=\.\.\.\) is deprecated.*use nir_weight="):
-        old = NIRRegularizer(base, weight=0.5, flow_options=TINY_FLOW)
-    old.load_state_dict(new.state_dict())
-    assert old.nir_weight == 0.5
-    embeddings, labels = _batch()
-    torch.testing.assert_close(_value(old, embeddings, labels), _value(new, embeddings, labels), rtol=0, atol=0)
-
-
-def test_old_flow_keywords_warn_and_give_the_same_loss():
-    base = losses.ProxyNCALoss(C, D)
-    new = NIRRegularizer(base, nir_weight=0.5, flow_options=TINY_FLOW)
-    with pytest.warns(DeprecationWarning, match=r"num_blocks=.*is deprecated.*flow_options=\{\.\.\.\}"):
-        old = NIRRegularizer(base, nir_weight=0.5, **TINY_FLOW)
-    old.load_state_dict(new.state_dict())  # same architecture, or this raises
-    embeddings, labels = _batch()
-    torch.testing.assert_close(_value(old, embeddings, labels), _value(new, embeddings, labels), rtol=0, atol=0)
-
-
-def test_old_spelling_warns_at_the_callers_line():
-    with pytest.warns(DeprecationWarning) as record:
-        NIRRegularizer(losses.ProxyNCALoss(C, D), weight=0.5, **TINY_FLOW)
-    assert len(record) == 2
-    assert {w.filename for w in record} == {__file__}
+def test_nir_options_are_the_same_keywords_with_the_same_defaults_in_both_losses():
+    """Both losses and NIRTerm take NIROptions' fields as keywords; its docstring documents each once."""
+    fields = {f.name: f for f in dataclasses.fields(NIROptions)}
+    for owner in (NIRRegularizer, ProxyAnchorNIRLoss, NIRTerm):
+        parameters = inspect.signature(owner).parameters
+        for name, field in fields.items():
+            if name == "flow_options" and owner is NIRTerm:
+                continue  # NIRTerm takes them as keywords of its own (**flow_options)
+            default = field.default_factory() if callable(field.default_factory) else field.default
+            assert parameters[name].default == (None if name == "flow_options" else default), (owner, name)
+    for owner in (NIRRegularizer, ProxyAnchorNIRLoss):
+        assert "[`NIROptions`][nir_loss.nir.NIROptions]" in owner.__doc__
+        assert all(f"``{name}``" in owner.__doc__ for name in fields)
+    documented = re.findall(r"^        (\w+): ", NIROptions.__doc__, re.M)
+    assert documented == list(fields)
 
 
 def test_new_spelling_does_not_warn():
@@ -469,14 +477,22 @@ def test_new_spelling_does_not_warn():
         NIRRegularizer(losses.ProxyNCALoss(C, D), 0.5)  # positional, as before
 
 
-def test_both_spellings_of_the_weight_is_an_error():
-    with pytest.raises(TypeError, match=r"both nir_weight=0.1 and weight=0.2; .*pass nir_weight= only"):
-        NIRRegularizer(losses.ProxyNCALoss(C, D), nir_weight=0.1, weight=0.2)
+def test_old_weight_keyword_is_an_error_naming_nir_weight():
+    """NIRRegularizer(weight=) was deprecated in 0.3.0 and removed in 0.4.0."""
+    with pytest.raises(
+        TypeError, match=r"NIRRegularizer got unexpected keyword arguments \['weight'\]; weight= is nir_weight="
+    ):
+        NIRRegularizer(losses.ProxyNCALoss(C, D), weight=0.5, flow_options=TINY_FLOW)
 
 
-def test_both_spellings_of_flow_options_is_an_error():
-    with pytest.raises(TypeError, match=r"flow_options= and flow options as keywords \['num_layers'\]"):
-        NIRRegularizer(losses.ProxyNCALoss(C, D), flow_options={"num_blocks": 1}, num_layers=2)
+def test_old_flow_keywords_are_an_error_showing_flow_options():
+    """Flow options as NIRRegularizer keywords were deprecated in 0.3.0 and removed in 0.4.0."""
+    with pytest.raises(
+        TypeError, match=r"arguments \['num_blocks'\]; flow options go inside .*flow_options=\{'num_blocks': 1\}\.$"
+    ):
+        NIRRegularizer(losses.ProxyNCALoss(C, D), nir_weight=0.5, num_blocks=1)
+    with pytest.raises(TypeError, match=r"\['hidden_features', 'weight'\]; weight= is nir_weight=.*flow_options="):
+        NIRRegularizer(losses.ProxyNCALoss(C, D), weight=0.5, hidden_features=8)
 
 
 def test_unknown_keyword_names_the_valid_ones():

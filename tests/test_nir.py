@@ -11,13 +11,16 @@ from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from nir_loss import NIRRegularizer, ProxyAnchorNIRLoss
+from nir_loss.losses import miner_weights, weighted_element_losses
 from nir_loss.nir import (
+    OBJECTIVES,
+    NIROptions,
     NIRTerm,
+    Objective,
     default_guard_radius,
+    default_nir_weight,
     default_noise_std,
     guarded_energy,
-    miner_weights,
-    weighted_element_losses,
 )
 
 from . import reference
@@ -116,20 +119,6 @@ def test_samples_map_back_to_the_standard_normal_base():
         x = loss_fn.sample(labels, generator=torch.Generator().manual_seed(0))
         z, _ = loss_fn.flow.inverse_and_log_det(x, F.normalize(loss_fn.proxies[labels], dim=1))
     assert abs(float(z.mean())) < 0.05 and abs(float(z.var()) - 1) < 0.05
-
-
-def test_miner_weights_match_pml_and_handle_empty():
-    labels = torch.randint(0, 3, (10,))
-    x = torch.randn(10, 4)
-    for miner in (miners.MultiSimilarityMiner(0.5), miners.TripletMarginMiner(0.5)):
-        tup = miner(x, labels)
-        ours = miner_weights(tup, 10, torch.float32, x.device)
-        torch.testing.assert_close(ours, lmu.convert_to_weights(tup, labels, dtype=torch.float32))
-    empty = (torch.tensor([], dtype=torch.long),) * 3
-    assert miner_weights(empty, 10, torch.float32, x.device).abs().sum() == 0
-    assert miner_weights(None, 10, torch.float32, x.device) is None
-    losses_ = weighted_element_losses(torch.tensor([1.0, float("inf")]), torch.tensor([1.0, 0.0]))
-    torch.testing.assert_close(losses_, torch.tensor([2.0, 0.0]))
 
 
 @pytest.mark.parametrize("miner", [miners.MultiSimilarityMiner(0.3), miners.TripletMarginMiner(0.3)])
@@ -427,3 +416,68 @@ def test_fit_flow_defaults_on_for_exp_nll_and_is_refused_for_nll():
     assert NIRTerm(8, "exp_nll", **FLOW).fit_flow and not NIRTerm(8, "nll", **FLOW).fit_flow
     with pytest.raises(ValueError, match="fit_flow"):
         ProxyAnchorNIRLoss(4, 8, objective="nll", fit_flow=True, flow_options=FLOW)
+
+
+# -- objectives: one table entry each ------------------------------------------------------
+@pytest.fixture
+def softplus_nll():
+    """A toy objective registered for one test: softplus of the guarded NLL, saturating."""
+    OBJECTIVES["softplus_nll"] = Objective(
+        lambda energy, constant: F.softplus(energy + constant), default_weight=lambda dim: 0.5, saturates=True
+    )
+    yield "softplus_nll"
+    del OBJECTIVES["softplus_nll"]
+
+
+def test_a_new_objective_is_one_table_entry(softplus_nll):
+    loss_fn = ProxyAnchorNIRLoss(5, 8, objective=softplus_nll, flow_options=FLOW, **EXACT).double()
+    assert loss_fn.nir_weight == 0.5 == default_nir_weight(8, softplus_nll) and loss_fn.nir.fit_flow
+    x, y = batch()
+    term = loss_fn.nir.per_sample_loss(x, loss_fn.proxies, y)
+    nll = reference.flow_nll(loss_fn.flow, x, F.normalize(loss_fn.proxies[y], dim=1))
+    torch.testing.assert_close(term, F.softplus(nll))  # the entry's term of the NLL
+    optimizer = torch.optim.Adam(loss_fn.param_groups(model_lr=1e-3))
+    before = [p.detach().clone() for p in loss_fn.flow.parameters()]
+    loss = loss_fn(x, y)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and x.grad.abs().sum() > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, loss_fn.flow.parameters()))
+
+
+def test_objectives_table_names_and_error_messages():
+    assert "nll" in OBJECTIVES and list(OBJECTIVES) == ["nll", "exp_nll"]
+    assert [OBJECTIVES[name].saturates for name in OBJECTIVES] == [False, True]
+    energy = torch.tensor([1.0, 40.0])
+    torch.testing.assert_close(OBJECTIVES["nll"].term(energy, 2.0), energy + 2.0)
+    torch.testing.assert_close(OBJECTIVES["exp_nll"].term(energy[:1], 2.0), torch.exp(energy[:1]))
+    for make in (
+        lambda: NIROptions(objective="nlll"),
+        lambda: NIRTerm(8, "nlll", **FLOW),
+        lambda: ProxyAnchorNIRLoss(4, 8, objective="nlll"),
+        lambda: default_nir_weight(8, "nlll"),
+    ):
+        with pytest.raises(ValueError, match=r"objective must be one of \('nll', 'exp_nll'\), got 'nlll'"):
+            make()
+
+
+def test_nir_options_are_checked_when_built_and_build_the_same_term():
+    with pytest.raises(ValueError, match="fit_flow=True applies to objectives that saturate only"):
+        NIROptions(objective="nll", fit_flow=True)
+    with pytest.raises(ValueError, match="noise_std must be a finite number >= 0"):
+        NIROptions(noise_std=-1.0)
+    with pytest.raises(ValueError, match=r"guard_radius must be > 0 \(math.inf: no guard\)"):
+        NIROptions(guard_radius=0.0)
+    with pytest.raises(TypeError, match=r"unknown flow_options \['num_block'\]; .*num_blocks"):
+        NIROptions(flow_options={"num_block": 2})
+    term = NIRTerm(8, "nll", **FLOW)
+    with pytest.raises(ValueError, match="Pass either flow= or flow options, not both"):
+        NIROptions(flow=term.flow, flow_options={"num_blocks": 2})
+    given = {"num_blocks": 1}
+    options = NIROptions(flow_options=given, noise_std=0, centered=True)
+    given["num_blocks"] = 3  # the options keep what they were built with
+    built = NIRTerm.from_options(8, options)
+    direct = NIRTerm(8, noise_std=0, centered=True, num_blocks=1)
+    assert len(built.flow.flows) == len(direct.flow.flows) == 3
+    for name in ("objective", "detach_proxies", "noise_std", "guard_radius", "centered", "fit_flow"):
+        assert getattr(built, name) == getattr(direct, name), name

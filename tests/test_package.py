@@ -33,17 +33,24 @@ def test_top_level_is_what_users_call():
         (name, module)
         for module, names in [
             ("flow", ["ContextAffineCoupling", "soft_clamp", "standard_normal_log_prob"]),
-            ("nir", ["NIRTerm", "OBJECTIVES", "guarded_energy", "miner_weights", "weighted_element_losses"]),
+            ("nir", ["NIRTerm", "OBJECTIVES", "guarded_energy"]),
+            ("losses", ["miner_weights", "weighted_element_losses"]),
         ]
         for name in names
     ],
 )
-def test_building_blocks_moved_to_their_modules_still_import_from_the_top_with_a_warning(name, module):
+def test_building_blocks_removed_from_the_top_level_name_their_module(name, module):
+    """Found at the top level up to 0.3.0 (deprecated since 0.3.0); the error says where they are."""
     submodule = getattr(nir_loss, module)
     assert name in submodule.__all__ and name not in nir_loss.__all__
-    with pytest.warns(DeprecationWarning, match=rf"nir_loss\.{name} is deprecated.*from nir_loss\.{module} import"):
-        value = getattr(nir_loss, name)
-    assert value is getattr(submodule, name)
+    with pytest.raises(AttributeError, match=rf"has no attribute '{name}'; .*from nir_loss\.{module} import {name}$"):
+        getattr(nir_loss, name)
+    assert not hasattr(nir_loss, name)
+
+
+def test_defaults_moved_to_nir_still_import_from_losses():
+    assert nir_loss.losses.DEFAULT_OBJECTIVE is nir_loss.nir.DEFAULT_OBJECTIVE is nir_loss.DEFAULT_OBJECTIVE
+    assert nir_loss.losses.default_nir_weight is nir_loss.nir.default_nir_weight is nir_loss.default_nir_weight
 
 
 def test_unknown_top_level_name_is_an_attribute_error():
@@ -65,8 +72,15 @@ def test_signatures_show_the_defaults_values_and_they_are_the_constants():
     groups = inspect.signature(nir_loss.ProxyAnchorNIRLoss.param_groups).parameters
     assert groups["proxy_lr_mult"].default == nir_loss.DEFAULT_PROXY_LR_MULT
     assert groups["flow_lr_mult"].default == nir_loss.DEFAULT_FLOW_LR_MULT
-    for fn in (nir_loss.ProxyAnchorNIRLoss, nir_loss.NIRRegularizer, nir_loss.default_nir_weight):
+    for fn in (
+        nir_loss.ProxyAnchorNIRLoss,
+        nir_loss.NIRRegularizer,
+        nir_loss.default_nir_weight,
+        nir_loss.nir.NIRTerm,
+        nir_loss.nir.NIROptions,
+    ):
         assert inspect.signature(fn).parameters["objective"].default == nir_loss.DEFAULT_OBJECTIVE
-    source = inspect.getsource(nir_loss.losses)
-    assert "= DEFAULT_" not in source.split("__all__", 1)[1].split("def default_nir_weight", 1)[1]
-    assert "-> _Loss" not in source
+    for module in (nir_loss.losses, nir_loss.nir):  # signatures and fields, not the constants' definitions
+        lines = inspect.getsource(module).splitlines()
+        assert not [line for line in lines if "= DEFAULT_" in line and not line.startswith("DEFAULT_")]
+    assert "-> _Loss" not in inspect.getsource(nir_loss.losses)

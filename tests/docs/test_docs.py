@@ -225,16 +225,3 @@ def test_changelog_is_in_the_site():
 
 def test_concept_figure_is_committed():
     assert (DOCS / "img" / "concept.png").stat().st_size > 10_000
-
-
-def test_api_signatures_leave_out_the_deprecated_catch_all():
-    """The docs' griffe extension drops ``**deprecated`` from shown signatures, and only it."""
-    griffe = pytest.importorskip("griffe")
-    sys_path = [str(ROOT)]
-    extension = griffe.load_extensions(f"{ROOT / 'docs' / 'griffe_example_sections.py'}:ExampleSections")
-    package = griffe.load("nir_loss", search_paths=sys_path, extensions=extension)
-    init = package["losses"]["NIRRegularizer"]["__init__"]
-    names = [p.name for p in init.parameters]
-    assert "deprecated" not in names and {"loss", "nir_weight", "objective", "flow_options"} <= set(names)
-    plain = griffe.load("nir_loss", search_paths=sys_path)["losses"]["NIRRegularizer"]["__init__"]
-    assert "deprecated" in [p.name for p in plain.parameters]  # what the extension removes
