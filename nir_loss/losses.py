@@ -19,9 +19,8 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 from .flow import ProxyConditionedFlow, _compute_dtype, _SameReleasePickles
-from .nir import DEFAULT_OBJECTIVE as DEFAULT_OBJECTIVE  # defined with the NIR term; found here too
-from .nir import NIROptions, NIRTerm
-from .nir import default_nir_weight as default_nir_weight
+from .nir import DEFAULT_OBJECTIVE as DEFAULT_OBJECTIVE  # defined in nir.py; imported from here up to 0.3.0
+from .nir import NIROptions, NIRTerm, default_nir_weight
 from .proxies import get_proxies
 from .validation import (
     blocking_checks,
@@ -109,46 +108,45 @@ def _checked_nir_weight(value: Any) -> float:
     return weight
 
 
-def _checked_keywords(renamed: Mapping[str, str]) -> Callable[[_F], _F]:
-    """A method that names the fix for a keyword it does not take (Python's error names the keyword only).
+# NIRRegularizer's keywords before 0.3.0, removed in 0.4.0 (deprecated in 0.3.0): old -> new.
+_RENAMED = {"weight": "nir_weight"}
 
-    ``renamed`` maps old spellings, removed in 0.4.0, to their new names; flow options given as
-    keywords are pointed to ``flow_options={...}``; any other name gets the list of valid ones.
+
+def _keywords_name_the_fix(init: _F) -> _F:
+    """``__init__`` whose TypeError for a keyword it does not take names the fix (Python's names the keyword only).
+
+    A spelling removed in 0.4.0 gets its new name; flow options given as keywords are shown
+    inside ``flow_options={...}``; any other name gets the list of valid ones.
     """
+    own = [n for n in inspect.signature(init).parameters if n != "self"]
 
-    def decorate(method: _F) -> _F:
-        own = [n for n in inspect.signature(method).parameters if n != "self"]
+    @functools.wraps(init)
+    def checked(self, *args, **kwargs):
+        unknown = sorted(set(kwargs) - set(own))
+        if unknown:
+            raise TypeError(_unknown_keywords_message(type(self).__name__, unknown, kwargs, own))
+        return init(self, *args, **kwargs)
 
-        @functools.wraps(method)
-        def checked(self, *args, **kwargs):
-            unknown = sorted(set(kwargs) - set(own))
-            if unknown:
-                name = type(self).__name__ if method.__name__ == "__init__" else f"{method.__name__}()"
-                raise TypeError(_unknown_keywords_message(name, unknown, kwargs, own, renamed))
-            return method(self, *args, **kwargs)
-
-        return cast(_F, checked)
-
-    return decorate
+    return cast(_F, checked)
 
 
-def _unknown_keywords_message(
-    name: str, unknown: list[str], given: Mapping[str, Any], own: list[str], renamed: Mapping[str, str]
-) -> str:
-    flow_names = NIROptions.flow_option_names() if "flow_options" in own else []
-    fixes = [f"{old}= is {renamed[old]}= (the old spelling was removed in 0.4.0)" for old in unknown if old in renamed]
+def _unknown_keywords_message(owner: str, unknown: list[str], given: Mapping[str, Any], own: list[str]) -> str:
+    flow_names = NIROptions.flow_option_names()
+    fixes = [
+        f"{old}= is {_RENAMED[old]}= (the old spelling was removed in 0.4.0)" for old in unknown if old in _RENAMED
+    ]
     flow = [n for n in unknown if n in flow_names]
     if flow:
         options = ", ".join(f"{n!r}: {given[n]!r}" for n in flow)
         fixes.append(
             f"flow options go inside flow_options={{...}} (as keywords removed in 0.4.0): flow_options={{{options}}}"
         )
-    if set(unknown) - set(renamed) - set(flow):
-        expected = f"expected its own parameters ({', '.join(own)})"
-        if flow_names:
-            expected += f", or ProxyConditionedFlow options inside flow_options={{...}} ({', '.join(flow_names)})"
-        fixes.append(expected)
-    return f"{name} got unexpected keyword arguments {unknown}; {'; '.join(fixes)}."
+    if set(unknown) - set(_RENAMED) - set(flow):
+        fixes.append(
+            f"expected its own parameters ({', '.join(own)}), or ProxyConditionedFlow options inside "
+            f"flow_options={{...}} ({', '.join(flow_names)})"
+        )
+    return f"{owner} got unexpected keyword arguments {unknown}; {'; '.join(fixes)}."
 
 
 def _pml_regularizer_role(module: object) -> str | None:
@@ -453,7 +451,7 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         >>> loss.backward()
     """
 
-    @_checked_keywords(renamed={"weight": "nir_weight"})
+    @_keywords_name_the_fix
     def __init__(
         self,
         loss: nn.Module,
