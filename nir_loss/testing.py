@@ -101,12 +101,9 @@ def _scalar(value: Any, what: str) -> Tensor:
 
 
 def _wrap_options(given: Mapping[str, Any]) -> dict[str, Any]:
-    """``given`` over the defaults; options in NIRRegularizer's spelling before 0.3.0 still merge (and warn)."""
-    legacy_flow = set(given) - set(inspect.signature(NIRRegularizer).parameters) - {"weight"}
-    defaults: dict[str, Any] = {} if "weight" in given else {"nir_weight": 1.0}
-    if legacy_flow:
-        defaults.update(_SMALL_FLOW)
-    elif "flow" not in given:
+    """``given`` over the defaults: weight 1 and a small flow unless ``given`` names its own."""
+    defaults: dict[str, Any] = {"nir_weight": 1.0}
+    if "flow" not in given:
         defaults["flow_options"] = _SMALL_FLOW
     return {**defaults, **given}
 

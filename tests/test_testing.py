@@ -65,17 +65,15 @@ def test_global_rng_is_untouched():
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
-def test_check_proxy_loss_takes_nir_options_in_either_spelling():
+def test_check_proxy_loss_takes_nir_options():
     quick = {"miners": False, "dtypes": (torch.float32,), "devices": ["cpu"]}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_proxy_loss(
             pml_losses.ProxyNCALoss(C, D), C, D, **quick, nir_options={"nir_weight": 0.5, "flow_options": TINY_FLOW}
         )
-    with pytest.warns(DeprecationWarning) as record:
-        check_proxy_loss(pml_losses.ProxyNCALoss(C, D), C, D, **quick, nir_options={"weight": 0.5, "num_blocks": 1})
-    messages = [str(w.message) for w in record]
-    assert len(messages) == 2 and "(weight=...)" in messages[0] and "num_blocks=..." in messages[1]
+    with pytest.raises(AssertionError, match="nir_options"):  # the removed spelling names its fix
+        check_proxy_loss(pml_losses.ProxyNCALoss(C, D), C, D, **quick, nir_options={"weight": 0.5})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
