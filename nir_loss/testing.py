@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import io
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
