@@ -464,7 +464,7 @@ class NIRRegularizer(_NIRMixin, BaseMetricLossFunction):
         noise_std: float | None = None,
         guard_radius: float | None = None,
         centered: bool = False,
-        fit_flow: bool | None = None,
+        fit_flow: bool = False,
         validate: bool = True,
         reducer=None,
         collect_stats: bool | None = None,
@@ -572,7 +572,7 @@ class ProxyAnchorNIRLoss(_NIRMixin, ProxyAnchorLoss):
         noise_std: float | None = None,
         guard_radius: float | None = None,
         centered: bool = False,
-        fit_flow: bool | None = None,
+        fit_flow: bool = False,
         validate: bool = True,
         **kwargs,
     ) -> None:

@@ -116,7 +116,7 @@ class Objective:
             (``guarded_energy``), shape (B,); ``constant`` is (D/2) log(2 pi).
         default_weight: The NIR weight used when none is given, a function of D.
         saturates: The term's gradient vanishes once the flow fits (as exp(NLL)'s does), so
-            the flow stops learning from it: ``fit_flow`` applies, and is on by default.
+            the flow stops learning from it: ``fit_flow=True`` applies.
 
     Example:
         >>> nll = OBJECTIVES["nll"]
@@ -207,8 +207,9 @@ class NIROptions:
         fit_flow: For an objective that saturates (``"exp_nll"``): the flow is also fit by
             maximum likelihood on the detached embeddings and proxies, so it keeps modelling
             p(x | proxy) after exp(NLL) has vanished (the embeddings and proxies get
-            exp(NLL)'s gradient only, and the term's value is unchanged). None: on for an
-            objective that saturates.
+            exp(NLL)'s gradient only, and the term's value is unchanged). Off by default:
+            the sharper flow makes exp(NLL)'s rare large values larger, and one of three
+            PigCVP seeds collapsed with it ([Benchmarks](benchmarks.md)).
 
     Example:
         >>> options = NIROptions(objective="nll", flow_options={"num_blocks": 2})
@@ -223,7 +224,7 @@ class NIROptions:
     noise_std: float | None = None
     guard_radius: float | None = None
     centered: bool = False
-    fit_flow: bool | None = None
+    fit_flow: bool = False
 
     @staticmethod
     def flow_option_names() -> list[str]:
@@ -237,7 +238,7 @@ class NIROptions:
         if self.fit_flow and not objective.saturates:
             raise ValueError(
                 f"fit_flow=True applies to objectives that saturate only ({self.objective!r} fits the "
-                "flow by its own gradient); pass fit_flow=None or False."
+                "flow by its own gradient); pass fit_flow=False."
             )
         if self.noise_std is not None and (not self.noise_std >= 0 or math.isinf(self.noise_std)):
             raise ValueError(f"noise_std must be a finite number >= 0 (0: no noise), got {self.noise_std}.")
@@ -325,7 +326,7 @@ class NIRTerm(_SameReleasePickles, nn.Module):
         noise_std: float | None = None,
         guard_radius: float | None = None,
         centered: bool = False,
-        fit_flow: bool | None = None,
+        fit_flow: bool = False,
         **flow_options,
     ) -> None:
         super().__init__()
@@ -349,7 +350,7 @@ class NIRTerm(_SameReleasePickles, nn.Module):
         self.noise_std = default_noise_std(embedding_size) if noise_std is None else float(noise_std)
         self.guard_radius = default_guard_radius(embedding_size) if guard_radius is None else float(guard_radius)
         self.centered = centered
-        self.fit_flow = _objective(objective).saturates if fit_flow is None else bool(fit_flow)
+        self.fit_flow = bool(fit_flow)
         self.flow = flow
         self._compile_options: tuple[str | None, str | Callable] | None = None
 

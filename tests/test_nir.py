@@ -394,7 +394,7 @@ def test_centred_samples_have_the_flows_density():
 
 # -- fit_flow: exp(NLL) for the embeddings, maximum likelihood for the flow -------------------
 def test_fit_flow_adds_the_nll_gradient_to_the_flow_alone():
-    fit = NIRTerm(8, "exp_nll", noise_std=0, **DEEP_FLOW).double()
+    fit = NIRTerm(8, "exp_nll", noise_std=0, fit_flow=True, **DEEP_FLOW).double()
     plain = NIRTerm(8, "exp_nll", flow=fit.flow, noise_std=0, fit_flow=False)
     mle = NIRTerm(8, "nll", flow=fit.flow, noise_std=0)
     proxies = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
@@ -412,8 +412,8 @@ def test_fit_flow_adds_the_nll_gradient_to_the_flow_alone():
     assert any(c.abs().max() > 0 for c in g_mle[2:])
 
 
-def test_fit_flow_defaults_on_for_exp_nll_and_is_refused_for_nll():
-    assert NIRTerm(8, "exp_nll", **FLOW).fit_flow and not NIRTerm(8, "nll", **FLOW).fit_flow
+def test_fit_flow_defaults_off_and_is_refused_for_nll():
+    assert not NIRTerm(8, "exp_nll", **FLOW).fit_flow and NIRTerm(8, "exp_nll", fit_flow=True, **FLOW).fit_flow
     with pytest.raises(ValueError, match="fit_flow"):
         ProxyAnchorNIRLoss(4, 8, objective="nll", fit_flow=True, flow_options=FLOW)
 
@@ -431,7 +431,7 @@ def softplus_nll():
 
 def test_a_new_objective_is_one_table_entry(softplus_nll):
     loss_fn = ProxyAnchorNIRLoss(5, 8, objective=softplus_nll, flow_options=FLOW, **EXACT).double()
-    assert loss_fn.nir_weight == 0.5 == default_nir_weight(8, softplus_nll) and loss_fn.nir.fit_flow
+    assert loss_fn.nir_weight == 0.5 == default_nir_weight(8, softplus_nll)
     x, y = batch()
     term = loss_fn.nir.per_sample_loss(x, loss_fn.proxies, y)
     nll = reference.flow_nll(loss_fn.flow, x, F.normalize(loss_fn.proxies[y], dim=1))
