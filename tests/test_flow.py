@@ -10,11 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import nir_loss.flow as flow_module
 from nir_loss import ProxyConditionedFlow
-from nir_loss.flow import ContextAffineCoupling, soft_clamp
-
-COUPLINGS = ["affine", "spline"]
+from nir_loss.flow import COUPLINGS, ContextAffineCoupling, soft_clamp
 
 
 def make_flow(d, coupling="affine", **kw):
@@ -285,9 +282,18 @@ def test_fused_coupling_equals_the_stock_normflows_affine_coupling(transform_fir
     ).double()
     x, c = torch.randn(9, 7, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
     encoded = layer.encode_context(c)
+
+    class Interleaved(torch.nn.Module):
+        """The coupling's subnet as normflows' AffineCoupling reads it: (shift, clamped log-scale) interleaved."""
+
+        def forward(self, x_c):
+            shift, raw = layer.param_map(x_c, encoded).chunk(2, dim=1)
+            return torch.stack([shift, soft_clamp(raw, layer.clamp)], dim=-1).flatten(-2)
+
+    stock = nf.flows.AffineCoupling(Interleaved(), scale=True, scale_map="exp")
     x_t, x_c = x[:, layer.transformed], x[:, layer.conditioner]
-    for density, stock in ((True, layer.coupling.forward), (False, layer.coupling.inverse)):
-        (_, y_t), stock_log_det = stock([(x_c, encoded, None), x_t])
+    for density, stock_step in ((True, stock.forward), (False, stock.inverse)):
+        (_, y_t), stock_log_det = stock_step([x_c, x_t])
         y, log_det = (layer.inverse if density else layer.forward)(x, context=c)
         torch.testing.assert_close(y[:, layer.transformed], y_t, atol=1e-14, rtol=0)
         torch.testing.assert_close(y[:, layer.conditioner], x_c, atol=0, rtol=0)
@@ -298,12 +304,12 @@ def _uses_fused_path(t):
     return type(t.grad_fn).__name__ == "_FusedDensityBackward"
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["cpu_weight_grads", "batched_weight_grads"])
+@pytest.mark.parametrize("batched", [False, True], ids=["per_layer_weight_grads", "batched_weight_grads"])
 @pytest.mark.parametrize("d, num_layers, context_mlp", [(8, 3, False), (7, 4, True), (6, 2, False), (3, 3, False)])
-def test_fused_density_equals_autograd_through_the_normflows_layers(d, num_layers, context_mlp, batched, monkeypatch):
+def test_fused_density_equals_autograd_through_the_layer_loop(d, num_layers, context_mlp, batched):
     """z, log-det and the gradients of input, context and every parameter, in float64."""
-    monkeypatch.setattr(flow_module, "_BATCHED_WEIGHT_GRADS_ON_CPU", batched)
-    fused = make_flow(d, num_blocks=3, num_layers=num_layers, context_mlp_width=5 if context_mlp else None)
+    fused = make_flow(d, num_blocks=3, num_layers=num_layers, context_mlp_width=5 if context_mlp else None, fused=True)
+    fused.batched_weight_grads = batched
     layers = copy.deepcopy(fused)
     layers.fused = False
     x = F.normalize(torch.randn(11, d, dtype=torch.float64), dim=1).requires_grad_()
@@ -331,42 +337,41 @@ def test_fused_density_equals_autograd_through_the_normflows_layers(d, num_layer
 
 def test_fused_density_with_class_encodings_and_without_grad():
     """The matrix pass's route: class encodings computed once, gathered per row; and under no_grad."""
-    flow = make_flow(6, num_blocks=2)
+    flow = make_flow(6, num_blocks=2, fused=True)
     layers = copy.deepcopy(flow)
     layers.fused = False
     classes, index = torch.randn(4, 6, dtype=torch.float64), torch.tensor([3, 0, 0, 2, 1, 3])
     x = torch.randn(6, 6, dtype=torch.float64)
-    encoded = flow._encode(classes, x)
+    encoded = flow.encode_context(classes)
     assert isinstance(encoded, torch.Tensor) and encoded.shape == (4, 4 * 16)
     expected = layers.log_prob(x, classes[index])
     torch.testing.assert_close(flow.log_prob(x, encoded=encoded, context_index=index), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(layers.log_prob(x, encoded=encoded, context_index=index), expected, atol=1e-12, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(flow.log_prob(x, classes[index]), expected, atol=1e-12, rtol=0)
-    # a per-layer encoding from the public encode_context still works (through the layers)
-    torch.testing.assert_close(
-        flow.log_prob(x, encoded=flow.encode_context(classes), context_index=index), expected, atol=1e-12, rtol=0
-    )
 
 
 def test_fused_path_applies_only_to_affine_flows_in_the_density_direction():
     x, c = torch.randn(3, 6), torch.randn(3, 6)
-    assert ProxyConditionedFlow(6, num_blocks=1)._affine_plan(x) is not None
-    assert ProxyConditionedFlow(6, num_blocks=1, coupling="spline")._affine_plan(x) is None
-    assert ProxyConditionedFlow(6, num_blocks=1, fused=False)._affine_plan(x) is None
-    assert ProxyConditionedFlow(6, num_blocks=1)._affine_plan(x.double()) is None  # float32 weights
-    flow = ProxyConditionedFlow(6, num_blocks=1, identity_init=False)
+    assert ProxyConditionedFlow(6, num_blocks=1, fused=True)._fused_plan(x) is not None
+    assert ProxyConditionedFlow(6, num_blocks=1, coupling="spline", fused=True)._fused_plan(x) is None
+    assert ProxyConditionedFlow(6, num_blocks=1, fused=False)._fused_plan(x) is None
+    assert ProxyConditionedFlow(6, num_blocks=1, fused=True)._fused_plan(x.double()) is None  # float32 weights
+    assert ProxyConditionedFlow(6, num_blocks=1)._fused_plan(x) is None  # the default on CPU: the layer loop
+    assert ProxyConditionedFlow(6, num_blocks=1)._fused_plan(x.to("meta")) is None  # (weights on the CPU)
+    flow = ProxyConditionedFlow(6, num_blocks=1, identity_init=False, fused=True)
     assert not _uses_fused_path(flow.forward_and_log_det(x.requires_grad_(), c)[0])  # sampling direction
-    flow.flows[0].coupling.param_map.mlp.net[1] = torch.nn.Tanh()  # no longer the planned subnet
-    assert flow._affine_plan(x) is None
+    flow.flows[0].param_map.mlp.net[1] = torch.nn.Tanh()  # no longer the planned subnet
+    assert flow._fused_plan(x) is None
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["cpu_weight_grads", "batched_weight_grads"])
+@pytest.mark.parametrize("batched", [False, True], ids=["per_layer_weight_grads", "batched_weight_grads"])
 @pytest.mark.parametrize("d", [7, 8])
-def test_fused_density_traced_by_torch_compile_equals_eager(d, batched, monkeypatch):
+def test_fused_density_traced_by_torch_compile_equals_eager(d, batched):
     """The traced variant (no strided out=, results joined) gives eager's values and gradients."""
-    monkeypatch.setattr(flow_module, "_BATCHED_WEIGHT_GRADS_ON_CPU", batched)
     torch._dynamo.reset()
-    flow = make_flow(d, num_blocks=2, num_layers=3)
+    flow = make_flow(d, num_blocks=2, num_layers=3, fused=True)
+    flow.batched_weight_grads = batched
     x = F.normalize(torch.randn(5, d, dtype=torch.float64), dim=1).requires_grad_()
     c = F.normalize(torch.randn(5, d, dtype=torch.float64), dim=1).requires_grad_()
     compiled = torch.compile(flow.inverse_and_log_det, fullgraph=True, backend="aot_eager")
