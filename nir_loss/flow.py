@@ -392,10 +392,9 @@ class ProxyConditionedFlow(_SameReleasePickles, nf.ConditionalNormalizingFlow):
         spline_bins: Bins of the spline coupling.
         spline_tail_bound: Spline interval [-B, B]; identity outside (embeddings are unit norm).
         fused: Run the density direction of an affine flow as one fused pass with a hand-written
-            backward (fewer kernels, no double backward; ``nir_loss/_fused.py``); False runs the
-            layers one by one under autograd. Both compute the same function; tests pin them
-            equal. None (default): the fused pass off the CPU, where it is the faster one, and
-            the layer loop on the CPU.
+            backward (``nir_loss/_fused.py``: fewer kernels, and faster on CPU too; not twice
+            differentiable); False runs the layers one by one under autograd. Both compute the
+            same function; tests pin them equal.
 
     Attributes:
         batched_weight_grads: In the fused backward, compute the weight gradients of all
@@ -431,7 +430,7 @@ class ProxyConditionedFlow(_SameReleasePickles, nf.ConditionalNormalizingFlow):
         seed: int = 0,
         spline_bins: int = 8,
         spline_tail_bound: float = 3.0,
-        fused: bool | None = None,
+        fused: bool = True,
     ) -> None:
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {sorted(COUPLINGS)}, got {coupling!r}.")
@@ -499,7 +498,7 @@ class ProxyConditionedFlow(_SameReleasePickles, nf.ConditionalNormalizingFlow):
 
     def _fused_plan(self, x: Tensor) -> _fused.AffinePlan | None:
         """The fused pass's plan where this flow takes it for ``x``, else None (the layer loop)."""
-        if not (x.device.type != "cpu" if self.fused is None else self.fused):
+        if not self.fused:
             return None
         if torch.compiler.is_compiling():  # no cache: setting it would invalidate the compiled graph
             plan = _fused.plan(self.flows)
