@@ -150,7 +150,7 @@ class _ContextMLP(nn.Module):
     def encode_context(self, context: Tensor) -> Tensor:
         """(R, context_features) -> (R, hidden): the context's part of the first pre-activation, with its bias."""
         if self.context_layer is None:
-            raise ValueError("This subnet has no context (context_features=None).")
+            raise ValueError("This coupling was built without a context (context_features=None): nothing to encode.")
         return F.linear(context, self.context_layer.weight, self.input_layer.bias)
 
     def forward(self, x: Tensor, encoded: Tensor | None = None) -> Tensor:
