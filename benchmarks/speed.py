@@ -648,64 +648,59 @@ def section_kernels(args, device, timer, out):
     )
     import torch._inductor.config as inductor_config
 
-    import nir_loss.flow as flow_module
-
     if args.fresh_cache:  # its compile times are cold too, after section 5's compiles
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="nir_speed_kernels_", dir=args.cache_root)
         torch._dynamo.reset()
     inductor_config.cpp.enable_kernel_profile = True  # (a different kernel source than section 5's)
-    cpu_path = flow_module._BATCHED_WEIGHT_GRADS_ON_CPU
-    flow_module._BATCHED_WEIGHT_GRADS_ON_CPU = True
-    try:
-        pa, nir, _, x0, labels, mods = make_losses(B, D, C, device)
-        inn = build_freia_flow(D).to(device)
-        layers = copy.deepcopy(nir)
-        layers.nir.flow.fused = False  # the normflows layers one by one under autograd (nir-loss 0.2.0's path)
-        mods = [*mods, inn, layers]
+    pa, nir, _, x0, labels, mods = make_losses(B, D, C, device)
+    # The accelerators' code path, on any device: the fused pass with batched weight gradients.
+    nir.nir.flow.fused, nir.nir.flow.batched_weight_grads = True, True
+    inn = build_freia_flow(D).to(device)
+    layers = copy.deepcopy(nir)
+    layers.nir.flow.fused = False  # the layers one by one under autograd (nir-loss 0.2.0's path)
+    mods = [*mods, inn, layers]
 
-        def freia_nll(emb, proxies, labels):
-            return -freia_log_likelihood(inn, emb, proxies, labels)
+    def freia_nll(emb, proxies, labels):
+        return -freia_log_likelihood(inn, emb, proxies, labels)
 
-        def step(fn, autocast=False):
-            def f():
-                zero_grads(mods, x0)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss = fn(F.normalize(x0, dim=1))
-                loss.backward()
+    def step(fn, autocast=False):
+        def f():
+            zero_grads(mods, x0)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = fn(F.normalize(x0, dim=1))
+            loss.backward()
 
-            return f
+        return f
 
-        arms = {
-            "nir": lambda e: nir.nir.per_sample_loss(e, nir.proxies, labels).mean(),
-            "nir_layers": lambda e: layers.nir.per_sample_loss(e, layers.proxies, labels).mean(),
-            "freia": lambda e: freia_nll(e, nir.proxies, labels).mean(),
-            "proxy_anchor": lambda e: pa(e, labels),
-        }
-        res: dict = {"eager": {}, "eager_bf16": {}, "compiled": {}, "compile_s": {}}
-        for name, fn in arms.items():
-            res["eager"][name] = eager_kernel_count(step(fn))
-            if name != "proxy_anchor":
-                res["eager_bf16"][name] = eager_kernel_count(step(fn, autocast=True))
-        compiled_nir = copy.deepcopy(nir)
-        compiled_nir.nir.compile_nir()  # what a user switches on: fullgraph, static shape
-        mods.append(compiled_nir)
-        compiled = {
-            "nir": lambda e: compiled_nir.nir.per_sample_loss(e, compiled_nir.proxies, labels).mean(),
-            "nir_layers": torch.compile(
-                lambda e: layers.nir.per_sample_loss(e, layers.proxies, labels).mean(), dynamic=False
-            ),
-            "freia": torch.compile(lambda e: freia_nll(e, nir.proxies, labels).mean(), dynamic=False),
-            "proxy_anchor": torch.compile(lambda e: pa(e, labels), dynamic=False),
-        }
-        if args.no_compile:
-            compiled = {}
-        for name, fn in compiled.items():
-            w = time.perf_counter()
-            step(fn)()
-            res["compile_s"][name] = time.perf_counter() - w
-            res["compiled"][name] = compiled_kernel_count(step(fn))
-    finally:
-        flow_module._BATCHED_WEIGHT_GRADS_ON_CPU = cpu_path
+    arms = {
+        "nir": lambda e: nir.nir.per_sample_loss(e, nir.proxies, labels).mean(),
+        "nir_layers": lambda e: layers.nir.per_sample_loss(e, layers.proxies, labels).mean(),
+        "freia": lambda e: freia_nll(e, nir.proxies, labels).mean(),
+        "proxy_anchor": lambda e: pa(e, labels),
+    }
+    res: dict = {"eager": {}, "eager_bf16": {}, "compiled": {}, "compile_s": {}}
+    for name, fn in arms.items():
+        res["eager"][name] = eager_kernel_count(step(fn))
+        if name != "proxy_anchor":
+            res["eager_bf16"][name] = eager_kernel_count(step(fn, autocast=True))
+    compiled_nir = copy.deepcopy(nir)
+    compiled_nir.nir.compile_nir()  # what a user switches on: fullgraph, static shape
+    mods.append(compiled_nir)
+    compiled = {
+        "nir": lambda e: compiled_nir.nir.per_sample_loss(e, compiled_nir.proxies, labels).mean(),
+        "nir_layers": torch.compile(
+            lambda e: layers.nir.per_sample_loss(e, layers.proxies, labels).mean(), dynamic=False
+        ),
+        "freia": torch.compile(lambda e: freia_nll(e, nir.proxies, labels).mean(), dynamic=False),
+        "proxy_anchor": torch.compile(lambda e: pa(e, labels), dynamic=False),
+    }
+    if args.no_compile:
+        compiled = {}
+    for name, fn in compiled.items():
+        w = time.perf_counter()
+        step(fn)()
+        res["compile_s"][name] = time.perf_counter() - w
+        res["compiled"][name] = compiled_kernel_count(step(fn))
     print(
         f"{'':14} {'eager':>6} {'(GEMMs)':>8} {'bf16 autocast':>14} | {'compiled':>8} {'(fused + GEMMs)':>16} "
         f"{'+ ops outside':>13} {'compile s':>9}"

@@ -502,7 +502,7 @@ class NIRTerm(_SameReleasePickles, nn.Module):
         x = embeddings.to(dtype)
         num_classes, batch = proxies.shape[0], x.shape[0]
         centres = self._proxies(proxies, dtype).flatten(0, -2)  # (C or C*K, D)
-        encoded = self.flow._encode(centres, x)  # per-class work, once
+        encoded = self.flow.encode_context(centres)  # per-class work, once
         if chunk_size is None:
             rows = _MATRIX_ROWS_CPU if x.device.type == "cpu" else _MATRIX_ROWS
             chunk_size = max(1, rows // num_classes)
@@ -518,9 +518,7 @@ class NIRTerm(_SameReleasePickles, nn.Module):
             out[i * chunk_size : (i + 1) * chunk_size] = one_pass(chunk, centres, encoded, num_classes)
         return out[:batch]
 
-    def _matrix_pass(
-        self, chunk: Tensor, centres: Tensor, encoded: Tensor | list[Tensor | None], num_classes: int
-    ) -> Tensor:
+    def _matrix_pass(self, chunk: Tensor, centres: Tensor, encoded: Tensor, num_classes: int) -> Tensor:
         """log p(x_i | proxy_c) of one chunk of samples and every class, (chunk, C)."""
         rows = chunk.repeat_interleave(num_classes, dim=0)  # row = i * C + c
         class_index = torch.arange(num_classes, device=chunk.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import io
 from collections.abc import Callable, Mapping, Sequence
@@ -63,14 +64,26 @@ def _without_nir(nir_loss: nn.Module) -> nn.Module:
     return plain
 
 
-def _batch(
-    num_classes: int, embedding_size: int, batch_size: int, dtype: torch.dtype, device: torch.device, seed: int
-) -> tuple[Tensor, Tensor]:
-    """Unit-norm embeddings (a leaf that requires grad) and labels naming each class twice in turn."""
-    g = torch.Generator().manual_seed(seed)
-    x = F.normalize(torch.randn(batch_size, embedding_size, generator=g, dtype=torch.float64), dim=1)
-    labels = (torch.arange(batch_size) // 2) % num_classes
-    return x.to(device=device, dtype=dtype).requires_grad_(True), labels.to(device)
+@dataclasses.dataclass(frozen=True)
+class _Case:
+    """The loss under check, as every check sees it: its name, the batch shape and the seed."""
+
+    name: str
+    num_classes: int
+    embedding_size: int
+    batch_size: int
+    seed: int
+
+    def batch(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+        """Unit-norm embeddings (a leaf that requires grad) and labels naming each class twice in turn."""
+        g = torch.Generator().manual_seed(self.seed)
+        x = F.normalize(torch.randn(self.batch_size, self.embedding_size, generator=g, dtype=torch.float64), dim=1)
+        labels = (torch.arange(self.batch_size) // 2) % self.num_classes
+        return x.to(device=device, dtype=dtype).requires_grad_(True), labels.to(device)
+
+    def value(self, what: str, fix: str, fn: Callable[[], Any]) -> Tensor:
+        """``fn()``, which must not raise and must give a finite scalar; ``what`` names the call in a failure."""
+        return _scalar(_guarded(what, fix, fn), what)
 
 
 def _proxy_params(loss: nn.Module) -> list[nn.Parameter]:
@@ -176,37 +189,36 @@ def _check_proxy_loss(
     nir_options: Mapping[str, Any] | None,
     seed: int,
 ) -> None:
-    name = type(loss).__name__
+    case = _Case(type(loss).__name__, num_classes, embedding_size, batch_size, seed)
     if _is_nir_loss(loss):
         nir_loss = copy.deepcopy(loss).cpu().float()
         plain = _without_nir(nir_loss)
-        _check_proxies(plain, name, num_classes, embedding_size)
+        _check_proxies(case, plain)
     else:
         plain = copy.deepcopy(loss).cpu().float()
-        _check_proxies(plain, name, num_classes, embedding_size)
+        _check_proxies(case, plain)
         options = _wrap_options(nir_options or {})
         nir_loss = _guarded(
-            f"NIRRegularizer({name}(...), **{options})",
+            f"NIRRegularizer({case.name}(...), **{options})",
             "check nir_options.",
             lambda: NIRRegularizer(copy.deepcopy(plain), **options),
         )
     # The checks compare values across calls, copies and dtypes: no training noise (eval mode).
     nir_loss.eval()
-    _check_own_term(plain, name, num_classes, embedding_size, batch_size, seed)
-    _check_class_rows(plain, name, num_classes, embedding_size, seed)
-    _check_nir_gradients(nir_loss, name, num_classes, embedding_size, batch_size, seed)
+    _check_own_term(case, plain)
+    _check_class_rows(case, plain)
+    _check_nir_gradients(case, nir_loss)
     if miners:
-        _check_miners(nir_loss, name, num_classes, embedding_size, batch_size, seed)
-    _check_reducers(nir_loss, name, num_classes, embedding_size, batch_size, seed)
+        _check_miners(case, nir_loss)
+    _check_reducers(case, nir_loss)
     for device in devices:
         for dtype in dtypes:
-            _check_dtype_device(
-                plain, nir_loss, name, num_classes, embedding_size, batch_size, seed, dtype, torch.device(device)
-            )
-    _check_state_dict(nir_loss, name, num_classes, embedding_size, batch_size, seed)
+            _check_dtype_device(case, plain, nir_loss, dtype, torch.device(device))
+    _check_state_dict(case, nir_loss)
 
 
-def _check_proxies(plain: nn.Module, name: str, num_classes: int, embedding_size: int) -> None:
+def _check_proxies(case: _Case, plain: nn.Module) -> None:
+    name, num_classes, embedding_size = case.name, case.num_classes, case.embedding_size
     proxies = _guarded(
         f"get_proxies({name})",
         "give the loss a `proxies` nn.Parameter of shape (C, D), or a get_proxies() method.",
@@ -240,7 +252,7 @@ def _rows_of(plain: nn.Module, params: list[nn.Parameter], grads: Sequence[Tenso
     return rows
 
 
-def _check_class_rows(plain: nn.Module, name: str, num_classes: int, embedding_size: int, seed: int) -> None:
+def _check_class_rows(case: _Case, plain: nn.Module) -> None:
     """Row c of ``get_proxies`` is class c's proxy, as the loss itself uses it.
 
     For a sample of class c placed orthogonal to class c's proxy, the loss pulls that proxy
@@ -249,10 +261,11 @@ def _check_class_rows(plain: nn.Module, name: str, num_classes: int, embedding_s
     matrix reshaped to (C, D) has the right shape but rows that mix the classes' columns, and
     fails this.
     """
+    name, num_classes, embedding_size = case.name, case.num_classes, case.embedding_size
     params = _proxy_params(plain)
     if num_classes < 2 or not params:
         return
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(case.seed)
     classes = torch.linspace(0, num_classes - 1, min(num_classes, 8)).round().long().unique().tolist()
     rows = get_proxies(plain).detach().reshape(-1, embedding_size)
     for c in classes:
@@ -267,7 +280,7 @@ def _check_class_rows(plain: nn.Module, name: str, num_classes: int, embedding_s
         x = F.normalize(x[None], dim=1).expand(2, -1).clone()
         what = f"{name}(embeddings, labels) without NIR, two samples of class {c}"
         fix = "make compute_loss work on any batch of (B, D) embeddings."
-        value = _scalar(_guarded(what, fix, functools.partial(plain, x, torch.full((2,), c))), what)
+        value = case.value(what, fix, functools.partial(plain, x, torch.full((2,), c)))
         grads = torch.autograd.grad(value, params, allow_unused=True)
         grads = tuple(torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads))
         row_grads = _guarded(
@@ -289,70 +302,52 @@ def _check_class_rows(plain: nn.Module, name: str, num_classes: int, embedding_s
             )
 
 
-def _check_own_term(
-    plain: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int, seed: int
-) -> None:
-    x, labels = _batch(num_classes, embedding_size, batch_size, torch.float32, torch.device("cpu"), seed)
-    value = _scalar(
-        _guarded(
-            f"{name}(embeddings, labels) without NIR",
-            "make compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels) work "
-            "on (B, D) float embeddings and int64 labels.",
-            lambda: plain(x, labels),
-        ),
-        f"{name}(embeddings, labels) without NIR",
+def _check_own_term(case: _Case, plain: nn.Module) -> None:
+    x, labels = case.batch()
+    value = case.value(
+        f"{case.name}(embeddings, labels) without NIR",
+        "make compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels) work "
+        "on (B, D) float embeddings and int64 labels.",
+        lambda: plain(x, labels),
     )
     params = _proxy_params(plain)
     grads = torch.autograd.grad(value, [x, *params], allow_unused=True)
     if all(g is None or not bool(g.abs().sum() > 0) for g in grads[1:]):
         raise _fail(
-            f"{name}'s own loss (without NIR) gives no gradient to its proxies: they would never train.",
+            f"{case.name}'s own loss (without NIR) gives no gradient to its proxies: they would never train.",
             "use the proxies parameter itself in compute_loss: no .detach(), .data or torch.no_grad(), and "
             "do not copy it into a new tensor; get_proxies() must return the same tensor the loss uses.",
         )
     if grads[0] is None or not bool(grads[0].abs().sum() > 0):
         raise _fail(
-            f"{name}'s own loss gives no gradient to the embeddings.",
+            f"{case.name}'s own loss gives no gradient to the embeddings.",
             "compute the loss from the embeddings passed in, without detaching them.",
         )
 
 
-def _check_nir_gradients(
-    nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int, seed: int
-) -> None:
-    x, labels = _batch(num_classes, embedding_size, batch_size, torch.float32, torch.device("cpu"), seed)
-    nir_loss.zero_grad(set_to_none=True)
-    value = _scalar(
-        _guarded(f"NIR-wrapped {name}(embeddings, labels)", "see the message above.", lambda: nir_loss(x, labels)),
-        f"NIR-wrapped {name}(embeddings, labels)",
-    )
+def _check_nir_gradients(case: _Case, nir_loss: nn.Module) -> None:
+    # That every flow parameter gets a gradient is check_flow's (and the library's tests') to say.
+    x, labels = case.batch()
+    what = f"NIR-wrapped {case.name}(embeddings, labels)"
+    value = case.value(what, "see the message above.", lambda: nir_loss(x, labels))
     if getattr(nir_loss, "nir_weight", 1.0) == 0:
         raise _fail(
-            f"the NIR weight of {name} is 0, so NIR adds nothing.",
+            f"the NIR weight of {case.name} is 0, so NIR adds nothing.",
             "check the loss with a non-zero weight (NIRRegularizer(loss, nir_weight=...)).",
         )
-    value.backward()
-    if x.grad is None or not bool(x.grad.abs().sum() > 0):
+    flow = [p for p in cast(NIRTerm, nir_loss.nir).flow.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(value, [x, *flow], allow_unused=True)
+    if grads[0] is None or not bool(grads[0].abs().sum() > 0):
         raise _fail(
-            f"NIR-wrapped {name} gives no gradient to the embeddings.",
+            f"NIR-wrapped {case.name} gives no gradient to the embeddings.",
             "compute the loss from the embeddings passed in, without detaching them.",
         )
-    flow: nn.Module = cast(NIRTerm, nir_loss.nir).flow
-    missing = [n for n, p in flow.named_parameters() if p.requires_grad and p.grad is None]
-    if missing:
-        raise _fail(
-            f"flow parameters get no gradient from the NIR term: {missing[:5]}.",
-            "every flow layer must be used in the density direction; a custom flow must return "
-            "log-dets computed from its parameters.",
-        )
-    if not any(bool(p.grad.abs().sum() > 0) for p in flow.parameters() if p.grad is not None):
-        raise _fail("every flow gradient is zero.", "check the NIR weight and the flow's log-det.")
+    if not any(g is not None and bool(g.abs().sum() > 0) for g in grads[1:]):
+        raise _fail(f"{what}: no flow parameter gets a gradient.", "check the NIR weight and the flow's log-det.")
 
 
-def _check_miners(
-    nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int, seed: int
-) -> None:
-    x, labels = _batch(num_classes, embedding_size, batch_size, torch.float32, torch.device("cpu"), seed)
+def _check_miners(case: _Case, nir_loss: nn.Module) -> None:
+    x, labels = case.batch()
     for miner in (
         pml_miners.MultiSimilarityMiner(epsilon=0.5),
         pml_miners.TripletMarginMiner(margin=1.0, type_of_triplets="all"),
@@ -360,25 +355,22 @@ def _check_miners(
         pairs = isinstance(miner, pml_miners.MultiSimilarityMiner)
         kind = f"{type(miner).__name__} ({'pairs' if pairs else 'triplets'})"
         indices_tuple = miner(x.detach(), labels)
-        value = _guarded(
-            f"NIR-wrapped {name}(embeddings, labels, indices_tuple) with {kind}",
+        value = case.value(
+            f"NIR-wrapped {case.name}(embeddings, labels, indices_tuple) with {kind}",
             "accept indices_tuple in compute_loss (e.g. lmu.convert_to_weights(indices_tuple, labels, dtype)); if "
             "your loss rejects miners by design, call check_proxy_loss(..., miners=False).",
             functools.partial(nir_loss, x, labels, indices_tuple),
         )
-        _scalar(value, f"NIR-wrapped {name} with {kind}")
         _guarded(f"backward with {kind}", "see the message above.", functools.partial(torch.autograd.grad, value, x))
 
 
-def _check_reducers(
-    nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int, seed: int
-) -> None:
+def _check_reducers(case: _Case, nir_loss: nn.Module) -> None:
     """PML reducers on the loss's own terms; the NIR term stays in (its flow gets a gradient).
 
     Thresholding reducers cannot reduce the NIR term (a log-likelihood, usually negative): they
     go to the wrapped loss (``NIRRegularizer``) or to every sub-loss but ``nir_loss``.
     """
-    x, labels = _batch(num_classes, embedding_size, batch_size, torch.float32, torch.device("cpu"), seed)
+    x, labels = case.batch()
     for reducer in (
         pml_reducers.MeanReducer(),
         pml_reducers.SumReducer(),
@@ -397,12 +389,12 @@ def _check_reducers(
             )
         else:
             with_reducer.set_reducer(reducer)
-        what = f"NIR-wrapped {name} with reducer={type(reducer).__name__}()"
+        what = f"NIR-wrapped {case.name} with reducer={type(reducer).__name__}()"
         fix = (
             "return sub-losses with a PML reduction_type (element, pos_pair, neg_pair, triplet or "
             "already_reduced) and the matching indices."
         )
-        value = _scalar(_guarded(what, fix, functools.partial(with_reducer, x, labels)), what)
+        value = case.value(what, fix, functools.partial(with_reducer, x, labels))
         flow: nn.Module = cast(NIRTerm, with_reducer.nir).flow
         grads = _guarded(
             f"backward of {what}",
@@ -417,17 +409,10 @@ def _check_reducers(
 
 
 def _check_dtype_device(
-    plain: nn.Module,
-    nir_loss: nn.Module,
-    name: str,
-    num_classes: int,
-    embedding_size: int,
-    batch_size: int,
-    seed: int,
-    dtype: torch.dtype,
-    device: torch.device,
+    case: _Case, plain: nn.Module, nir_loss: nn.Module, dtype: torch.dtype, device: torch.device
 ) -> None:
-    x, labels = _batch(num_classes, embedding_size, batch_size, dtype, device, seed)
+    name = case.name
+    x, labels = case.batch(dtype, device)
     where = f"on {device} in {dtype}"
     fix = (
         "cast the proxies to the embeddings' dtype and device in compute_loss with a differentiable "
@@ -452,7 +437,7 @@ def _check_dtype_device(
             "register them as an nn.Parameter (or buffer) so Module.to() moves them.",
         )
     what = f"NIR-wrapped {name} {where}"
-    value = _scalar(_guarded(what, fix, lambda: moved(x, labels)), what)
+    value = case.value(what, fix, lambda: moved(x, labels))
     _guarded(f"backward of {what}", fix, value.backward)
     if x.grad is None or x.grad.dtype != dtype or x.grad.device.type != device.type:
         raise _fail(
@@ -507,9 +492,8 @@ def _scramble(module: nn.Module, generator: torch.Generator, plain_tensors: bool
             setattr(owner, key, (value + noise(value)).requires_grad_(value.requires_grad))
 
 
-def _check_state_dict(
-    nir_loss: nn.Module, name: str, num_classes: int, embedding_size: int, batch_size: int, seed: int
-) -> None:
+def _check_state_dict(case: _Case, nir_loss: nn.Module) -> None:
+    name = case.name
     buffer = io.BytesIO()
     torch.save(nir_loss.state_dict(), buffer)
     buffer.seek(0)
@@ -522,7 +506,7 @@ def _check_state_dict(
     # carry over what state_dict loses, so the proxies are also compared on a copy whose plain
     # tensor attributes are scrambled too (the loss's other plain tensors may be constants its
     # constructor makes, like PML's LargeMarginSoftmaxLoss tables).
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(case.seed)
     expected = _proxies_of(nir_loss).detach().clone()  # before any forward (P2SGradLoss renorms in place)
     loaded = []
     for plain_tensors in (False, True):
@@ -543,7 +527,7 @@ def _check_state_dict(
                 "register them with nn.Parameter (or register_buffer), not as a plain tensor attribute.",
             )
         loaded.append(other)
-    x, labels = _batch(num_classes, embedding_size, batch_size, torch.float32, torch.device("cpu"), seed)
+    x, labels = case.batch()
     with torch.no_grad():
         a, b = nir_loss(x, labels), loaded[0](x, labels)
     if not torch.equal(a, b):
@@ -571,16 +555,11 @@ def _flow_steps(flow: nn.Module) -> tuple[Callable[..., tuple[Tensor, Tensor]], 
 
 
 def _flow_widths(flow: nn.Module, features: int | None, context_features: int | None) -> tuple[int, int | None]:
-    if features is None:
-        features = getattr(flow, "features", None)
+    """``features`` and ``context_features``, by default the flow's (or coupling's) attributes of those names."""
+    features = getattr(flow, "features", None) if features is None else features
     if features is None:
         raise _fail(f"cannot tell the width of {type(flow).__name__}.", "pass check_flow(flow, features=D).")
-    if context_features is None:
-        context_features = getattr(flow, "context_features", None)
-        layer = getattr(flow, "context_layer", None)
-        if context_features is None and isinstance(layer, nn.Linear):
-            context_features = layer.in_features
-    return int(features), context_features
+    return int(features), getattr(flow, "context_features", None) if context_features is None else context_features
 
 
 def check_flow(
@@ -644,16 +623,12 @@ def check_flow(
         "the density direction must accept (N, D) float64 inputs and context=(N, C_ctx).",
         lambda: run(density, x, ctx),
     )
-    if tuple(z.shape) != tuple(x.shape) or tuple(log_det.shape) != (num_samples,):
+    if (z.shape, log_det.shape, z.dtype, log_det.dtype) != (x.shape, (num_samples,), x.dtype, x.dtype):
         raise _fail(
-            f"{name}: x {tuple(x.shape)} gave z {tuple(z.shape)} and log_det {tuple(log_det.shape)}; "
-            f"expected z {tuple(x.shape)} and log_det ({num_samples},).",
-            "return (z, log_det) with one log-det per sample (sum over features).",
-        )
-    if z.dtype != torch.float64 or log_det.dtype != torch.float64:
-        raise _fail(
-            f"{name} computes in {z.dtype}/{log_det.dtype} for float64 input.",
-            "accumulate log-dets in the input's dtype (normflows' own accumulator is float32).",
+            f"{name}: x {tuple(x.shape)} float64 gave z {tuple(z.shape)} {z.dtype} and log_det "
+            f"{tuple(log_det.shape)} {log_det.dtype}; expected z like x and log_det ({num_samples},) float64.",
+            "return (z, log_det) with one log-det per sample (sum over features), accumulated in the input's "
+            "dtype (normflows' own accumulator is float32).",
         )
     x_back, log_det_back = run(sampling, z, ctx)
     err = (x_back - x).abs().max().item()

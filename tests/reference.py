@@ -25,14 +25,14 @@ def flow_nll(flow, x, context):
             x = x[:, layer.inv_perm]
             continue
         x_t, x_c = x[:, layer.transformed], x[:, layer.conditioner]
-        param_map = layer.coupling.param_map
+        param_map = layer.param_map
         h = x_c @ param_map.input_layer.weight.t() + param_map.input_layer.bias
-        h = h + context @ layer.context_layer.weight.t()
+        h = h + context @ param_map.context_layer.weight.t()
         for lin in [m for m in param_map.mlp.modules() if isinstance(m, torch.nn.Linear)]:
             h = torch.relu(h) @ lin.weight.t() + lin.bias
         n_t = h.shape[1] // 2
         shift, raw = h[:, :n_t], h[:, n_t:]  # the last layer's rows: [shift | log-scale]
-        s = param_map.clamp * 0.636 * torch.atan(raw)  # FrEIA's "ATAN" soft clamp
+        s = layer.clamp * 0.636 * torch.atan(raw)  # FrEIA's "ATAN" soft clamp
         x = x.clone()
         x[:, layer.transformed] = x_t * torch.exp(s) + shift
         log_det = log_det + s.sum(1)

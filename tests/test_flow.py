@@ -4,17 +4,17 @@ import copy
 import io
 import math
 import pickle
+import re
+from collections import OrderedDict
 
 import normflows as nf
 import pytest
 import torch
 import torch.nn.functional as F
 
-import nir_loss.flow as flow_module
 from nir_loss import ProxyConditionedFlow
-from nir_loss.flow import ContextAffineCoupling, soft_clamp
-
-COUPLINGS = ["affine", "spline"]
+from nir_loss.flow import COUPLINGS, ContextAffineCoupling, soft_clamp
+from nir_loss.testing import check_flow
 
 
 def make_flow(d, coupling="affine", **kw):
@@ -263,6 +263,88 @@ def test_version_1_state_dicts_are_converted_on_load():
     assert not torch.allclose(unconverted.log_prob(x, c), flow.log_prob(x, c))
 
 
+def _with_release_0_3_keys(state):
+    """``state`` keyed as nir-loss 0.3.0 and earlier saved it: each subnet at ``coupling.param_map``
+    (inside a stock normflows AffineCoupling), its context layer beside it at ``context_layer``."""
+
+    def old(key):
+        key = re.sub(r"(flows\.\d+\.)param_map\.context_layer\.", r"\1context_layer.", key)
+        return re.sub(r"(flows\.\d+\.)param_map\.", r"\1coupling.param_map.", key)
+
+    out = OrderedDict((old(k), v) for k, v in state.items())
+    out._metadata = OrderedDict((old(k + ".")[:-1], dict(m)) for k, m in state._metadata.items())
+    for path, meta in out._metadata.items():
+        if re.fullmatch(r"flows\.\d+", path) and f"{path}.coupling.param_map" in out._metadata:
+            meta["version"] = 1
+    return out
+
+
+@pytest.mark.parametrize("subnet_version", [1, 2], ids=["0.1.0", "0.2.0-0.3.0"])
+def test_state_dicts_keyed_by_earlier_releases_load(subnet_version):
+    flow = make_flow(6)
+    x, c = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    state = flow.state_dict()
+    if subnet_version == 1:
+        state = _as_version_1(flow, state)
+    old_state = _with_release_0_3_keys(state)
+    assert "flows.1.coupling.param_map.input_layer.weight" in old_state and "flows.1.context_layer.weight" in old_state
+    buffer = io.BytesIO()
+    torch.save(old_state, buffer)  # keeps the metadata
+    buffer.seek(0)
+    for loaded_state in (old_state, torch.load(buffer, weights_only=True)):
+        loaded = make_flow(6, seed=9)
+        loaded.load_state_dict(loaded_state)
+        torch.testing.assert_close(loaded.log_prob(x, c), flow.log_prob(x, c), atol=1e-12, rtol=0)
+    if subnet_version == 2:  # the keys move in any module that holds the flow
+        holder = torch.nn.ModuleDict({"flow": make_flow(6, seed=9)})
+        holder.load_state_dict({f"flow.{k}": v for k, v in old_state.items()})
+        torch.testing.assert_close(holder["flow"].log_prob(x, c), flow.log_prob(x, c), atol=1e-12, rtol=0)
+
+
+class _ToyCoupling(nf.flows.Flow):
+    """A coupling kind for the test of the table: y_t = x_t * exp(s(context)) + t(x_c, context)."""
+
+    def __init__(self, features, context_features, transform_first):
+        super().__init__()
+        self.features, self.context_features, self.context_width = features, context_features, context_features
+        split = round(features / 2)
+        self.sizes, self.transform_first = (split, features - split), transform_first
+        n_t = split if transform_first else features - split
+        self.scale = torch.nn.Linear(context_features, n_t)
+        self.shift = torch.nn.Linear(features - n_t + context_features, n_t)
+
+    def encode_context(self, context):
+        return context
+
+    def _step(self, x, encoded, density):
+        first, second = x.split(self.sizes, dim=1)
+        x_t, x_c = (first, second) if self.transform_first else (second, first)
+        s, t = torch.tanh(self.scale(encoded)), self.shift(torch.cat([x_c, encoded], dim=1))
+        y_t = x_t * torch.exp(s) + t if density else (x_t - t) * torch.exp(-s)
+        parts = (y_t, x_c) if self.transform_first else (x_c, y_t)
+        return torch.cat(parts, dim=1), s.sum(1) if density else -s.sum(1)
+
+    def _rows(self, context, encoded, context_index):
+        if encoded is None:
+            return context
+        return encoded if context_index is None else encoded[context_index]
+
+    def inverse(self, z, context=None, *, encoded=None, context_index=None):
+        return self._step(z, self._rows(context, encoded, context_index), True)
+
+    def forward(self, z, context=None, *, encoded=None, context_index=None):
+        return self._step(z, self._rows(context, encoded, context_index), False)
+
+
+def test_a_new_coupling_kind_is_one_table_entry(monkeypatch):
+    monkeypatch.setitem(COUPLINGS, "toy", lambda d, ctx, first, options: _ToyCoupling(d, ctx, first))
+    flow = ProxyConditionedFlow(5, num_blocks=2, coupling="toy")
+    assert sum(isinstance(m, _ToyCoupling) for m in flow.flows) == 4
+    check_flow(flow)  # shapes, inverse round trip, log-det = slogdet of the Jacobian, gradients, context
+    x, c = torch.randn(3, 5), torch.randn(3, 5)
+    torch.testing.assert_close(flow.forward(flow.inverse(x, c), c), x, atol=1e-5, rtol=0)
+
+
 def test_compiles_fullgraph():
     flow = ProxyConditionedFlow(8, num_blocks=2, hidden_features=16, num_layers=3, identity_init=False)
     x, c = torch.randn(6, 8), torch.randn(6, 8)
@@ -271,7 +353,7 @@ def test_compiles_fullgraph():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="coupling"):
+    with pytest.raises(ValueError, match=r"coupling must be one of \['affine', 'spline'\], got 'nope'"):
         ProxyConditionedFlow(4, coupling="nope")
     with pytest.raises(ValueError, match="context"):
         ProxyConditionedFlow(4).log_prob(torch.randn(2, 4))
@@ -285,9 +367,18 @@ def test_fused_coupling_equals_the_stock_normflows_affine_coupling(transform_fir
     ).double()
     x, c = torch.randn(9, 7, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
     encoded = layer.encode_context(c)
+
+    class Interleaved(torch.nn.Module):
+        """The coupling's subnet as normflows' AffineCoupling reads it: (shift, clamped log-scale) interleaved."""
+
+        def forward(self, x_c):
+            shift, raw = layer.param_map(x_c, encoded).chunk(2, dim=1)
+            return torch.stack([shift, soft_clamp(raw, layer.clamp)], dim=-1).flatten(-2)
+
+    stock = nf.flows.AffineCoupling(Interleaved(), scale=True, scale_map="exp")
     x_t, x_c = x[:, layer.transformed], x[:, layer.conditioner]
-    for density, stock in ((True, layer.coupling.forward), (False, layer.coupling.inverse)):
-        (_, y_t), stock_log_det = stock([(x_c, encoded, None), x_t])
+    for density, stock_step in ((True, stock.forward), (False, stock.inverse)):
+        (_, y_t), stock_log_det = stock_step([x_c, x_t])
         y, log_det = (layer.inverse if density else layer.forward)(x, context=c)
         torch.testing.assert_close(y[:, layer.transformed], y_t, atol=1e-14, rtol=0)
         torch.testing.assert_close(y[:, layer.conditioner], x_c, atol=0, rtol=0)
@@ -298,12 +389,12 @@ def _uses_fused_path(t):
     return type(t.grad_fn).__name__ == "_FusedDensityBackward"
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["cpu_weight_grads", "batched_weight_grads"])
+@pytest.mark.parametrize("batched", [False, True], ids=["per_layer_weight_grads", "batched_weight_grads"])
 @pytest.mark.parametrize("d, num_layers, context_mlp", [(8, 3, False), (7, 4, True), (6, 2, False), (3, 3, False)])
-def test_fused_density_equals_autograd_through_the_normflows_layers(d, num_layers, context_mlp, batched, monkeypatch):
+def test_fused_density_equals_autograd_through_the_layer_loop(d, num_layers, context_mlp, batched):
     """z, log-det and the gradients of input, context and every parameter, in float64."""
-    monkeypatch.setattr(flow_module, "_BATCHED_WEIGHT_GRADS_ON_CPU", batched)
-    fused = make_flow(d, num_blocks=3, num_layers=num_layers, context_mlp_width=5 if context_mlp else None)
+    fused = make_flow(d, num_blocks=3, num_layers=num_layers, context_mlp_width=5 if context_mlp else None, fused=True)
+    fused.batched_weight_grads = batched
     layers = copy.deepcopy(fused)
     layers.fused = False
     x = F.normalize(torch.randn(11, d, dtype=torch.float64), dim=1).requires_grad_()
@@ -331,42 +422,40 @@ def test_fused_density_equals_autograd_through_the_normflows_layers(d, num_layer
 
 def test_fused_density_with_class_encodings_and_without_grad():
     """The matrix pass's route: class encodings computed once, gathered per row; and under no_grad."""
-    flow = make_flow(6, num_blocks=2)
+    flow = make_flow(6, num_blocks=2, fused=True)
     layers = copy.deepcopy(flow)
     layers.fused = False
     classes, index = torch.randn(4, 6, dtype=torch.float64), torch.tensor([3, 0, 0, 2, 1, 3])
     x = torch.randn(6, 6, dtype=torch.float64)
-    encoded = flow._encode(classes, x)
+    encoded = flow.encode_context(classes)
     assert isinstance(encoded, torch.Tensor) and encoded.shape == (4, 4 * 16)
     expected = layers.log_prob(x, classes[index])
     torch.testing.assert_close(flow.log_prob(x, encoded=encoded, context_index=index), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(layers.log_prob(x, encoded=encoded, context_index=index), expected, atol=1e-12, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(flow.log_prob(x, classes[index]), expected, atol=1e-12, rtol=0)
-    # a per-layer encoding from the public encode_context still works (through the layers)
-    torch.testing.assert_close(
-        flow.log_prob(x, encoded=flow.encode_context(classes), context_index=index), expected, atol=1e-12, rtol=0
-    )
 
 
 def test_fused_path_applies_only_to_affine_flows_in_the_density_direction():
     x, c = torch.randn(3, 6), torch.randn(3, 6)
-    assert ProxyConditionedFlow(6, num_blocks=1)._affine_plan(x) is not None
-    assert ProxyConditionedFlow(6, num_blocks=1, coupling="spline")._affine_plan(x) is None
-    assert ProxyConditionedFlow(6, num_blocks=1, fused=False)._affine_plan(x) is None
-    assert ProxyConditionedFlow(6, num_blocks=1)._affine_plan(x.double()) is None  # float32 weights
-    flow = ProxyConditionedFlow(6, num_blocks=1, identity_init=False)
+    assert ProxyConditionedFlow(6, num_blocks=1, fused=True)._fused_plan(x) is not None
+    assert ProxyConditionedFlow(6, num_blocks=1, coupling="spline", fused=True)._fused_plan(x) is None
+    assert ProxyConditionedFlow(6, num_blocks=1, fused=False)._fused_plan(x) is None
+    assert ProxyConditionedFlow(6, num_blocks=1, fused=True)._fused_plan(x.double()) is None  # float32 weights
+    assert ProxyConditionedFlow(6, num_blocks=1)._fused_plan(x.to("meta")) is None  # weights on another device
+    flow = ProxyConditionedFlow(6, num_blocks=1, identity_init=False, fused=True)
     assert not _uses_fused_path(flow.forward_and_log_det(x.requires_grad_(), c)[0])  # sampling direction
-    flow.flows[0].coupling.param_map.mlp.net[1] = torch.nn.Tanh()  # no longer the planned subnet
-    assert flow._affine_plan(x) is None
+    flow.flows[0].param_map.mlp.net[1] = torch.nn.Tanh()  # no longer the planned subnet
+    assert flow._fused_plan(x) is None
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["cpu_weight_grads", "batched_weight_grads"])
+@pytest.mark.parametrize("batched", [False, True], ids=["per_layer_weight_grads", "batched_weight_grads"])
 @pytest.mark.parametrize("d", [7, 8])
-def test_fused_density_traced_by_torch_compile_equals_eager(d, batched, monkeypatch):
+def test_fused_density_traced_by_torch_compile_equals_eager(d, batched):
     """The traced variant (no strided out=, results joined) gives eager's values and gradients."""
-    monkeypatch.setattr(flow_module, "_BATCHED_WEIGHT_GRADS_ON_CPU", batched)
     torch._dynamo.reset()
-    flow = make_flow(d, num_blocks=2, num_layers=3)
+    flow = make_flow(d, num_blocks=2, num_layers=3, fused=True)
+    flow.batched_weight_grads = batched
     x = F.normalize(torch.randn(5, d, dtype=torch.float64), dim=1).requires_grad_()
     c = F.normalize(torch.randn(5, d, dtype=torch.float64), dim=1).requires_grad_()
     compiled = torch.compile(flow.inverse_and_log_det, fullgraph=True, backend="aot_eager")

@@ -23,7 +23,7 @@ DOCS = ROOT / "docs"
 SHOWN_CODE_WIDTH = 78
 MODULES = sorted(m.name for m in pkgutil.iter_modules(nir_loss.__path__))
 # The losses' input checks: exported for the package's own modules, not part of the API.
-INTERNAL_MODULES = {"validation"}
+INTERNAL_MODULES = {"validation", "_fused"}
 
 
 def _raised_messages() -> list[tuple[str, str]]:
