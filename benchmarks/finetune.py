@@ -101,6 +101,7 @@ def main(argv=None):
     p.add_argument("--sets", default="wesnoth,emoji")
     p.add_argument("--arms", default="pa,nir")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--seed-list", default=None, help="these seeds instead, e.g. 2 or 0,2")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--dim", type=int, default=128)
@@ -109,7 +110,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     out = Path(a.out) if a.out else quality.RESULTS / nir_loss.__version__ / "finetune.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, arm, seed) for seed in range(a.seeds) for s in a.sets.split(",") for arm in a.arms.split(",")]
+    seeds = [int(s) for s in a.seed_list.split(",")] if a.seed_list else range(a.seeds)
+    jobs = [(s, arm, seed) for seed in seeds for s in a.sets.split(",") for arm in a.arms.split(",")]
     meta = {
         "script": "finetune.py",
         "argv": sys.argv[1:] if argv is None else argv,
