@@ -208,7 +208,7 @@ class NIROptions:
             maximum likelihood on the detached embeddings and proxies, so it keeps modelling
             p(x | proxy) after exp(NLL) has vanished (the embeddings and proxies get
             exp(NLL)'s gradient only, and the term's value is unchanged). Off by default:
-            the sharper flow makes exp(NLL)'s rare large values larger, and one of three
+            the sharper flow makes exp(NLL)'s rare large values larger, and two of five
             PigCVP seeds collapsed with it ([Benchmarks](benchmarks.md)).
 
     Example:
