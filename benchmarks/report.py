@@ -106,8 +106,12 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
     rows = d["summary"]
     seeds = sorted({r["seed"] for r in d["runs"]})
     script = m.get("script", "quality.py")
+    # A file grown by several invocations (--resume) lists each command, oldest first.
+    invocations = [*m.get("history", []), m]
+    commands = "; ".join(f"`{' '.join([f'python benchmarks/{script}', *i['argv']])}`" for i in invocations)
+    minutes = sum(i.get("total_seconds", 0) for i in invocations) / 60
     lines = [
-        f"Command: `{' '.join([f'python benchmarks/{script}', *m['argv']])}` ({m['total_seconds'] / 60:.0f} min on "
+        f"Command{'s' if len(invocations) > 1 else ''}: {commands} ({minutes:.0f} min on "
         f"{m['machine']}, {m['jobs']} runs in parallel, one torch thread each; nir-loss {m['version']}, "
         f"torch {m['torch']}). Seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}), paired.",
         "",
