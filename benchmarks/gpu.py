@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import platform
 import statistics
@@ -44,8 +45,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pytorch_metric_learning.losses import ProxyAnchorLoss  # noqa: E402
-
+from benchmarks.cases import Case, build_case  # noqa: E402
 from nir_loss import ProxyAnchorNIRLoss  # noqa: E402
 
 C = 100
@@ -158,36 +158,38 @@ class Run:
         return result
 
 
-def term_setup(run: Run, B: int, D: int, flow_options: dict, seed: int = 0):
-    torch.manual_seed(seed)
-    loss_fn = ProxyAnchorNIRLoss(C, D, flow_options={"identity_init": False, **flow_options}).to(run.device)
-    emb = F.normalize(torch.randn(B, D, device=run.device), dim=1).requires_grad_()
-    labels = torch.randint(0, C, (B,), device=run.device)
-    return loss_fn, emb, labels
+def term_setup(run: Run, args, B: int, D: int, freia: bool = False, proxy_anchor: bool = False) -> Case:
+    """The shared case of one shape with ``ProxyAnchorNIRLoss``'s defaults (validation on, training
+    mode); the flow and FrEIA's as ``args`` sizes them (tiny in a dry run)."""
+    return build_case(
+        B,
+        D,
+        C,
+        run.device,
+        flow_options=args.flow,
+        freia_options=args.freia,
+        proxy_anchor=proxy_anchor,
+        freia=freia,
+    )
 
 
-def zero(*tensors_or_modules) -> None:
-    for m in tensors_or_modules:
-        for p in [m] if isinstance(m, torch.Tensor) else m.parameters():
-            p.grad = None
+def term_step(case: Case, loss: ProxyAnchorNIRLoss | None = None):
+    """Forward+backward of the NIR term of ``loss`` (default the case's) on the leaf embeddings."""
+    loss = case.nir if loss is None else loss
+    if loss is not case.nir and all(m is not loss for m in case.extra):
+        case.extra.append(loss)  # its gradients are cleared with the case's
+    return case.term_step(loss.nir.per_sample_loss, proxies=loss.proxies, normalize=False)
 
 
-def term_step(loss_fn, emb, labels):
-    def f():
-        zero(loss_fn, emb)
-        loss_fn.nir.per_sample_loss(emb, loss_fn.proxies, labels).mean().backward()
-
-    return f
-
-
-def compiled_loss(run: Run, args, B: int, D: int, eager_loss, step):
-    """``eager_loss`` copied with ``compile_nir()``, compiled by a first ``step(loss)``: once per shape."""
-    if (B, D) not in run.compiled:
-        loss = copy.deepcopy(eager_loss).compile_nir(**args.compile)
+def compiled_loss(run: Run, args, case: Case):
+    """The case's loss copied with ``compile_nir()``, compiled by a first step: once per shape."""
+    key = (case.B, case.D)
+    if key not in run.compiled:
+        loss = copy.deepcopy(case.nir).compile_nir(**args.compile)
         w = time.perf_counter()
-        step(loss)()
-        run.compiled[(B, D)] = [loss, time.perf_counter() - w]
-    return run.compiled[(B, D)]
+        term_step(case, loss)()
+        run.compiled[key] = [loss, time.perf_counter() - w]
+    return run.compiled[key]
 
 
 def cuda_graph_of(fn, run: Run):
@@ -244,22 +246,23 @@ def section_machine(run: Run, args) -> None:
 def section_syncs(run: Run, args) -> None:
     print("\n== 2. host syncs (torch.cuda.set_sync_debug_mode('error'), after a first call) ==")
     B, D = args.shapes[0]
-    loss_fn, emb, labels = term_setup(run, B, D, args.flow)  # defaults: validate=True, training mode
+    case = term_setup(run, args, B, D)
+    loss_fn, emb, labels = case.nir, case.emb, case.labels
 
     def nir_part():  # what ProxyAnchorNIRLoss.compute_loss adds to PML's ProxyAnchor, then its reduction
-        zero(loss_fn, emb)
+        case.zero_grad()
         loss_fn._checked_proxies(emb, labels)
         entry = loss_fn._nir_loss_entry(emb, labels, None)
         loss_fn.reducer({"nir_loss": entry}, emb, labels).backward()
 
     def whole_call():
-        zero(loss_fn, emb)
+        case.zero_grad()
         loss_fn(emb, labels).backward()
 
     loss_fn(emb, labels)  # the first call's value checks read values (one sync), by design
     res = {
         "nir_loss_part_of_default_call": run.sync_check(nir_part),
-        "nir_term_eager": run.sync_check(term_step(loss_fn, emb, labels)),
+        "nir_term_eager": run.sync_check(term_step(case)),
         "whole_default_call_with_pml": run.sync_check(whole_call),
     }
     for k, v in res.items():
@@ -269,10 +272,8 @@ def section_syncs(run: Run, args) -> None:
 
 def section_term(run: Run, args) -> None:
     print(f"\n== 3. NIR term forward+backward, C={C}: eager, CUDA graph (by hand), FrEIA eager ==")
-    try:
-        from benchmarks.freia_ref import build_freia_flow, freia_log_likelihood
-    except ImportError:
-        build_freia_flow = None
+    have_freia = importlib.util.find_spec("FrEIA") is not None
+    if not have_freia:
         print("  (FrEIA not installed: no FrEIA arm)")
     print(
         f"{'B':>4} {'D':>4} | {'eager ms':>9} {'graph ms':>9} {'FrEIA ms':>9} | {'kernels':>7} {'busy ms':>8} "
@@ -280,18 +281,12 @@ def section_term(run: Run, args) -> None:
     )
     rows = []
     for B, D in args.shapes:
-        loss_fn, emb, labels = term_setup(run, B, D, args.flow)
-        fns = {"eager": term_step(loss_fn, emb, labels)}
+        case = term_setup(run, args, B, D, freia=have_freia)
+        fns = {"eager": term_step(case)}
         if run.cuda:
-            fns["graph"] = cuda_graph_of(term_step(loss_fn, emb, labels), run)
-        if build_freia_flow is not None:
-            inn = build_freia_flow(D, **args.freia).to(run.device)
-
-            def freia(inn=inn, loss_fn=loss_fn, emb=emb, labels=labels):
-                zero(inn, loss_fn, emb)
-                (-freia_log_likelihood(inn, emb, loss_fn.proxies, labels)).mean().backward()
-
-            fns["freia"] = freia
+            fns["graph"] = cuda_graph_of(term_step(case), run)
+        if have_freia:
+            fns["freia"] = case.term_step(case.freia_nll, normalize=False)
         t = run.times(fns)
         k = run.kernels(fns["eager"])
         kg = run.kernels(fns["graph"]) if "graph" in fns else {}
@@ -332,9 +327,8 @@ def section_resnet(run: Run, args) -> None:
     model.fc = torch.nn.Linear(model.fc.in_features, D)
     model = model.to(run.device, memory_format=torch.channels_last).train()
     images = torch.randn(B, 3, px, px, device=run.device).to(memory_format=torch.channels_last)
-    labels = torch.randint(0, C, (B,), device=run.device)
-    pa = ProxyAnchorLoss(C, D).to(run.device)
-    nir, emb, _ = term_setup(run, B, D, args.flow)
+    case = term_setup(run, args, B, D, proxy_anchor=True)
+    pa, nir, labels = case.pa, case.nir, case.labels
     if run.cuda:
         torch.backends.cudnn.benchmark = True
 
@@ -351,7 +345,7 @@ def section_resnet(run: Run, args) -> None:
         return f
 
     # The term compiles here (first call), for the shape section 5 starts with.
-    nir_compiled, compile_s = compiled_loss(run, args, B, D, nir, lambda loss: term_step(loss, emb, labels))
+    nir_compiled, compile_s = compiled_loss(run, args, case)
     fns = {"pa": step(pa), "nir_eager": step(nir), "nir_compiled": step(nir_compiled)}
     t = run.times(fns, warmup=3)
     r = {
@@ -380,11 +374,9 @@ def section_compiled(run: Run, args) -> None:
     )
     rows = []
     for B, D in args.shapes:
-        loss_fn, emb, labels = term_setup(run, B, D, args.flow)
-        compiled, compile_s = compiled_loss(
-            run, args, B, D, loss_fn, lambda loss, emb=emb, labels=labels: term_step(loss, emb, labels)
-        )
-        fns = {"eager": term_step(loss_fn, emb, labels), "compiled": term_step(compiled, emb, labels)}
+        case = term_setup(run, args, B, D)
+        compiled, compile_s = compiled_loss(run, args, case)
+        fns = {"eager": term_step(case), "compiled": term_step(case, compiled)}
         t = run.times(fns)
         k = run.kernels(fns["compiled"])
         r = {

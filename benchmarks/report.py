@@ -256,6 +256,21 @@ def kernels(d) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile(d) -> str:
+    """The top ops of section 6 (``--sections profile``) as plain text: too wide for a page."""
+    lines = []
+    for name, r in d.get("profile", {}).items():
+        lines.append(
+            f"{name}: {r['self_ms_per_iter']:.1f} ms/iter self CPU (profiled), {r['ops_per_iter']:.0f} op calls/iter, "
+            f"GEMMs {r['gemm_share']:.0%}"
+        )
+        lines += [
+            f"   {t['op'][:48]:48} {t['self_ms_per_iter']:7.2f} ms {t['share']:6.1%} {t['calls_per_iter']:6.0f} calls"
+            for t in r["top"]
+        ]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def speed_tables(d) -> str:
     """Every speed table of one ``speed.py`` results file, as markdown."""
     import contextlib
