@@ -117,26 +117,35 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
         "",
     ]
     nir_rows = [r for r in rows if r["arm"] != "pa"]
+    # One D for every row: said once above the tables, so that they fit the page's column.
+    dims = {r["dim"] for r in rows}
+    one_dim = len(dims) == 1
+    at = f" (D = {next(iter(dims))})" if one_dim else ""
+    head = "data" if one_dim else "data, D"
+
+    def data(r: dict) -> str:
+        return r["dataset"] if one_dim else f"{r['dataset']}, {r['dim']}"
+
     lines += [
-        "MAP@R, paired difference against ProxyAnchor:",
+        f"MAP@R, paired difference against ProxyAnchor{at}:",
         "",
-        "| data, D | arm | median | mean | W/L | worst (seed) | collapses |",
-        "|---|---|---|---|---|---|---|",
+        f"| {head} | arm | median / mean | W/L | worst (seed) | collapses |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['dataset']}, {r['dim']} | {r['arm']} | **{r['d_mapr_median']:+.3f}** | {r['d_mapr']:+.3f} | "
+        f"| {data(r)} | {r['arm']} | **{r['d_mapr_median']:+.3f}** / {r['d_mapr']:+.3f} | "
         f"{r['wins_mapr']}/{r['losses_mapr']} | {r['worst_mapr']:+.3f} ({r['worst_seed_mapr']}) | {r['collapses']} |"
         for r in nir_rows
     ]
     lines += [
         "",
-        "R@1, paired difference against ProxyAnchor, and the largest per-sample training NLL:",
+        f"R@1, paired difference against ProxyAnchor{at}, and the largest per-sample training NLL:",
         "",
-        "| data, D | arm | median | mean | W/L | max NLL |",
-        "|---|---|---|---|---|---|",
+        f"| {head} | arm | median / mean | W/L | max NLL |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['dataset']}, {r['dim']} | {r['arm']} | {r['d_r1_median']:+.3f} | {r['d_r1']:+.3f} | "
+        f"| {data(r)} | {r['arm']} | {r['d_r1_median']:+.3f} / {r['d_r1']:+.3f} | "
         f"{r['wins_r1']}/{r['losses_r1']} | {'' if r['nll_peak_max'] is None else format(r['nll_peak_max'], '.3g')} |"
         for r in nir_rows
     ]
