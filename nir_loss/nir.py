@@ -463,9 +463,13 @@ class NIRTerm(_SameReleasePickles, nn.Module):
             return x
         return (x - centres) * math.sqrt(x.shape[-1])
 
-    def _input_log_det(self, dim: int) -> float:
-        """log|det| of ``_flow_input``'s map: (D/2) log D when centered (a scaling by sqrt(D)), else 0."""
-        return 0.5 * dim * math.log(dim) if self.centered else 0.0
+    def _with_input_log_det(self, log_det: Tensor) -> Tensor:
+        """``log_det`` plus log|det| of ``_flow_input``'s map: (D/2) log D when centered (a scaling
+        by sqrt(D)); else ``log_det`` itself (no op to dispatch)."""
+        if not self.centered:
+            return log_det
+        dim = self.embedding_size
+        return log_det + 0.5 * dim * math.log(dim)
 
     # -- likelihoods ----------------------------------------------------------------------
     def latent(self, embeddings: Tensor, proxies: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -474,7 +478,7 @@ class NIRTerm(_SameReleasePickles, nn.Module):
         context = self._context(embeddings, proxies, labels, dtype)
         x = embeddings.to(dtype)
         z, log_det = self.flow.inverse_and_log_det(self._flow_input(x, context), context)
-        return z, log_det + self._input_log_det(x.shape[-1])
+        return z, self._with_input_log_det(log_det)
 
     def log_likelihood(self, embeddings: Tensor, proxies: Tensor, labels: Tensor) -> Tensor:
         """log p(x_i | proxy of y_i), shape (B,)."""
@@ -531,7 +535,7 @@ class NIRTerm(_SameReleasePickles, nn.Module):
         if self.centered:
             rows = self._flow_input(rows, centres.index_select(0, index))
         z, log_det = self.flow.inverse_and_log_det(rows, encoded=encoded, context_index=index)
-        log_p = standard_normal_log_prob(z) + log_det + self._input_log_det(chunk.shape[-1])
+        log_p = standard_normal_log_prob(z) + self._with_input_log_det(log_det)
         return log_p.view(chunk.shape[0], num_classes)
 
     # -- objective and sampling -----------------------------------------------------------
@@ -564,7 +568,7 @@ class NIRTerm(_SameReleasePickles, nn.Module):
             flow_input = torch.cat([flow_input, flow_input.detach()])
             context = torch.cat([context, context.detach()])
         z, log_det = self.flow.inverse_and_log_det(flow_input, context)
-        log_det = log_det + self._input_log_det(x.shape[-1])
+        log_det = self._with_input_log_det(log_det)
         constant = 0.5 * z.shape[-1] * math.log(2 * math.pi)
         sq = z.square().sum(-1)
         energy = _guarded_energy_of_squared_norm(sq, self.guard_radius) - log_det  # NLL without the constant
