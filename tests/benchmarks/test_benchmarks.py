@@ -233,3 +233,16 @@ def test_resume_runs_only_what_the_results_file_lacks(tmp_path, monkeypatch):
     ]
     data = json.loads(out.read_text())
     assert len(data["runs"]) == 6 and data["meta"]["history"][0]["argv"][-2:] == ["--seeds", "2"]
+
+
+def test_finetune_seed_list_runs_those_seeds_only(tmp_path, monkeypatch):
+    import finetune
+
+    calls = []
+    monkeypatch.setattr(
+        finetune, "run_one", lambda s, arm, seed, a: calls.append((s, arm, seed)) or _run(arm, seed, 0.5)
+    )
+    out = tmp_path / "f.json"
+    finetune.main(["--sets", "wesnoth", "--arms", "pa,nir", "--seed-list", "2,0", "--out", str(out)])
+    assert calls == [("wesnoth", "pa", 2), ("wesnoth", "nir", 2), ("wesnoth", "pa", 0), ("wesnoth", "nir", 0)]
+    assert len(json.loads(out.read_text())["runs"]) == 4
