@@ -106,6 +106,11 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in --out and run only the (set, arm, seed) runs it lacks",
+    )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<version>/finetune.json)")
     a = p.parse_args(argv)
     out = Path(a.out) if a.out else quality.RESULTS / nir_loss.__version__ / "finetune.json"
@@ -120,7 +125,12 @@ def main(argv=None):
         "jobs": 1,
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
     }
-    t0, runs = time.perf_counter(), []
+    runs, history = quality.previous_runs(out) if a.resume else ([], [])
+    done = {(r["dataset"], r["arm"], r["seed"]) for r in runs}
+    jobs = [j for j in jobs if j not in done]
+    if history:
+        meta["history"] = history
+    t0 = time.perf_counter()
     for job in jobs:
         r = run_one(*job, a)
         runs.append(r)

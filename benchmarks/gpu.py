@@ -24,6 +24,10 @@ every section, so an interrupted run keeps what it measured. Sections:
    shapes of section 3 (three more compiles), with its kernels, busy time, memory and a sync
    check.
 
+Layout: ``measure_*`` functions measure a section (plain records; a row section yields one row per
+shape), ``render_*`` functions format them, ``SECTIONS`` pairs them and ``main`` is the command
+line; ``cases.py`` builds the losses and inputs of one shape (shared with ``speed.py``).
+
 Times are CUDA-event medians over interleaved repeats. ``--dry-run`` runs every section on CPU
 with tiny shapes (no CUDA-only measurement), to check the script without a GPU.
 """
@@ -39,6 +43,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -206,7 +212,8 @@ def cuda_graph_of(fn, run: Run):
     return g.replay
 
 
-def section_machine(run: Run, args) -> None:
+# -- measuring: one function per section, plain records (rows come one shape at a time) -------
+def measure_machine(run: Run, args) -> dict:
     info = {
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,
@@ -237,14 +244,10 @@ def section_machine(run: Run, args) -> None:
             ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             info["driver"] = None
-    print("== 1. machine ==")
-    for k, v in info.items():
-        print(f"  {k}: {v}")
-    run.save("machine", info)
+    return info
 
 
-def section_syncs(run: Run, args) -> None:
-    print("\n== 2. host syncs (torch.cuda.set_sync_debug_mode('error'), after a first call) ==")
+def measure_syncs(run: Run, args) -> dict:
     B, D = args.shapes[0]
     case = term_setup(run, args, B, D)
     loss_fn, emb, labels = case.nir, case.emb, case.labels
@@ -260,26 +263,15 @@ def section_syncs(run: Run, args) -> None:
         loss_fn(emb, labels).backward()
 
     loss_fn(emb, labels)  # the first call's value checks read values (one sync), by design
-    res = {
+    return {
         "nir_loss_part_of_default_call": run.sync_check(nir_part),
         "nir_term_eager": run.sync_check(term_step(case)),
         "whole_default_call_with_pml": run.sync_check(whole_call),
     }
-    for k, v in res.items():
-        print(f"  {k}: {v}")
-    run.save("syncs", res)
 
 
-def section_term(run: Run, args) -> None:
-    print(f"\n== 3. NIR term forward+backward, C={C}: eager, CUDA graph (by hand), FrEIA eager ==")
+def measure_term(run: Run, args) -> Iterator[dict]:
     have_freia = importlib.util.find_spec("FrEIA") is not None
-    if not have_freia:
-        print("  (FrEIA not installed: no FrEIA arm)")
-    print(
-        f"{'B':>4} {'D':>4} | {'eager ms':>9} {'graph ms':>9} {'FrEIA ms':>9} | {'kernels':>7} {'busy ms':>8} "
-        f"{'launch calls':>12} | {'graph kernels':>13} {'graph busy ms':>13} | {'peak MB':>7}"
-    )
-    rows = []
     for B, D in args.shapes:
         case = term_setup(run, args, B, D, freia=have_freia)
         fns = {"eager": term_step(case)}
@@ -288,40 +280,26 @@ def section_term(run: Run, args) -> None:
         if have_freia:
             fns["freia"] = case.term_step(case.freia_nll, normalize=False)
         t = run.times(fns)
-        k = run.kernels(fns["eager"])
-        kg = run.kernels(fns["graph"]) if "graph" in fns else {}
         r = {
             "B": B,
             "D": D,
             **{f"{n}_s": v for n, v in t.items()},
-            "eager_kernels": k,
-            "graph_kernels": kg,
+            "eager_kernels": run.kernels(fns["eager"]),
+            "graph_kernels": run.kernels(fns["graph"]) if "graph" in fns else {},
             "eager_peak_bytes": run.peak_bytes(fns["eager"]),
         }
         if "freia_s" in r:
             r["eager_over_freia"] = r["eager_s"] / r["freia_s"]
-        rows.append(r)
-        peak = r["eager_peak_bytes"]
-        print(
-            f"{B:>4} {D:>4} | {t['eager'] * 1e3:9.3f} {t.get('graph', float('nan')) * 1e3:9.3f} "
-            f"{t.get('freia', float('nan')) * 1e3:9.3f} | {k['device_kernels']:7.0f} {k['busy_ms']:8.3f} "
-            f"{k['host_launch_calls']:12.0f} | {kg.get('device_kernels', float('nan')):13.0f} "
-            f"{kg.get('busy_ms', float('nan')):13.3f} | {(peak or 0) / 2**20:7.1f}",
-            flush=True,
-        )
-        run.save("term", rows)
+        yield r
 
 
-def section_resnet(run: Run, args) -> None:
+def measure_resnet(run: Run, args) -> dict | str:
     try:
         import torchvision
     except ImportError:
-        print("\n== 4. ResNet50 step: skipped (torchvision is not installed) ==")
-        run.save("resnet_step", "skipped: torchvision is not installed")
-        return
+        return "skipped: torchvision is not installed"
     B, D = args.shapes[0]
     px = args.image_size
-    print(f"\n== 4. ResNet50 training step, B={B}, {px} px, bf16 autocast, channels_last, D={D}, C={C} ==")
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None)
     model.fc = torch.nn.Linear(model.fc.in_features, D)
@@ -358,45 +336,135 @@ def section_resnet(run: Run, args) -> None:
     }
     for k in ("nir_eager", "nir_compiled"):
         r[f"{k}_share"] = (r[f"{k}_s"] - r["pa_s"]) / r[f"{k}_s"]
-    print(
-        f"  ProxyAnchor step {t['pa'] * 1e3:.2f} ms; with NIR eager {t['nir_eager'] * 1e3:.2f} ms "
-        f"(NIR share {r['nir_eager_share']:.1%}); with NIR compiled {t['nir_compiled'] * 1e3:.2f} ms "
-        f"(NIR share {r['nir_compiled_share']:.1%}); compile {compile_s:.0f} s"
-    )
-    run.save("resnet_step", r)
+    return r
 
 
-def section_compiled(run: Run, args) -> None:
-    print("\n== 5. NIR term compiled (compile_nir(): CUDA graphs, fullgraph, static shape) ==")
-    print(
-        f"{'B':>4} {'D':>4} | {'eager ms':>9} {'compiled ms':>11} {'compiled/eager':>14} | {'kernels':>7} "
-        f"{'busy ms':>8} {'launch calls':>12} | {'peak MB':>7} | {'compile s':>9} | sync"
-    )
-    rows = []
+def measure_compiled(run: Run, args) -> Iterator[dict]:
     for B, D in args.shapes:
         case = term_setup(run, args, B, D)
         compiled, compile_s = compiled_loss(run, args, case)
         fns = {"eager": term_step(case), "compiled": term_step(case, compiled)}
         t = run.times(fns)
-        k = run.kernels(fns["compiled"])
         r = {
             "B": B,
             "D": D,
             **{f"{n}_s": v for n, v in t.items()},
             "compile_s": compile_s,
-            "kernels": k,
+            "kernels": run.kernels(fns["compiled"]),
             "peak_bytes": run.peak_bytes(fns["compiled"]),
             "sync": run.sync_check(fns["compiled"]),
         }
         r["compiled_over_eager"] = r["compiled_s"] / r["eager_s"]
-        rows.append(r)
-        print(
-            f"{B:>4} {D:>4} | {t['eager'] * 1e3:9.3f} {t['compiled'] * 1e3:11.3f} {r['compiled_over_eager']:14.3f} | "
-            f"{k['device_kernels']:7.0f} {k['busy_ms']:8.3f} {k['host_launch_calls']:12.0f} | "
-            f"{(r['peak_bytes'] or 0) / 2**20:7.1f} | {compile_s:9.0f} | {r['sync']}",
-            flush=True,
-        )
-        run.save("compiled", rows)
+        yield r
+
+
+# -- rendering: a title, and the lines of one record ------------------------------------------
+def _ms(seconds: float | None) -> float:
+    return float("nan") if seconds is None else seconds * 1e3
+
+
+def render_items(record: dict | str) -> str:
+    return "\n".join(f"  {k}: {v}" for k, v in record.items()) if isinstance(record, dict) else f"  {record}"
+
+
+TERM_HEADER = (
+    f"{'B':>4} {'D':>4} | {'eager ms':>9} {'graph ms':>9} {'FrEIA ms':>9} | {'kernels':>7} {'busy ms':>8} "
+    f"{'launch calls':>12} | {'graph kernels':>13} {'graph busy ms':>13} | {'peak MB':>7}"
+)
+
+
+def render_term_row(r: dict) -> str:
+    k, kg = r["eager_kernels"], r["graph_kernels"]
+    return (
+        f"{r['B']:>4} {r['D']:>4} | {_ms(r['eager_s']):9.3f} {_ms(r.get('graph_s')):9.3f} "
+        f"{_ms(r.get('freia_s')):9.3f} | {k['device_kernels']:7.0f} {k['busy_ms']:8.3f} "
+        f"{k['host_launch_calls']:12.0f} | {kg.get('device_kernels', float('nan')):13.0f} "
+        f"{kg.get('busy_ms', float('nan')):13.3f} | {(r['eager_peak_bytes'] or 0) / 2**20:7.1f}"
+    )
+
+
+def render_resnet(r: dict | str) -> str:
+    if isinstance(r, str):
+        return f"  {r}"
+    return (
+        f"  B={r['B']}, {r['image_size']} px, D={r['D']}: ProxyAnchor step {_ms(r['pa_s']):.2f} ms; "
+        f"with NIR eager {_ms(r['nir_eager_s']):.2f} ms (NIR share {r['nir_eager_share']:.1%}); "
+        f"with NIR compiled {_ms(r['nir_compiled_s']):.2f} ms (NIR share {r['nir_compiled_share']:.1%}); "
+        f"compile {r['compile_s']:.0f} s"
+    )
+
+
+COMPILED_HEADER = (
+    f"{'B':>4} {'D':>4} | {'eager ms':>9} {'compiled ms':>11} {'compiled/eager':>14} | {'kernels':>7} "
+    f"{'busy ms':>8} {'launch calls':>12} | {'peak MB':>7} | {'compile s':>9} | sync"
+)
+
+
+def render_compiled_row(r: dict) -> str:
+    k = r["kernels"]
+    return (
+        f"{r['B']:>4} {r['D']:>4} | {_ms(r['eager_s']):9.3f} {_ms(r['compiled_s']):11.3f} "
+        f"{r['compiled_over_eager']:14.3f} | {k['device_kernels']:7.0f} {k['busy_ms']:8.3f} "
+        f"{k['host_launch_calls']:12.0f} | {(r['peak_bytes'] or 0) / 2**20:7.1f} | {r['compile_s']:9.0f} | {r['sync']}"
+    )
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section: its results key, title, measurement and rendering (``header`` for row sections)."""
+
+    key: str
+    title: str
+    measure: Callable
+    render: Callable
+    header: str | None = None
+
+
+SECTIONS = {
+    "machine": Section("machine", "1. machine", measure_machine, render_items),
+    "syncs": Section(
+        "syncs",
+        "2. host syncs (torch.cuda.set_sync_debug_mode('error'), after a first call)",
+        measure_syncs,
+        render_items,
+    ),
+    "term": Section(
+        "term",
+        f"3. NIR term forward+backward, C={C}: eager, CUDA graph (by hand), FrEIA eager (if installed)",
+        measure_term,
+        render_term_row,
+        TERM_HEADER,
+    ),
+    "resnet": Section(
+        "resnet_step",
+        f"4. ResNet50 training step, bf16 autocast, channels_last, C={C}",
+        measure_resnet,
+        render_resnet,
+    ),
+    "compiled": Section(
+        "compiled",
+        "5. NIR term compiled (compile_nir(): CUDA graphs, fullgraph, static shape)",
+        measure_compiled,
+        render_compiled_row,
+        COMPILED_HEADER,
+    ),
+}
+
+
+def run_section(run: Run, args, section: Section) -> None:
+    """Measures, prints and saves one section; a row section is printed and saved row by row."""
+    print(f"\n== {section.title} ==")
+    if section.header is None:
+        record = section.measure(run, args)
+        print(section.render(record))
+        run.save(section.key, record)
+        return
+    print(section.header)
+    rows: list[dict] = []
+    for row in section.measure(run, args):
+        rows.append(row)
+        print(section.render(row), flush=True)
+        run.save(section.key, rows)
 
 
 def main(argv=None) -> None:
@@ -423,15 +491,10 @@ def main(argv=None) -> None:
 
     counters.clear()  # compiles of this run only
     t0 = time.perf_counter()
-    for name, fn in [
-        ("machine", section_machine),
-        ("syncs", section_syncs),
-        ("term", section_term),
-        ("resnet", section_resnet),
-        ("compiled", section_compiled),
-    ]:
-        if name in a.sections.split(","):
-            fn(run, a)
+    for name in a.sections.split(","):
+        if name not in SECTIONS:
+            sys.exit(f"unknown section {name!r}; the sections are {', '.join(SECTIONS)}")
+        run_section(run, a, SECTIONS[name])
     run.save("compiled_graphs", dict(counters["stats"]))  # unique_graphs: forward graphs compiled
     run.save("total_seconds", time.perf_counter() - t0)
     print(

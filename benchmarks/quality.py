@@ -229,6 +229,18 @@ def print_table(rows):
         )
 
 
+def previous_runs(out: Path) -> tuple[list[dict], list[dict]]:
+    """The runs already in the results file ``out`` and its invocations' metadata, oldest first.
+
+    ([], []) if there is no such file. ``--resume`` keeps these and runs only what they lack.
+    """
+    if not out.is_file():
+        return [], []
+    previous = json.loads(out.read_text())
+    history = previous["meta"].get("history", []) + [previous["meta"]]
+    return previous["runs"], [{k: v for k, v in m.items() if k != "history"} for m in history]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="digits,pigcvp,leaves,vowels")
@@ -279,13 +291,9 @@ def main(argv=None):
         for dim in a.dims.split(",")
         for arm in arms
     ]
-    runs: list[dict] = []
-    history: list[dict] = []
-    if a.resume and out.is_file():
-        previous = json.loads(out.read_text())
-        runs, history = previous["runs"], previous["meta"].get("history", []) + [previous["meta"]]
-        done = {(r["dataset"], r["dim"], r["arm"], r["seed"]) for r in runs}
-        jobs = [j for j in jobs if (j[0], j[3], j[1], j[2]) not in done]
+    runs, history = previous_runs(out) if a.resume else ([], [])
+    done = {(r["dataset"], r["dim"], r["arm"], r["seed"]) for r in runs}
+    jobs = [j for j in jobs if (j[0], j[3], j[1], j[2]) not in done]
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
     ).stdout.strip()
@@ -298,7 +306,7 @@ def main(argv=None):
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
     }
     if history:
-        meta["history"] = [{k: v for k, v in m.items() if k != "history"} for m in history]
+        meta["history"] = history
     print(
         f"nir-loss {meta['version']}, torch {meta['torch']}, {a.jobs} jobs, {meta['machine']}; {len(jobs)} runs",
         flush=True,
