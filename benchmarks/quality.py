@@ -112,6 +112,8 @@ def parse_arm(arm: str, dim: int) -> tuple[dict | None, float]:
             kwargs["centered"] = bool(int(value))
         elif key == "fit":
             kwargs["fit_flow"] = bool(int(value))
+        elif key == "explin":  # exp(NLL) continued linearly above this exponent (the library's is 30)
+            kwargs["exp_linear_above"] = float(value)
         else:
             raise SystemExit(f"unknown arm option {key!r} in {arm!r}")
     return kwargs, flow_lr_mult
@@ -122,9 +124,12 @@ def run_one(
 ) -> dict:
     nir, flow_lr_mult = parse_arm(arm, dim)
     jitter = NULL_JITTER if arm == "null" else 0.0
-    return {
-        "arm": arm,
-        **held_out.run(
+    exp_linear_above = (nir or {}).pop("exp_linear_above", None)
+    default_linear_above = nir_loss.nir._EXP_LINEAR_ABOVE
+    if exp_linear_above is not None:  # a module constant: set for this run only
+        nir_loss.nir._EXP_LINEAR_ABOVE = exp_linear_above
+    try:
+        result = held_out.run(
             dataset,
             seed,
             dim,
@@ -134,8 +139,10 @@ def run_one(
             epochs=epochs,
             proxy_jitter=jitter,
             conditioning_holdout=conditioning,
-        ),
-    }
+        )
+    finally:
+        nir_loss.nir._EXP_LINEAR_ABOVE = default_linear_above
+    return {"arm": arm, **result}
 
 
 def _run_job(job):

@@ -34,7 +34,8 @@ def command(argv, name):
     """The recorded argv, with ``--out`` naming the committed results file (runs wrote to /tmp first)."""
     argv = list(argv)
     if "--out" in argv:
-        argv[argv.index("--out") + 1] = f"benchmarks/results/{name}"
+        path = latest(name)
+        argv[argv.index("--out") + 1] = f"benchmarks/results/{path.parent.name + '/' if path else ''}{name}"
     return " ".join(argv)
 
 
