@@ -39,6 +39,12 @@ def command(argv, name):
     return " ".join(argv)
 
 
+def arm_cell(arm: str) -> str:
+    """An arm's name for a table cell: its options after a space, where the page may wrap it."""
+    parts = arm.split(":")
+    return ":".join(p for p in parts if "=" not in p) + "".join(f" :{p}" for p in parts if "=" in p)
+
+
 def speed(d, name="speed.json"):
     m = d["meta"]
     print(
@@ -134,7 +140,7 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {data(r)} | {r['arm']} | **{r['d_mapr_median']:+.3f}** / {r['d_mapr']:+.3f} | "
+        f"| {data(r)} | {arm_cell(r['arm'])} | **{r['d_mapr_median']:+.3f}** / {r['d_mapr']:+.3f} | "
         f"{r['wins_mapr']}/{r['losses_mapr']} | {r['worst_mapr']:+.3f} ({r['worst_seed_mapr']}) | {r['collapses']} |"
         for r in nir_rows
     ]
@@ -146,7 +152,7 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {data(r)} | {r['arm']} | {r['d_r1_median']:+.3f} / {r['d_r1']:+.3f} | "
+        f"| {data(r)} | {arm_cell(r['arm'])} | {r['d_r1_median']:+.3f} / {r['d_r1']:+.3f} | "
         f"{r['wins_r1']}/{r['losses_r1']} | {'' if r['nll_peak_max'] is None else format(r['nll_peak_max'], '.3g')} |"
         for r in nir_rows
     ]

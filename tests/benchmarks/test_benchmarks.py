@@ -29,6 +29,21 @@ def test_arms_are_relative_to_the_default_weight():
         quality.parse_arm("nll:1x:lr=3", 32)
 
 
+def test_the_explin_knob_changes_the_exp_guard_for_its_run_only(monkeypatch):
+    seen = []
+    monkeypatch.setattr(quality.held_out, "run", lambda *a, **k: seen.append(nir_loss.nir._EXP_LINEAR_ABOVE) or {})
+    default = nir_loss.nir._EXP_LINEAR_ABOVE
+    quality.run_one("digits", "exp_nll:1x:explin=0", seed=0, dim=8, lr=1e-3, epochs=1)
+    quality.run_one("digits", "exp_nll:1x", seed=0, dim=8, lr=1e-3, epochs=1)
+    assert seen == [0.0, default] and nir_loss.nir._EXP_LINEAR_ABOVE == default
+
+
+def test_report_cells_put_arm_options_after_a_space_where_the_page_can_wrap():
+    assert report.arm_cell("exp_nll:1x") == "exp_nll:1x"
+    assert report.arm_cell("exp_nll:1x:fit=1:noisenorm=1.4") == "exp_nll:1x :fit=1 :noisenorm=1.4"
+    assert report.arm_cell("nir:nir-weight=0.03") == "nir :nir-weight=0.03"
+
+
 def test_one_seed_reruns_identically_and_pairs_with_proxy_anchor():
     a = quality.run_one("digits", "nll:1x", seed=1, dim=16, lr=1e-3, epochs=1)
     b = quality.run_one("digits", "nll:1x", seed=1, dim=16, lr=1e-3, epochs=1)
