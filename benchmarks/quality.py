@@ -91,6 +91,24 @@ def _feature_split(name: str, backbone: str, validation: bool):
 _register_image_sets()
 
 
+def _register_small_validation_sets() -> None:
+    """``<name>-val`` of the small sets: their training classes alone, split in half by class
+    (the check's split, as for the image sets); meaningful where there are enough classes
+    (PigCVP 13 / 13, leaves 8 / 8)."""
+    for name in ("digits", "pigcvp", "leaves", "vowels"):
+
+        def loader(name=name):
+            x, y, _, _ = held_out.real_datasets.load(name)
+            half = (int(y.max()) + 1) // 2
+            train = y < half
+            return x[train], y[train], x[~train], y[~train] - half
+
+        held_out.register(f"{name}-val", loader, **held_out.SETUPS[name])
+
+
+_register_small_validation_sets()
+
+
 # -- one run --------------------------------------------------------------------------------
 def parse_arm(arm: str, dim: int) -> tuple[dict | None, float]:
     """(ProxyAnchorNIRLoss keyword arguments or None for ProxyAnchor, flow lr multiplier) of an arm."""

@@ -261,3 +261,11 @@ def test_finetune_seed_list_runs_those_seeds_only(tmp_path, monkeypatch):
     finetune.main(["--sets", "wesnoth", "--arms", "pa,nir", "--seed-list", "2,0", "--out", str(out)])
     assert calls == [("wesnoth", "pa", 2), ("wesnoth", "nir", 2), ("wesnoth", "pa", 0), ("wesnoth", "nir", 0)]
     assert len(json.loads(out.read_text())["runs"]) == 4
+
+
+def test_the_small_sets_check_split_halves_the_training_classes_only():
+    x_train, y_train, _, _ = quality.held_out._data("digits")
+    x, y, x_val, y_val = quality.held_out._data("digits-val")
+    half = (int(y_train.max()) + 1) // 2
+    assert set(y.tolist()) == set(range(half)) and set(y_val.tolist()) == set(range(int(y_train.max()) + 1 - half))
+    assert len(x) + len(x_val) == len(x_train)  # the test classes are not used
