@@ -82,7 +82,12 @@ def _feature_split(name: str, backbone: str, validation: bool):
     f = image_sets.features(name, backbone)
     if not validation:
         return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
-    x, y = f["x_train"], f["y_train"]
+    return _class_halves(f["x_train"], f["y_train"])
+
+
+def _class_halves(x, y):
+    """The check's split of a training set: the first half of its classes to train on, the rest
+    (relabelled from 0) to validate on."""
     half = (int(y.max()) + 1) // 2
     train = y < half
     return x[train], y[train], x[~train], y[~train] - half
@@ -98,10 +103,7 @@ def _register_small_validation_sets() -> None:
     for name in ("digits", "pigcvp", "leaves", "vowels"):
 
         def loader(name=name):
-            x, y, _, _ = held_out.real_datasets.load(name)
-            half = (int(y.max()) + 1) // 2
-            train = y < half
-            return x[train], y[train], x[~train], y[~train] - half
+            return _class_halves(*held_out.real_datasets.load(name)[:2])
 
         held_out.register(f"{name}-val", loader, **held_out.SETUPS[name])
 

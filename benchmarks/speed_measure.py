@@ -301,20 +301,26 @@ def loss(grid: Grid, device: torch.device, timer: Timer) -> list[dict]:
                 }
                 t = interleaved(fns, grid.reps, timer)
                 mem = {k: peak_memory(f, device) for k, f in fns.items()}
-                r: dict[str, Any] = {
-                    "B": B,
-                    "D": D,
-                    "C": C,
-                    **{f"{k}_s": v["median_s"] for k, v in t.items()},
-                    **{f"{k}_wall_s": v["wall_median_s"] for k, v in t.items()},
-                    **{f"{k}_peak_bytes": v for k, v in mem.items()},
-                }
+                r = timing_record(B, D, C, t, **{f"{k}_peak_bytes": v for k, v in mem.items()})
                 r["nir_over_pa"] = r["nir_s"] / r["pa_s"]
                 r["freia_over_pa"] = r["freia_s"] / r["pa_s"]
                 r["nir_over_freia"] = r["nir_s"] / r["freia_s"]
                 r["nir_term_over_freia_term"] = (r["nir_s"] - r["pa_s"]) / max(r["freia_s"] - r["pa_s"], 1e-12)
                 rows.append(r)
     return rows
+
+
+def timing_record(B: int, D: int, C: int, times: dict[str, dict], **extra: Any) -> dict[str, Any]:
+    """One row of a timed section: the shape, each arm's median time (``<arm>_s``) and wall time
+    (``<arm>_wall_s``) from ``interleaved``, then ``extra``."""
+    return {
+        "B": B,
+        "D": D,
+        "C": C,
+        **{f"{k}_s": v["median_s"] for k, v in times.items()},
+        **{f"{k}_wall_s": v["wall_median_s"] for k, v in times.items()},
+        **extra,
+    }
 
 
 def matrix(grid: Grid, device: torch.device, timer: Timer) -> list[dict]:
@@ -436,14 +442,7 @@ def compiled(grid: Grid, device: torch.device, timer: Timer) -> dict:
             fns[k]()  # compiles (forward and backward graphs)
             compile_s[k] = time.perf_counter() - w
         t = interleaved(fns, grid.reps, timer, warmup=3)
-        r: dict[str, Any] = {
-            "B": B,
-            "D": D,
-            "C": C,
-            **{f"{k}_s": v["median_s"] for k, v in t.items()},
-            **{f"{k}_wall_s": v["wall_median_s"] for k, v in t.items()},
-            **{f"{k}_compile_s": v for k, v in compile_s.items()},
-        }
+        r = timing_record(B, D, C, t, **{f"{k}_compile_s": v for k, v in compile_s.items()})
         r["nir_over_freia"] = r["nir_s"] / r["freia_s"]
         r["gemm_floor_over_freia"] = r["gemm_floor_s"] / r["freia_s"]
         r["nir_compiled_over_freia"] = r["nir_compiled_s"] / r["freia_s"]

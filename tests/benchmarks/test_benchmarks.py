@@ -263,6 +263,24 @@ def test_finetune_seed_list_runs_those_seeds_only(tmp_path, monkeypatch):
     assert len(json.loads(out.read_text())["runs"]) == 4
 
 
+def test_finetune_resume_runs_only_the_missing_runs_and_keeps_the_history(tmp_path, monkeypatch):
+    import finetune
+
+    calls = []
+
+    def fake(s, arm, seed, a):
+        calls.append((s, arm, seed))
+        return {**_run(arm, seed, 0.5), "dataset": s}
+
+    monkeypatch.setattr(finetune, "run_one", fake)
+    out = tmp_path / "f.json"
+    finetune.main(["--sets", "wesnoth", "--seeds", "1", "--out", str(out)])
+    finetune.main(["--sets", "wesnoth", "--seeds", "2", "--resume", "--out", str(out)])
+    assert calls == [("wesnoth", "pa", 0), ("wesnoth", "nir", 0), ("wesnoth", "pa", 1), ("wesnoth", "nir", 1)]
+    result = json.loads(out.read_text())
+    assert len(result["runs"]) == 4 and [h["argv"][-3] for h in result["meta"]["history"]] == ["1"]
+
+
 def test_the_small_sets_check_split_halves_the_training_classes_only():
     x_train, y_train, _, _ = quality.held_out._data("digits")
     x, y, x_val, y_val = quality.held_out._data("digits-val")
