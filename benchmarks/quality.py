@@ -200,6 +200,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 row["losses_" + m] = paired["losses"]
                 row["worst_" + m] = paired["worst"]
                 row["worst_seed_" + m] = rs[paired["worst_index"]]["seed"]
+                row["p_" + m] = paired["p"]
             row["collapses"] = paired["collapses"]  # of MAP@R, the last metric
             for key in ("id_proxy", "id_density"):
                 if all(key in r for r in rs):

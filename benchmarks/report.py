@@ -45,6 +45,12 @@ def arm_cell(arm: str) -> str:
     return ":".join(p for p in parts if "=" not in p) + "".join(f" :{p}" for p in parts if "=" in p)
 
 
+def p_cell(p: float) -> str:
+    """A sign-flip p-value for a table: two digits, bold where the difference is beyond noise."""
+    text = "<0.01" if p < 0.01 else f"{p:.2f}"
+    return f"**{text}**" if p < 0.05 else text
+
+
 def speed(d, name="speed.json"):
     m = d["meta"]
     print(
@@ -109,8 +115,10 @@ def speed(d, name="speed.json"):
 
 def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
     """The quality tables (markdown) of a ``quality.py`` results file, and its per-seed plot."""
+    import quality as quality_benchmark  # torch and the examples: only for the quality tables
+
     m = d["meta"]
-    rows = d["summary"]
+    rows = quality_benchmark.summarize(d["runs"])  # from the runs: files written before a column existed
     seeds = sorted({r["seed"] for r in d["runs"]})
     script = m.get("script", "quality.py")
     # A file grown by several invocations (--resume) lists each command, oldest first.
@@ -134,14 +142,16 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
         return r["dataset"] if one_dim else f"{r['dataset']}, {r['dim']}"
 
     lines += [
-        f"MAP@R, paired difference against ProxyAnchor{at}:",
+        f"MAP@R, paired difference against ProxyAnchor{at}; p: the paired sign-flip test of the mean "
+        "difference, two-sided (bold: below 0.05, beyond the noise of the seeds):",
         "",
-        f"| {head} | arm | median / mean | W/L | worst (seed) | collapses |",
+        f"| {head} | arm | median / mean | W/L (p) | worst (seed) | collapses |",
         "|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {data(r)} | {arm_cell(r['arm'])} | **{r['d_mapr_median']:+.3f}** / {r['d_mapr']:+.3f} | "
-        f"{r['wins_mapr']}/{r['losses_mapr']} | {r['worst_mapr']:+.3f} ({r['worst_seed_mapr']}) | {r['collapses']} |"
+        f"{r['wins_mapr']}/{r['losses_mapr']} ({p_cell(r['p_mapr'])}) | {r['worst_mapr']:+.3f} ({r['worst_seed_mapr']}) | "
+        f"{r['collapses']} |"
         for r in nir_rows
     ]
     lines += [

@@ -120,3 +120,37 @@ def test_names_in_the_reason_and_an_empty_set_of_weights():
 def test_inputs_that_cannot_be_paired_are_refused(baseline, arms, message):
     with pytest.raises(ValueError, match=message):
         recommend_weight(baseline, arms)
+
+
+def _brute_force_p(diffs):
+    """Share of the 2^n sign patterns whose sum is at least as far from 0 as the observed one."""
+    import itertools
+
+    observed = abs(sum(diffs))
+    patterns = list(itertools.product((1, -1), repeat=len(diffs)))
+    return sum(abs(sum(s * d for s, d in zip(signs, diffs))) >= observed - 1e-12 for signs in patterns) / len(patterns)
+
+
+@pytest.mark.parametrize(
+    "diffs",
+    [
+        [0.01, 0.02, 0.03, 0.04, 0.05],  # every seed better: 2 / 32, the smallest p of 5 seeds
+        [0.01, -0.01],  # symmetric: p = 1
+        [0.02, -0.005, 0.013, 0.001, -0.03, 0.008, 0.011],
+        [-0.04, -0.02, -0.03, 0.001, -0.05, -0.01, 0.002, -0.02, -0.03, -0.004, -0.01, 0.005],
+    ],
+)
+def test_sign_flip_p_is_the_share_of_sign_patterns_at_least_as_extreme(diffs):
+    assert held_out.sign_flip_p(diffs) == pytest.approx(_brute_force_p(diffs))
+    assert paired_differences(diffs)["p"] == held_out.sign_flip_p(diffs)
+
+
+def test_sign_flip_p_beyond_the_exact_limit_is_drawn_and_reproducible():
+    # 20 seeds, all better: the exact p is 2 / 2^20; the drawn patterns give about (1 + 2^-3) / 2^16.
+    diffs = [0.01 + 0.001 * i for i in range(20)]
+    p = held_out.sign_flip_p(diffs)
+    assert p == held_out.sign_flip_p(diffs) and p < 1e-3
+    # No effect: the differences cancel, p near 1.
+    assert held_out.sign_flip_p([0.01, -0.01] * 10) > 0.9
+    with pytest.raises(ValueError, match="at least one"):
+        held_out.sign_flip_p([])
