@@ -132,6 +132,8 @@ def parse_arm(arm: str, dim: int) -> tuple[dict | None, float]:
             kwargs["centered"] = bool(int(value))
         elif key == "fit":
             kwargs["fit_flow"] = bool(int(value))
+        elif key == "detach":
+            kwargs["detach_proxies"] = bool(int(value))
         elif key == "explin":  # exp(NLL) continued linearly above this exponent (the library's is 30)
             kwargs["exp_linear_above"] = float(value)
         else:
@@ -139,11 +141,26 @@ def parse_arm(arm: str, dim: int) -> tuple[dict | None, float]:
     return kwargs, flow_lr_mult
 
 
+def split_lr_mult(arm: str) -> tuple[str, float]:
+    """(the arm without its ``:lrx=`` option, that option): the learning rate as a multiple of ``--lr``.
+
+    Any arm takes it (``pa:lrx=0.5``), so ProxyAnchor at another learning rate is paired with
+    ProxyAnchor at ``--lr`` on the same seeds, as a NIR arm is.
+    """
+    parts = arm.split(":")
+    kept = [p for p in parts if not p.startswith("lrx=")]
+    mults = [float(p.split("=")[1]) for p in parts if p.startswith("lrx=")]
+    if len(mults) > 1 or (mults and not mults[0] > 0):
+        raise SystemExit(f"an arm takes one lrx= option, a positive number: {arm!r}")
+    return ":".join(kept), mults[0] if mults else 1.0
+
+
 def run_one(
     dataset: str, arm: str, seed: int, dim: int, lr: float, epochs: int | None, conditioning: float = 0.0
 ) -> dict:
-    nir, flow_lr_mult = parse_arm(arm, dim)
-    jitter = NULL_JITTER if arm == "null" else 0.0
+    base_arm, lr_mult = split_lr_mult(arm)
+    nir, flow_lr_mult = parse_arm(base_arm, dim)
+    jitter = NULL_JITTER if base_arm == "null" else 0.0
     exp_linear_above = (nir or {}).pop("exp_linear_above", None)
     default_linear_above = nir_loss.nir._EXP_LINEAR_ABOVE
     if exp_linear_above is not None:  # a module constant: set for this run only
@@ -155,7 +172,7 @@ def run_one(
             dim,
             nir,
             flow_lr_mult=flow_lr_mult,
-            lr=lr,
+            lr=lr * lr_mult,
             epochs=epochs,
             proxy_jitter=jitter,
             conditioning_holdout=conditioning,
@@ -272,7 +289,7 @@ def previous_runs(out: Path) -> tuple[list[dict], list[dict]]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="digits,pigcvp,leaves,vowels")
-    p.add_argument("--arms", default="pa,exp_nll:1x,exp_nll:3x", help="pa, null, or OBJECTIVE:WEIGHT[:KEY=VALUE...]")
+    p.add_argument("--arms", default="pa,exp_nll:1x,exp_nll:3x", help="pa, null, or OBJECTIVE:WEIGHT[:KEY=VALUE...]; any arm takes :lrx=M (lr times M)")
     p.add_argument("--dims", default="128,32")
     p.add_argument("--seeds", type=int, default=15, help="seeds 0..N-1")
     p.add_argument("--seed-list", default=None, help="these seeds instead, e.g. 11 or 3,11")

@@ -29,6 +29,20 @@ def test_arms_are_relative_to_the_default_weight():
         quality.parse_arm("nll:1x:lr=3", 32)
 
 
+def test_any_arm_takes_a_learning_rate_multiple_for_its_run(monkeypatch):
+    assert quality.split_lr_mult("pa:lrx=0.5") == ("pa", 0.5)
+    assert quality.split_lr_mult("exp_nll:1x:lrx=0.25:fit=1") == ("exp_nll:1x:fit=1", 0.25)
+    assert quality.split_lr_mult("null") == ("null", 1.0)
+    for bad in ("pa:lrx=0", "pa:lrx=0.5:lrx=2"):
+        with pytest.raises(SystemExit, match="lrx"):
+            quality.split_lr_mult(bad)
+    seen = []
+    monkeypatch.setattr(quality.held_out, "run", lambda *a, **k: seen.append((a[3], k["lr"])) or {})
+    quality.run_one("digits", "pa:lrx=0.5", seed=0, dim=8, lr=1e-3, epochs=1)
+    quality.run_one("digits", "exp_nll:1x:lrx=2", seed=0, dim=8, lr=1e-3, epochs=1)
+    assert seen[0] == (None, 5e-4) and seen[1][0]["objective"] == "exp_nll" and seen[1][1] == 2e-3
+
+
 def test_the_explin_knob_changes_the_exp_guard_for_its_run_only(monkeypatch):
     seen = []
     monkeypatch.setattr(quality.held_out, "run", lambda *a, **k: seen.append(nir_loss.nir._EXP_LINEAR_ABOVE) or {})
@@ -195,6 +209,7 @@ def test_the_check_split_uses_the_training_classes_only(monkeypatch):
 def test_null_arm_is_proxy_anchor_with_jittered_proxies_and_center_arms_parse():
     assert quality.parse_arm("null", 32) == (None, nir_loss.DEFAULT_FLOW_LR_MULT)
     assert quality.parse_arm("nll:1x:center=1", 32)[0]["centered"] is True
+    assert quality.parse_arm("exp_nll:1x:detach=1", 32)[0]["detach_proxies"] is True
     pa = quality.run_one("digits", "pa", seed=2, dim=16, lr=1e-3, epochs=1)
     null = quality.run_one("digits", "null", seed=2, dim=16, lr=1e-3, epochs=1)
     assert null["mapr"] != pa["mapr"] and abs(null["mapr"] - pa["mapr"]) < 0.05
