@@ -189,12 +189,20 @@ def _run_job(job):
 
 # -- summary --------------------------------------------------------------------------------
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (data set, D, arm): paired differences against ProxyAnchor of the same seed."""
+    """One row per (data set, D, arm): paired differences against ProxyAnchor of the same seed.
+
+    The baseline is ProxyAnchor at the arm's learning rate where the file has it (a NIR arm at
+    ``:lrx=M`` against ``pa:lrx=M``), else ``pa``; the row's ``baseline`` names it.
+    """
     rows = []
     for ds, dim in dict.fromkeys((r["dataset"], r["dim"]) for r in runs):
         group = [r for r in runs if (r["dataset"], r["dim"]) == (ds, dim)]
-        base = {r["seed"]: r for r in group if r["arm"] == "pa"}
-        for arm in dict.fromkeys(r["arm"] for r in group):
+        arms = list(dict.fromkeys(r["arm"] for r in group))
+        for arm in arms:
+            base_arm, lr_mult = split_lr_mult(arm)
+            same_lr = f"pa:lrx={arm.split('lrx=')[1].split(':')[0]}" if lr_mult != 1.0 else "pa"
+            baseline = same_lr if base_arm not in ("pa", "null") and same_lr in arms else "pa"
+            base = {r["seed"]: r for r in group if r["arm"] == baseline}
             rs = sorted((r for r in group if r["arm"] == arm and r["seed"] in base), key=lambda r: r["seed"])
             if not rs:
                 continue
@@ -202,6 +210,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "dataset": ds,
                 "dim": dim,
                 "arm": arm,
+                "baseline": baseline,
                 "n": len(rs),
                 "weight": rs[0]["weight"],
                 "seconds": statistics.fmean(r["seconds"] for r in rs),

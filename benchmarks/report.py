@@ -2,7 +2,8 @@
 """Renders the tables and the plot of docs/benchmarks.md from benchmarks/results/<version>/*.json.
 
     python benchmarks/report.py            # speed and quality, from the newest version of each
-    python benchmarks/report.py quality    # one of them (speed, quality, pretrained, finetune)
+    python benchmarks/report.py quality    # one of them (speed, quality, pretrained, finetune,
+                                           # learning_rate)
 
 Tables go to ``<results file>.md`` beside each results file (docs/benchmarks.md includes them);
 the quality plots go to docs/img/<name>.png.
@@ -141,6 +142,13 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
     def data(r: dict) -> str:
         return r["dataset"] if one_dim else f"{r['dataset']}, {r['dim']}"
 
+    if any(r.get("baseline", "pa") != "pa" for r in nir_rows):
+        lines += [
+            "An arm at another learning rate (`:lrx=M`, M times the base lr) is compared with "
+            "ProxyAnchor at the same rate (`pa:lrx=M`) where the file has it; `pa:lrx=M` itself "
+            "with `pa`.",
+            "",
+        ]
     lines += [
         f"MAP@R, paired difference against ProxyAnchor{at}; p: the paired sign-flip test of the mean "
         "difference, two-sided (bold: below 0.05, beyond the noise of the seeds):",
@@ -310,7 +318,7 @@ def speed_tables(d) -> str:
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["speed", "quality", "pretrained", "finetune"]
+    which = sys.argv[1:] or ["speed", "quality", "pretrained", "finetune", "learning_rate"]
     # Each rendering is written where the docs include it from (a snippet beside its results file,
     # the plot into docs/img) and printed.
     path = latest("speed.json")
@@ -321,8 +329,9 @@ if __name__ == "__main__":
         path.with_name("speed_kernels.md").write_text(kernels(d))
         print(text + kernels(d))
     # quality.json: small models from scratch; pretrained.json: frozen ImageNet features and a head;
-    # finetune.json: the whole pretrained network fine-tuned by the example trainer.
-    for name in ("quality", "pretrained", "finetune"):
+    # finetune.json: the whole pretrained network fine-tuned by the example trainer;
+    # learning_rate.json: ProxyAnchor at other learning rates, the control of NIR's gains.
+    for name in ("quality", "pretrained", "finetune", "learning_rate"):
         path = latest(f"{name}.json")
         if name in which and path:
             docs = RESULTS.parents[1] / "docs"

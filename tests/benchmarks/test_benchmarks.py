@@ -95,12 +95,24 @@ def test_summary_reports_median_worst_seed_and_collapses():
     assert row["nll_peak_max"] == 8.0
 
 
+def test_an_arm_at_another_learning_rate_is_paired_with_proxy_anchor_at_that_rate():
+    runs = [_run("pa", s, m) for s, m in enumerate([0.5, 0.6])]
+    runs += [_run("pa:lrx=0.5", s, m) for s, m in enumerate([0.6, 0.7])]
+    runs += [_run("exp_nll:1x:lrx=0.5", s, m) for s, m in enumerate([0.61, 0.72])]
+    runs += [_run("exp_nll:1x:lrx=2", s, m) for s, m in enumerate([0.4, 0.5])]  # no pa:lrx=2: against pa
+    rows = {r["arm"]: r for r in quality.summarize(runs)}
+    assert rows["pa:lrx=0.5"]["baseline"] == "pa" and rows["pa:lrx=0.5"]["d_mapr"] == pytest.approx(0.1)
+    assert rows["exp_nll:1x:lrx=0.5"]["baseline"] == "pa:lrx=0.5"
+    assert rows["exp_nll:1x:lrx=0.5"]["d_mapr"] == pytest.approx(0.015)
+    assert rows["exp_nll:1x:lrx=2"]["baseline"] == "pa" and rows["exp_nll:1x:lrx=2"]["d_mapr"] == pytest.approx(-0.1)
+
+
 def statistics_median(values):
     values = sorted(values)
     return (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
 
 
-@pytest.mark.parametrize("name", ["speed", "quality", "pretrained"])
+@pytest.mark.parametrize("name", ["speed", "quality", "pretrained", "learning_rate"])
 def test_the_docs_tables_are_the_reports_rendering_of_the_committed_results(name, tmp_path):
     """docs/benchmarks.md includes the tables that `python benchmarks/report.py` writes."""
     path = report.latest(f"{name}.json")
