@@ -8,8 +8,9 @@ Runs of one seed are paired: the model, the proxies and the batches come from th
 both arms (the flow is built after the proxies), so per-seed differences measure the loss alone.
 ``examples/demo.py`` runs the two arms at nir-loss's defaults; ``benchmarks/quality.py`` runs many
 arms and seeds and summarizes them with ``paired_differences``. ``recommend_weight`` turns paired
-results at several NIR weights into one recommendation (the CUB trainer's ``--check-nir`` and the
-benchmarks share it).
+results at several NIR weights into one recommendation; ``recommend_with_lr_control`` also weighs
+a control, the baseline at a lower learning rate (the CUB trainer's ``--check-nir`` and the
+benchmarks share both).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "paired_differences",
     "sign_flip_p",
     "recommend_weight",
+    "recommend_with_lr_control",
 ]
 
 COLLAPSE = 0.1  # a drop against the paired baseline seed that counts as a collapse
@@ -368,11 +370,7 @@ def recommend_weight(
         return (table[w]["median"], table[w]["mean"], -w)
 
     def result(w: float) -> str:
-        p = table[w]
-        return (
-            f"weight {w:.4g}: median {metric} {p['median']:+.4f}, mean {p['mean']:+.4f}, "
-            f"better in {p['wins']} of {n} seeds, {p['collapses']} collapses"
-        )
+        return _result(f"weight {w:.4g}", table[w], n, metric)
 
     picks = [w for w in table if eligible(table[w])]
     if picks:
@@ -389,3 +387,106 @@ def recommend_weight(
         "leave NIR off here."
     )
     return {"weight": 0.0, "reason": reason, "table": table}
+
+
+def _result(name: str, p: Mapping[str, Any], n: int, metric: str) -> str:
+    return (
+        f"{name}: median {metric} {p['median']:+.4f}, mean {p['mean']:+.4f}, "
+        f"better in {p['wins']} of {n} seeds, {p['collapses']} collapses"
+    )
+
+
+def recommend_with_lr_control(
+    baseline: Sequence[float],
+    arms: Mapping[float, Sequence[float]],
+    control: Sequence[float] | None,
+    factor: float,
+    *,
+    min_gain: float = MIN_GAIN,
+    baseline_name: str = "ProxyAnchor",
+    metric: str = "MAP@R",
+) -> dict[str, Any]:
+    """``recommend_weight``, checked against a control: the baseline alone at a lower learning rate.
+
+    In the first steps the NIR term's gradient is large; it inflates Adam's second-moment
+    estimate, so NIR can act much like a lower learning rate. A NIR gain counts only when it
+    beats the baseline run at ``factor`` times the learning rate (same seeds, paired the same
+    way):
+
+    - ``recommend_weight`` picks a weight and the control's median gain is below that
+      weight's: the pick stands (``lr_factor`` 1.0).
+    - It picks a weight and the control's median gain is at least as high: leave NIR off
+      (weight 0.0) and lower the learning rate (``lr_factor`` = ``factor``) when the control
+      itself is eligible by ``recommend_weight``'s rule, else keep it (1.0).
+    - It picks no weight: leave NIR off, and lower the learning rate when the control is
+      eligible by that rule.
+
+    Args:
+        baseline: The baseline's metric per seed.
+        arms: ``{nir_weight: metric per seed}``, seeds in the baseline's order; weights > 0.
+        control: The baseline's metric per seed at ``factor`` times the learning rate, in the
+            same seed order; ``None``: no control was run (``recommend_weight``'s answer).
+        factor: The control's learning-rate factor, in (0, 1).
+        min_gain: The median gain a weight, or the control, needs (in the metric's units).
+        baseline_name: How the reason names the baseline.
+        metric: How the reason names the metric.
+
+    Returns:
+        ``recommend_weight``'s ``{"weight", "reason", "table"}`` (``reason`` rewritten as
+        above) with ``"lr_factor"``: the factor to apply to the learning rate (1.0: keep it),
+        and ``"control"``: the control's ``paired_differences`` (control minus baseline), or
+        ``None`` without a control.
+
+    Raises:
+        ValueError: As ``recommend_weight``; a control with another number of seeds than the
+            baseline, or a factor outside (0, 1).
+
+    Example:
+        >>> advice = recommend_with_lr_control(
+        ...     [0.50, 0.52, 0.51], {0.01: [0.52, 0.53, 0.53]}, [0.53, 0.54, 0.54], 0.5
+        ... )
+        >>> advice["weight"], advice["lr_factor"]
+        (0.0, 0.5)
+    """
+    pick = recommend_weight(baseline, arms, min_gain=min_gain, baseline_name=baseline_name, metric=metric)
+    if control is None:
+        return {**pick, "lr_factor": 1.0, "control": None}
+    if not (isinstance(factor, (int, float)) and 0 < factor < 1):
+        raise ValueError(f"the learning-rate control's factor must be in (0, 1), got {factor!r}")
+    if len(control) != len(baseline):
+        raise ValueError(
+            f"the learning-rate control has results of {len(control)} seeds, the baseline of {len(baseline)}: "
+            "pass both in the same seed order"
+        )
+    # The control as a single arm of recommend_weight: the same eligibility rule as a NIR weight.
+    control_pick = recommend_weight(baseline, {factor: control}, min_gain=min_gain)
+    paired = control_pick["table"][factor]
+    lower = control_pick["weight"] > 0
+    name = f"{baseline_name} at {factor:g}x the learning rate"
+    w = pick["weight"]
+    if w > 0 and paired["median"] < pick["table"][w]["median"]:
+        reason = (
+            f"{pick['reason'].removesuffix(f': use nir_weight={w:.4g}.')}, more than {name} gained "
+            f"(median {metric} {paired['median']:+.4f}): use nir_weight={w:.4g}."
+        )
+        return {**pick, "reason": reason, "lr_factor": 1.0, "control": paired}
+    if w > 0:
+        matched = (
+            f"{name} gained as much ({paired['median']:+.4f} median {metric}) as NIR at weight {w:.4g} "
+            f"({pick['table'][w]['median']:+.4f})"
+        )
+        if lower:
+            reason = f"{matched}: lower the learning rate rather than add NIR."
+        else:
+            reason = (
+                f"{matched}, but not reliably ({_result(name, paired, len(baseline), metric)}; it needs what a "
+                "weight needs): leave NIR off and the learning rate as it is."
+            )
+    elif lower:
+        reason = (
+            f"{pick['reason'].removesuffix('.')}; a lower learning rate helped "
+            f"({_result(name, paired, len(baseline), metric)}): lower it to {factor:g}x."
+        )
+    else:
+        reason = pick["reason"]
+    return {**pick, "weight": 0.0, "reason": reason, "lr_factor": factor if lower else 1.0, "control": paired}

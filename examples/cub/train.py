@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the trainer package 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from trainer import report  # noqa: E402
-from trainer.check import parse_check_weights, positive_int, run_check  # noqa: E402
+from trainer.check import lr_factor, parse_check_weights, positive_int, run_check  # noqa: E402
 from trainer.data import ImageDataset, check_images, image_transforms, read_cub  # noqa: E402
 from trainer.engine import (  # noqa: E402
     TrainConfig,
@@ -197,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
         "weight; writes check_nir.json to --out. Ignores --nir, --nir-weight. WEIGHTS omitted: %(const)s",
     )
     g.add_argument("--check-seeds", type=positive_int, default=3, help="seeds of --check-nir: --seed, --seed+1, ...")
+    g.add_argument(
+        "--check-lr-control",
+        type=lr_factor,
+        default=0.5,
+        metavar="FACTOR",
+        help="--check-nir also trains the plain loss at FACTOR x --lr (a number in (0, 1); 0: not): NIR can act "
+        "like a lower learning rate, so its gain counts only when it beats this control's. Default: %(default)s",
+    )
     p.epilog = _presets_epilog(p)
     return p
 

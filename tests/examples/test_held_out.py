@@ -154,3 +154,88 @@ def test_sign_flip_p_beyond_the_exact_limit_is_drawn_and_reproducible():
     assert held_out.sign_flip_p([0.01, -0.01] * 10) > 0.9
     with pytest.raises(ValueError, match="at least one"):
         held_out.sign_flip_p([])
+
+
+# recommend_with_lr_control: the NIR pick checked against the baseline at a lower learning rate.
+NIR_ARMS = {
+    0.005: _arm(0.010, 0.020, 0.006, -0.002, 0.015),  # median 0.010
+    0.01: _arm(0.030, 0.020, 0.025, -0.004, 0.010),  # median 0.020: recommend_weight's pick
+}
+LOSING_ARMS = {0.01: _arm(-0.01, -0.02, 0.003, -0.005, -0.01)}  # no weight is eligible
+
+
+def test_a_control_that_gains_as_much_as_the_pick_turns_nir_off_and_lowers_the_lr():
+    assert recommend_weight(BASE, NIR_ARMS)["weight"] == 0.01
+    control = _arm(0.030, 0.040, 0.030, 0.010, 0.020)  # median 0.030 >= 0.020
+    advice = held_out.recommend_with_lr_control(BASE, NIR_ARMS, control, 0.5)
+    assert advice["weight"] == 0.0 and advice["lr_factor"] == 0.5
+    assert advice["reason"] == (
+        "ProxyAnchor at 0.5x the learning rate gained as much (+0.0300 median MAP@R) as NIR at weight 0.01 "
+        "(+0.0200): lower the learning rate rather than add NIR."
+    )
+    assert advice["control"] == pytest.approx(paired_differences([c - b for c, b in zip(control, BASE)]))
+    assert advice["table"] == recommend_weight(BASE, NIR_ARMS)["table"]
+    # An equal median is "as much": the control wins the tie.
+    tie = held_out.recommend_with_lr_control(BASE, NIR_ARMS, _arm(0.02, 0.02, 0.02, 0.01, 0.03), 0.25)
+    assert tie["weight"] == 0.0 and tie["lr_factor"] == 0.25 and "0.25x the learning rate" in tie["reason"]
+
+
+def test_a_control_that_gains_less_leaves_the_pick_standing():
+    control = _arm(0.010, 0.015, 0.010, 0.000, 0.020)  # median 0.010 < 0.020, itself eligible
+    advice = held_out.recommend_with_lr_control(BASE, NIR_ARMS, control, 0.5)
+    assert advice["weight"] == 0.01 and advice["lr_factor"] == 1.0
+    reason = advice["reason"]
+    assert reason.startswith("NIR beat ProxyAnchor on the validation classes at weight 0.01: median MAP@R +0.0200")
+    assert "more than ProxyAnchor at 0.5x the learning rate gained (median MAP@R +0.0100)" in reason
+    assert reason.endswith("use nir_weight=0.01.")
+
+
+def test_a_control_with_the_higher_median_but_a_collapse_turns_nir_off_and_keeps_the_lr():
+    control = _arm(0.05, 0.05, 0.05, 0.05, -0.15)  # median 0.05, but one seed collapsed
+    advice = held_out.recommend_with_lr_control(BASE, NIR_ARMS, control, 0.5)
+    assert advice["weight"] == 0.0 and advice["lr_factor"] == 1.0
+    assert "gained as much (+0.0500 median MAP@R) as NIR at weight 0.01 (+0.0200), but not reliably" in advice["reason"]
+    assert advice["reason"].endswith("leave NIR off and the learning rate as it is.")
+
+
+def test_nothing_eligible_but_an_eligible_control_lowers_the_lr():
+    control = _arm(0.010, 0.020, 0.006, -0.002, 0.015)
+    advice = held_out.recommend_with_lr_control(BASE, LOSING_ARMS, control, 0.5)
+    assert advice["weight"] == 0.0 and advice["lr_factor"] == 0.5
+    reason = advice["reason"]
+    assert reason.startswith("NIR did not beat ProxyAnchor on the validation classes at any weight tried")
+    assert "leave NIR off here; a lower learning rate helped (ProxyAnchor at 0.5x the learning rate: " in reason
+    assert "median MAP@R +0.0100, mean +0.0098, better in 4 of 5 seeds, 0 collapses" in reason
+    assert reason.endswith("lower it to 0.5x.")
+
+
+@pytest.mark.parametrize(
+    "control",
+    [
+        _arm(0.004, 0.004, 0.004, 0.004, 0.004),  # within the noise floor
+        _arm(-0.01, 0.01, -0.01, 0.02, -0.01),  # more losses than wins
+    ],
+)
+def test_nothing_eligible_and_an_ineligible_control_changes_nothing(control):
+    advice = held_out.recommend_with_lr_control(BASE, LOSING_ARMS, control, 0.5)
+    assert advice["weight"] == 0.0 and advice["lr_factor"] == 1.0
+    assert advice["reason"] == recommend_weight(BASE, LOSING_ARMS)["reason"]
+
+
+def test_without_a_control_the_answer_is_recommend_weights():
+    advice = held_out.recommend_with_lr_control(BASE, NIR_ARMS, None, 0.0)
+    expected = recommend_weight(BASE, NIR_ARMS)
+    assert advice == {**expected, "lr_factor": 1.0, "control": None}
+
+
+@pytest.mark.parametrize(
+    "control, factor, message",
+    [
+        (BASE[:3], 0.5, "the learning-rate control has results of 3 seeds, the baseline of 5"),
+        (BASE, 1.0, r"factor must be in \(0, 1\), got 1.0"),
+        (BASE, 0.0, r"factor must be in \(0, 1\), got 0.0"),
+    ],
+)
+def test_a_control_that_cannot_be_paired_is_refused(control, factor, message):
+    with pytest.raises(ValueError, match=message):
+        held_out.recommend_with_lr_control(BASE, NIR_ARMS, control, factor)

@@ -5,7 +5,10 @@ validates, as the DML split does with all classes), so the check never sees the 
 For each seed the plain loss and the loss + NIR at every weight start from the same model,
 proxies, batches and augmentations; MAP@R and R@1 on the validation classes after the last
 epoch are compared seed by seed (``held_out.paired_differences``) and ``held_out.recommend_weight``
-picks a weight, or 0 (leave NIR off).
+picks a weight, or 0 (leave NIR off). A control arm, the plain loss at a lower learning rate
+(``--check-lr-control``), runs with the same seeds: the NIR term's large early gradient inflates
+Adam's second-moment estimate and can act much like a lower learning rate, so a NIR gain counts
+only when it beats the control's (``held_out.recommend_with_lr_control``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,15 @@ from .models import build_embedder
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # examples/: the shared paired statistics
 import held_out  # noqa: E402
 
-__all__ = ["OwnRandomness", "parse_check_weights", "positive_int", "run_check", "validation_split"]
+__all__ = [
+    "OwnRandomness",
+    "control_label",
+    "lr_factor",
+    "parse_check_weights",
+    "positive_int",
+    "run_check",
+    "validation_split",
+]
 
 NAMES = {
     "proxyanchor": "ProxyAnchor",
@@ -79,6 +90,29 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return value
+
+
+def lr_factor(text: str) -> float:
+    """The learning-rate factor of ``--check-lr-control`` (argparse type): a number in (0, 1), or 0 (off).
+
+    Raises:
+        argparse.ArgumentTypeError: Not a number in [0, 1).
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a learning-rate factor: give a number between 0 and 1, e.g. "
+            "--check-lr-control 0.5 (the control runs at 0.5x --lr), or --check-lr-control 0 to run no control"
+        )
+    return value
+
+
+def control_label(base: str, factor: float) -> str:
+    """The learning-rate control's name: the plain loss at ``factor`` times the learning rate."""
+    return f"{base} lr x{factor:g}"
 
 
 def validation_split(items: list, labels: np.ndarray) -> tuple[list, np.ndarray, list, np.ndarray]:
@@ -147,7 +181,9 @@ def run_check(
 
     ``cfg`` holds the run's settings (epochs, batch, learning rates, ...); each run of the check
     uses them with its own seed and output folder (``<out>/seed<S>/<arm>``: metrics, no checkpoints),
-    evaluating once, after the last epoch. Writes ``<out>/check_nir.json``.
+    evaluating once, after the last epoch. With ``args.check_lr_control`` (a factor in (0, 1); 0:
+    none) the plain loss also runs at that factor times ``cfg.lr`` (``<out>/seed<S>/lr-x<F>``; the
+    proxies' and the flow's learning rates are multiples of it). Writes ``<out>/check_nir.json``.
 
     Returns:
         The record written (empty on ranks other than 0 under torchrun).
@@ -174,18 +210,24 @@ def run_check(
     if len(set(weights.values())) < len(weights):
         raise ConfigError(f"--check-nir {','.join(weights)} names one weight twice (1x = {default:.4g}): drop one")
     base = _name(args)
+    factor = getattr(args, "check_lr_control", 0.0)
     seeds = list(range(args.seed, args.seed + args.check_seeds))
     flow_options = dict(num_blocks=args.flow_blocks, hidden_features=args.flow_hidden, num_layers=args.flow_layers)
     out = Path(cfg.out_dir)
     log(
         f"--check-nir: {base} vs {base}+NIR ({args.nir_objective}) at "
         + ", ".join(f"{label} = {w:.4g}" for label, w in weights.items())
+        + (f"; control: {base} at {factor:g}x --lr" if factor else "")
         + f"; {len(seeds)} paired seeds; trains on {num_classes} classes ({len(fit_items)} images), "
         f"validates on {val_classes} ({len(val_items)} images)"
     )
-    runs: dict[str, list[dict]] = {base: [], **{label: [] for label in weights}}
+    # (arm, NIR weight or None, learning-rate factor, run folder)
+    arms = [(base, None, 1.0, "baseline"), *((label, w, 1.0, f"nir-{label}") for label, w in weights.items())]
+    if factor:
+        arms.append((control_label(base, factor), None, factor, f"lr-x{factor:g}"))
+    runs: dict[str, list[dict]] = {arm[0]: [] for arm in arms}
     for seed in seeds:
-        for arm, weight in [(base, None), *weights.items()]:
+        for arm, weight, lr_mult, folder in arms:
             seed_everything(seed)  # model, then proxies, then flow: the same draws in every arm
             model = build_embedder(args.arch, args.dim, args.weights, args.max_pool)
             loss_fn = build_loss(
@@ -199,10 +241,11 @@ def run_check(
                 args.alpha,
                 flow_options,
             )
-            run_dir = out / f"seed{seed}" / ("baseline" if weight is None else f"nir-{arm}")
+            run_dir = out / f"seed{seed}" / folder
             run_cfg = replace(
                 cfg,
                 out_dir=str(run_dir),
+                lr=cfg.lr * lr_mult,  # proxies and flow: multiples of lr (proxy_lr_mult, flow_lr_mult)
                 seed=seed,
                 eval_every=cfg.epochs,
                 plots=False,
@@ -235,19 +278,35 @@ def summarize(
     fit_classes: int,
     val_classes: int,
 ) -> dict:
-    """The check's record: settings, per-seed results, paired statistics and the recommendation."""
-    pick = held_out.recommend_weight(
+    """The check's record: settings, per-seed results, paired statistics and the recommendation.
+
+    ``runs`` holds the control arm (``control_label``) when ``args.check_lr_control`` is not 0.
+    """
+    factor = getattr(args, "check_lr_control", 0.0)
+    control = control_label(base, factor) if factor else None
+
+    def diffs(arm: str, metric: str) -> list[float]:
+        return [r[metric] - b[metric] for r, b in zip(runs[arm], runs[base])]
+
+    pick = held_out.recommend_with_lr_control(
         [r["mapr"] for r in runs[base]],
         {weights[label]: [r["mapr"] for r in runs[label]] for label in weights},
+        [r["mapr"] for r in runs[control]] if control else None,
+        factor,
         baseline_name=base,
     )
     paired = {
         "mapr": {label: pick["table"][w] for label, w in weights.items()},
-        "r1": {
-            label: held_out.paired_differences([r["r1"] - b["r1"] for r, b in zip(runs[label], runs[base])])
-            for label in weights
-        },
+        "r1": {label: held_out.paired_differences(diffs(label, "r1")) for label in weights},
     }
+    lr_control = None
+    if control:
+        lr_control = {
+            "factor": factor,
+            "label": control,
+            "lr": args.lr * factor,
+            "paired": {"mapr": pick["control"], "r1": held_out.paired_differences(diffs(control, "r1"))},
+        }
     label = next((k for k, w in weights.items() if w == pick["weight"]), None)
     return {
         "data": str(args.data),
@@ -256,13 +315,20 @@ def summarize(
         "arch": args.arch,
         "dim": args.dim,
         "epochs": args.epochs,
+        "lr": args.lr,
         "seeds": [r["seed"] for r in runs[base]],
         "classes": {"train": fit_classes, "validation": val_classes},
         "baseline": base,
         "weights": weights,
         "runs": {arm: [{k: (None if _nan(v) else v) for k, v in r.items()} for r in rs] for arm, rs in runs.items()},
         "paired": paired,
-        "recommendation": {"weight": pick["weight"], "label": label, "reason": pick["reason"]},
+        "lr_control": lr_control,
+        "recommendation": {
+            "weight": pick["weight"],
+            "label": label,
+            "lr_factor": pick["lr_factor"],
+            "reason": pick["reason"],
+        },
     }
 
 
@@ -271,12 +337,19 @@ def _nan(value) -> bool:
 
 
 def format_check(record: dict) -> str:
-    """The printed report: per-seed MAP@R, the paired table per weight (MAP@R and R@1), the advice."""
-    base, weights = record["baseline"], record["weights"]
-    arms = [base, *weights]
-    width = max(9, *(len(a) for a in arms))
+    """The printed report: per-seed MAP@R, the paired table per weight and of the learning-rate
+    control (MAP@R and R@1), the advice."""
+    base, weights, control = record["baseline"], record["weights"], record.get("lr_control")
+    arms, headers = [base, *weights], [base, *weights]
+    rows = [(f"{label} ({w:.3g})", label) for label, w in weights.items()]
+    if control:
+        short = f"lr x{control['factor']:g}"
+        arms.append(control["label"])
+        headers.append(short)
+        rows.append((f"{short}, no NIR", None))
+    width = max(9, *(len(a) for a in headers))
     lines = [f"MAP@R on the {record['classes']['validation']} validation classes, per seed:"]
-    lines.append("  seed " + "".join(f"{a:>{width + 1}}" for a in arms))
+    lines.append("  seed " + "".join(f"{a:>{width + 1}}" for a in headers))
     for i, seed in enumerate(record["seeds"]):
         values = [record["runs"][a][i]["mapr"] for a in arms]
         shown = ["nan" if v is None else f"{v:.4f}" for v in values]
@@ -284,14 +357,25 @@ def format_check(record: dict) -> str:
     for metric, title in (("mapr", "MAP@R"), ("r1", "R@1")):
         lines.append(f"{title}, NIR minus {base}, paired by seed:")
         lines.append(f"  {'weight':<16}{'median':>8}{'mean':>9}{'wins/losses':>13}{'worst':>9}{'collapses':>11}")
-        for label, w in weights.items():
-            p = record["paired"][metric][label]
-            arm, score = f"{label} ({w:.3g})", f"{p['wins']}/{p['losses']}"
+        for arm, label in rows:
+            p = record["paired"][metric][label] if label is not None else control["paired"][metric]
+            score = f"{p['wins']}/{p['losses']}"
             lines.append(
                 f"  {arm:<16}{p['median']:>+8.4f}{p['mean']:>+9.4f}{score:>13}{p['worst']:>+9.4f}{p['collapses']:>11}"
             )
-    reason = record["recommendation"]["reason"]
-    lines.append(textwrap.fill(reason, 78, initial_indent="recommendation: ", subsequent_indent="  "))
-    weight = record["recommendation"]["weight"]
-    lines.append(f"this trainer: {'--nir off' if weight == 0 else f'--nir on --nir-weight {weight:.4g}'}")
+    if control:
+        legend = (
+            f"{rows[-1][0]}: the learning-rate control, {base} without NIR at {control['factor']:g}x --lr "
+            f"({control['lr']:.4g}), minus {base}."
+        )
+        lines.append(textwrap.fill(legend, 78, subsequent_indent="  "))
+    advice = record["recommendation"]
+    lines.append(textwrap.fill(advice["reason"], 78, initial_indent="recommendation: ", subsequent_indent="  "))
+    weight, factor = advice["weight"], advice.get("lr_factor", 1.0)
+    if weight:
+        lines.append(f"this trainer: --nir on --nir-weight {weight:.4g}")
+    elif factor != 1.0:
+        lines.append(f"this trainer: --nir off --lr {record['lr'] * factor:.4g}")
+    else:
+        lines.append("this trainer: --nir off")
     return "\n".join(lines)
