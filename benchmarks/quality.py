@@ -238,28 +238,40 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 def recommendations(runs: list[dict]) -> list[dict]:
-    """Per (data set, D): ``held_out.recommend_weight`` over the NIR arms of one objective and options.
+    """Per (data set, D): the check's rule over the NIR arms of one objective and options.
 
     The check a user runs before training (examples/cub ``--check-nir``), on the benchmark's
     runs: arms that differ only in their weight (``nll:0.5x``, ``nll:1x``, ...) compete; ``pa``
-    is the baseline. Only seeds that every competing arm finished count.
+    is the baseline. Where the file has ProxyAnchor at a lower learning rate (``pa:lrx=F``,
+    F < 1; 0.5 if there are several, else the largest), it is the learning-rate control of
+    ``held_out.recommend_with_lr_control``, as in the check. Only seeds that every competing
+    arm (and the control) finished count.
     """
     out = []
     for ds, dim in dict.fromkeys((r["dataset"], r["dim"]) for r in runs):
         group = [r for r in runs if (r["dataset"], r["dim"]) == (ds, dim)]
         base = {r["seed"]: r["mapr"] for r in group if r["arm"] == "pa"}
+        controls: dict[float, dict[int, float]] = {}
         families: dict[tuple, dict[float, dict[int, float]]] = {}
         for r in group:
-            if r["arm"] in ("pa", "null"):
+            base_arm, lr_mult = split_lr_mult(r["arm"])
+            if base_arm in ("pa", "null"):
+                if base_arm == "pa" and lr_mult < 1:
+                    controls.setdefault(lr_mult, {})[r["seed"]] = r["mapr"]
                 continue
             objective, _, *opts = r["arm"].split(":")
             families.setdefault((objective, *opts), {}).setdefault(r["weight"], {})[r["seed"]] = r["mapr"]
+        factor = 0.5 if 0.5 in controls else max(controls, default=None)
+        control = controls.get(factor, {}) if factor is not None else None
         for family, by_weight in families.items():
-            seeds = sorted(set(base).intersection(*(set(v) for v in by_weight.values())))
+            needed = [set(v) for v in by_weight.values()] + ([set(control)] if control is not None else [])
+            seeds = sorted(set(base).intersection(*needed))
             if not seeds:
                 continue
             arms = {w: [v[s] for s in seeds] for w, v in sorted(by_weight.items())}
-            rec = held_out.recommend_weight([base[s] for s in seeds], arms)
+            baseline = [base[s] for s in seeds]
+            controlled = None if control is None else [control[s] for s in seeds]
+            rec = held_out.recommend_with_lr_control(baseline, arms, controlled, factor or 0.5)
             out.append({"dataset": ds, "dim": dim, "family": ":".join(family), "seeds": seeds, **rec})
     return out
 
@@ -298,7 +310,11 @@ def previous_runs(out: Path) -> tuple[list[dict], list[dict]]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="digits,pigcvp,leaves,vowels")
-    p.add_argument("--arms", default="pa,exp_nll:1x,exp_nll:3x", help="pa, null, or OBJECTIVE:WEIGHT[:KEY=VALUE...]; any arm takes :lrx=M (lr times M)")
+    p.add_argument(
+        "--arms",
+        default="pa,exp_nll:1x,exp_nll:3x",
+        help="pa, null, or OBJECTIVE:WEIGHT[:KEY=VALUE...]; any arm takes :lrx=M (lr times M)",
+    )
     p.add_argument("--dims", default="128,32")
     p.add_argument("--seeds", type=int, default=15, help="seeds 0..N-1")
     p.add_argument("--seed-list", default=None, help="these seeds instead, e.g. 11 or 3,11")
@@ -308,7 +324,7 @@ def main(argv=None):
         "--recommend",
         action="store_true",
         help="also print the weight that examples/cub --check-nir would pick from these runs "
-        "(held_out.recommend_weight over the arms of each objective; pa is the baseline)",
+        "(held_out.recommend_with_lr_control over the arms of each objective; pa is the baseline, pa:lrx=F<1 the control)",
     )
     p.add_argument(
         "--conditioning",

@@ -257,6 +257,18 @@ def test_recommendations_compare_the_weights_of_one_objective_against_pa():
     assert "leave NIR off" in nll["reason"] or "did not beat" in nll["reason"]
 
 
+def test_recommendations_weigh_proxy_anchor_at_a_lower_learning_rate_as_the_check_does():
+    runs = [_run("pa", s, m) for s, m in enumerate([0.5, 0.6, 0.7])]
+    runs += [dict(_run("exp_nll:1x", s, 0.52 + 0.1 * s), weight=133.0) for s in range(3)]  # +0.02 each
+    runs += [_run("pa:lrx=2", s, 0.4 + 0.1 * s) for s in range(3)]  # a higher rate is no control
+    (rec,) = quality.recommendations(runs)
+    assert rec["weight"] == 133.0 and rec["lr_factor"] == 1.0 and rec["control"] is None
+    runs += [_run("pa:lrx=0.5", s, 0.53 + 0.1 * s) for s in range(3)]  # +0.03 each: beats NIR
+    (rec,) = quality.recommendations(runs)
+    assert rec["family"] == "exp_nll" and rec["weight"] == 0.0 and rec["lr_factor"] == 0.5
+    assert rec["control"]["median"] == pytest.approx(0.03)
+
+
 def test_resume_runs_only_what_the_results_file_lacks(tmp_path, monkeypatch):
     calls = []
 
