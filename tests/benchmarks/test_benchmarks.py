@@ -125,6 +125,7 @@ def test_the_docs_tables_are_the_reports_rendering_of_the_committed_results(name
         rendered = report.quality(data, tmp_path / f"{name}.md", tmp_path / f"{name}.png")
         assert path.with_suffix(".md").read_text() == (tmp_path / f"{name}.md").read_text()
         assert rendered and (tmp_path / f"{name}.png").stat().st_size > 10_000
+        assert (report.RESULTS.parents[1] / "docs" / "img" / f"{name}.png").exists() == (name != "learning_rate")
 
 
 # -- the pretrained regime: image sets, cached features, the check split, the null arm -------
