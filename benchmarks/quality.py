@@ -149,9 +149,12 @@ def split_lr_mult(arm: str) -> tuple[str, float]:
     """
     parts = arm.split(":")
     kept = [p for p in parts if not p.startswith("lrx=")]
-    mults = [float(p.split("=")[1]) for p in parts if p.startswith("lrx=")]
+    try:
+        mults = [float(p.split("=")[1]) for p in parts if p.startswith("lrx=")]
+    except ValueError:
+        mults = [math.nan]
     if len(mults) > 1 or (mults and not mults[0] > 0):
-        raise SystemExit(f"an arm takes one lrx= option, a positive number: {arm!r}")
+        raise SystemExit(f"an arm takes at most one lrx= option, a positive number (e.g. pa:lrx=0.5): {arm!r}")
     return ":".join(kept), mults[0] if mults else 1.0
 
 
@@ -197,11 +200,11 @@ def summarize(runs: list[dict]) -> list[dict]:
     rows = []
     for ds, dim in dict.fromkeys((r["dataset"], r["dim"]) for r in runs):
         group = [r for r in runs if (r["dataset"], r["dim"]) == (ds, dim)]
-        arms = list(dict.fromkeys(r["arm"] for r in group))
-        for arm in arms:
-            base_arm, lr_mult = split_lr_mult(arm)
-            same_lr = f"pa:lrx={arm.split('lrx=')[1].split(':')[0]}" if lr_mult != 1.0 else "pa"
-            baseline = same_lr if base_arm not in ("pa", "null") and same_lr in arms else "pa"
+        lr_mults = {arm: split_lr_mult(arm) for arm in dict.fromkeys(r["arm"] for r in group)}
+        pa_at = {mult: arm for arm, (base_arm, mult) in lr_mults.items() if base_arm == "pa"}
+        for arm, (base_arm, lr_mult) in lr_mults.items():
+            nir_arm = base_arm not in ("pa", "null")
+            baseline = pa_at[lr_mult] if nir_arm and lr_mult in pa_at else "pa"
             base = {r["seed"]: r for r in group if r["arm"] == baseline}
             rs = sorted((r for r in group if r["arm"] == arm and r["seed"] in base), key=lambda r: r["seed"])
             if not rs:

@@ -33,7 +33,7 @@ def test_any_arm_takes_a_learning_rate_multiple_for_its_run(monkeypatch):
     assert quality.split_lr_mult("pa:lrx=0.5") == ("pa", 0.5)
     assert quality.split_lr_mult("exp_nll:1x:lrx=0.25:fit=1") == ("exp_nll:1x:fit=1", 0.25)
     assert quality.split_lr_mult("null") == ("null", 1.0)
-    for bad in ("pa:lrx=0", "pa:lrx=0.5:lrx=2"):
+    for bad in ("pa:lrx=0", "pa:lrx=0.5:lrx=2", "pa:lrx=half"):
         with pytest.raises(SystemExit, match="lrx"):
             quality.split_lr_mult(bad)
     seen = []
@@ -50,6 +50,11 @@ def test_the_explin_knob_changes_the_exp_guard_for_its_run_only(monkeypatch):
     quality.run_one("digits", "exp_nll:1x:explin=0", seed=0, dim=8, lr=1e-3, epochs=1)
     quality.run_one("digits", "exp_nll:1x", seed=0, dim=8, lr=1e-3, epochs=1)
     assert seen == [0.0, default] and nir_loss.nir._EXP_LINEAR_ABOVE == default
+
+
+def test_report_p_cells_mark_differences_beyond_noise():
+    assert report.p_cell(0.5) == "0.50" and report.p_cell(0.05) == "0.05"
+    assert report.p_cell(0.049) == "**0.05**" and report.p_cell(0.004) == "**<0.01**"
 
 
 def test_report_cells_put_arm_options_after_a_space_where_the_page_can_wrap():

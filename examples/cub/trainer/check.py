@@ -210,7 +210,7 @@ def run_check(
     if len(set(weights.values())) < len(weights):
         raise ConfigError(f"--check-nir {','.join(weights)} names one weight twice (1x = {default:.4g}): drop one")
     base = _name(args)
-    factor = getattr(args, "check_lr_control", 0.0)
+    factor = args.check_lr_control
     seeds = list(range(args.seed, args.seed + args.check_seeds))
     flow_options = dict(num_blocks=args.flow_blocks, hidden_features=args.flow_hidden, num_layers=args.flow_layers)
     out = Path(cfg.out_dir)
@@ -282,7 +282,7 @@ def summarize(
 
     ``runs`` holds the control arm (``control_label``) when ``args.check_lr_control`` is not 0.
     """
-    factor = getattr(args, "check_lr_control", 0.0)
+    factor = args.check_lr_control
     control = control_label(base, factor) if factor else None
 
     def diffs(arm: str, metric: str) -> list[float]:
@@ -339,7 +339,7 @@ def _nan(value) -> bool:
 def format_check(record: dict) -> str:
     """The printed report: per-seed MAP@R, the paired table per weight and of the learning-rate
     control (MAP@R and R@1), the advice."""
-    base, weights, control = record["baseline"], record["weights"], record.get("lr_control")
+    base, weights, control = record["baseline"], record["weights"], record["lr_control"]
     arms, headers = [base, *weights], [base, *weights]
     rows = [(f"{label} ({w:.3g})", label) for label, w in weights.items()]
     if control:
@@ -371,7 +371,7 @@ def format_check(record: dict) -> str:
         lines.append(textwrap.fill(legend, 78, subsequent_indent="  "))
     advice = record["recommendation"]
     lines.append(textwrap.fill(advice["reason"], 78, initial_indent="recommendation: ", subsequent_indent="  "))
-    weight, factor = advice["weight"], advice.get("lr_factor", 1.0)
+    weight, factor = advice["weight"], advice["lr_factor"]
     if weight:
         lines.append(f"this trainer: --nir on --nir-weight {weight:.4g}")
     elif factor != 1.0:
