@@ -19,7 +19,11 @@ jittered by 1e-4: the noise floor of a paired difference) or ``OBJECTIVE:WEIGHT[
 (ProxyAnchorNIRLoss):
 WEIGHT is a number, or ``Nx`` for N times ``default_nir_weight(D)``; keys ``noise`` (noise_std),
 ``noisenorm`` (noise_std times sqrt(D)), ``radius`` (guard_radius; ``inf`` for none), ``flowlr``
-(flow learning-rate multiplier) ``center`` (1: ``centered=True``) and ``fit`` (0/1: ``fit_flow``).
+(flow learning-rate multiplier) ``center`` (1: ``centered=True``), ``fit`` (0/1: ``fit_flow``),
+``detach`` (0/1: ``detach_proxies``), ``explin`` (where exp(NLL) turns linear) and ``adam``
+(``pa_direction``, ``pa_scale`` or ``both``: ``held_out.run``'s ``adam_moments``, which splits
+Adam's step between ProxyAnchor's gradient and the whole loss's). Any arm takes ``lrx=M``: the
+learning rate times M.
 
 The paper's regime (an ImageNet-pretrained backbone, many classes) is here too: ``wesnoth`` and
 ``emoji`` are frozen EfficientNet-Lite0 features of two image sets (``image_sets.py``; fetch them
@@ -134,6 +138,8 @@ def parse_arm(arm: str, dim: int) -> tuple[dict | None, float]:
             kwargs["fit_flow"] = bool(int(value))
         elif key == "detach":
             kwargs["detach_proxies"] = bool(int(value))
+        elif key == "adam":  # held_out.run's adam_moments diagnostic: pa_scale, pa_direction, both
+            kwargs["adam_moments"] = value
         elif key == "explin":  # exp(NLL) continued linearly above this exponent (the library's is 30)
             kwargs["exp_linear_above"] = float(value)
         else:
@@ -165,6 +171,7 @@ def run_one(
     nir, flow_lr_mult = parse_arm(base_arm, dim)
     jitter = NULL_JITTER if base_arm == "null" else 0.0
     exp_linear_above = (nir or {}).pop("exp_linear_above", None)
+    adam_moments = (nir or {}).pop("adam_moments", None)
     default_linear_above = nir_loss.nir._EXP_LINEAR_ABOVE
     if exp_linear_above is not None:  # a module constant: set for this run only
         nir_loss.nir._EXP_LINEAR_ABOVE = exp_linear_above
@@ -179,10 +186,23 @@ def run_one(
             epochs=epochs,
             proxy_jitter=jitter,
             conditioning_holdout=conditioning,
+            adam_moments=adam_moments,
         )
     finally:
         nir_loss.nir._EXP_LINEAR_ABOVE = default_linear_above
     return {"arm": arm, **result}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+
+def code_commit() -> str:
+    """The commit of the code that runs, with ``-dirty`` where the library, the examples or the
+    benchmarks (results files aside) differ from it."""
+    code = (":(top)nir_loss", ":(top)examples", ":(top)benchmarks", ":(top,exclude)benchmarks/results")
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", *code)
+    return _git("rev-parse", "--short", "HEAD") + ("-dirty" if changed else "")
 
 
 def _run_job(job):
@@ -274,7 +294,7 @@ def recommendations(runs: list[dict]) -> list[dict]:
             arms = {w: [v[s] for s in seeds] for w, v in sorted(by_weight.items())}
             baseline = [base[s] for s in seeds]
             controlled = None if control is None else [control[s] for s in seeds]
-            rec = held_out.recommend_with_lr_control(baseline, arms, controlled, factor or 0.5)
+            rec = held_out.recommend_with_lr_control(baseline, arms, controlled, factor)
             out.append({"dataset": ds, "dim": dim, "family": ":".join(family), "seeds": seeds, **rec})
     return out
 
@@ -367,9 +387,7 @@ def main(argv=None):
     runs, history = previous_runs(out) if a.resume else ([], [])
     done = {(r["dataset"], r["dim"], r["arm"], r["seed"]) for r in runs}
     jobs = [j for j in jobs if (j[0], j[3], j[1], j[2]) not in done]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-    ).stdout.strip()
+    commit = code_commit()
     meta = {
         "argv": sys.argv[1:] if argv is None else argv,
         "version": nir_loss.__version__,

@@ -3,7 +3,7 @@
 
     python benchmarks/report.py            # speed and quality, from the newest version of each
     python benchmarks/report.py quality    # one of them (speed, quality, pretrained, finetune,
-                                           # learning_rate)
+                                           # learning_rate, adam_moments)
 
 Tables go to ``<results file>.md`` beside each results file (docs/benchmarks.md includes them);
 the quality plots go to docs/img/<name>.png.
@@ -192,6 +192,42 @@ def quality(d, out_md: Path | None = None, out_png: Path | None = None) -> str:
     return text
 
 
+def adam_moments(d, out_md: Path | None = None) -> str:
+    """adam_moments.json: the quality tables, and each NIR arm against its ``:adam=pa_direction``
+    twin, which takes the same steps' scale but ProxyAnchor's direction: what the term's own
+    gradient direction adds."""
+    import quality as quality_benchmark
+
+    text = quality(d)
+    lines = [
+        "",
+        "MAP@R, NIR against the same arm with `:adam=pa_direction` (what the term's own gradient "
+        "direction adds, at the same step sizes):",
+        "",
+        "| data, D | arm | median / mean | W/L (p) | worst (seed) |",
+        "|---|---|---|---|---|",
+    ]
+    for ds, dim in dict.fromkeys((r["dataset"], r["dim"]) for r in d["runs"]):
+        by_arm: dict[str, dict[int, float]] = {}
+        for r in d["runs"]:
+            if (r["dataset"], r["dim"]) == (ds, dim):
+                by_arm.setdefault(r["arm"], {})[r["seed"]] = r["mapr"]
+        for twin, twin_runs in by_arm.items():
+            whole = twin.removesuffix(":adam=pa_direction")
+            if whole == twin or whole not in by_arm:
+                continue
+            seeds = sorted(set(twin_runs) & set(by_arm[whole]))
+            s = quality_benchmark.held_out.paired_differences([by_arm[whole][k] - twin_runs[k] for k in seeds])
+            lines.append(
+                f"| {ds}, {dim} | {arm_cell(whole)} | **{s['median']:+.3f}** / {s['mean']:+.3f} | "
+                f"{s['wins']}/{s['losses']} ({p_cell(s['p'])}) | {s['worst']:+.3f} ({seeds[s['worst_index']]}) |"
+            )
+    text += "\n".join(lines) + "\n"
+    if out_md is not None:
+        out_md.write_text(text)
+    return text
+
+
 def _quality_plot(d, path: Path) -> None:
     """Paired per-seed MAP@R differences against ProxyAnchor, one panel per data set."""
     import matplotlib
@@ -318,7 +354,7 @@ def speed_tables(d) -> str:
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["speed", "quality", "pretrained", "finetune", "learning_rate"]
+    which = sys.argv[1:] or ["speed", "quality", "pretrained", "finetune", "learning_rate", "adam_moments"]
     # Each rendering is written where the docs include it from (a snippet beside its results file,
     # the plot into docs/img) and printed.
     path = latest("speed.json")
@@ -338,3 +374,7 @@ if __name__ == "__main__":
             # The control's arms are paired with ProxyAnchor at their own rate: a table, no plot.
             png = None if name == "learning_rate" else docs / "img" / f"{name}.png"
             print(quality(json.loads(path.read_text()), path.with_suffix(".md"), png))
+    # adam_moments.json: NIR's effect split between Adam's step sizes and the term's direction.
+    path = latest("adam_moments.json")
+    if "adam_moments" in which and path:
+        print(adam_moments(json.loads(path.read_text()), path.with_suffix(".md")))

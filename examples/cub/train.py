@@ -202,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=lr_factor,
         default=0.5,
         metavar="FACTOR",
-        help="--check-nir also trains the plain loss at FACTOR x --lr (a number in (0, 1); 0: not): NIR can act "
-        "like a lower learning rate, so its gain counts only when it beats this control's. Default: %(default)s",
+        help="--check-nir also trains the plain loss at FACTOR x --lr (a number in (0, 1); 0: not): a lower rate "
+        "can gain as much as NIR, so NIR's gain counts only when it beats this control's. Default: %(default)s",
     )
     p.epilog = _presets_epilog(p)
     return p

@@ -52,6 +52,25 @@ def test_the_explin_knob_changes_the_exp_guard_for_its_run_only(monkeypatch):
     assert seen == [0.0, default] and nir_loss.nir._EXP_LINEAR_ABOVE == default
 
 
+def test_adam_moments_split_plain_adam_exactly_and_each_split_changes_the_run():
+    plain = quality.run_one("digits", "exp_nll:1x", seed=0, dim=8, lr=1e-3, epochs=1)
+    both = quality.run_one("digits", "exp_nll:1x:adam=both", seed=0, dim=8, lr=1e-3, epochs=1)
+    assert (both["mapr"], both["nll_mean_max"]) == (plain["mapr"], plain["nll_mean_max"])
+    for mode in ("pa_scale", "pa_direction"):
+        split = quality.run_one("digits", f"exp_nll:1x:adam={mode}", seed=0, dim=8, lr=1e-3, epochs=1)
+        assert split["nll_mean_max"] != plain["nll_mean_max"]
+    with pytest.raises(ValueError, match="adam_moments takes"):
+        quality.run_one("digits", "exp_nll:1x:adam=pa", seed=0, dim=8, lr=1e-3, epochs=1)
+
+
+def test_results_name_the_commit_and_mark_changed_code(monkeypatch):
+    status = {"out": ""}
+    monkeypatch.setattr(quality, "_git", lambda *a: "abc1234" if a[0] == "rev-parse" else status["out"])
+    assert quality.code_commit() == "abc1234"
+    status["out"] = " M examples/held_out.py"
+    assert quality.code_commit() == "abc1234-dirty"
+
+
 def test_report_p_cells_mark_differences_beyond_noise():
     assert report.p_cell(0.5) == "0.50" and report.p_cell(0.05) == "0.05"
     assert report.p_cell(0.049) == "**0.05**" and report.p_cell(0.004) == "**<0.01**"
@@ -131,6 +150,18 @@ def test_the_docs_tables_are_the_reports_rendering_of_the_committed_results(name
         assert path.with_suffix(".md").read_text() == (tmp_path / f"{name}.md").read_text()
         assert rendered and (tmp_path / f"{name}.png").stat().st_size > 10_000
         assert (report.RESULTS.parents[1] / "docs" / "img" / f"{name}.png").exists() == (name != "learning_rate")
+
+
+def test_the_adam_moments_table_is_the_reports_rendering_and_pairs_nir_with_its_twin():
+    path = report.latest("adam_moments.json")
+    assert path.with_suffix(".md").read_text() == report.adam_moments(json.loads(path.read_text()))
+    runs = [_run("pa", s, 0.5) for s in range(3)]
+    runs += [_run("exp_nll:1x", s, 0.5 + d) for s, d in enumerate([0.01, 0.02, -0.01])]
+    runs += [_run("exp_nll:1x:adam=pa_direction", s, 0.5 + d) for s, d in enumerate([0.02, 0.0, 0.0])]
+    meta = {"argv": ["--out", "x.json"], "machine": "m", "jobs": 1, "version": "v", "torch": "t"}
+    text = report.adam_moments({"meta": meta, "runs": runs})
+    # NIR minus its twin, seed by seed: -0.01, +0.02, -0.01
+    assert "| x, 8 | exp_nll:1x | **-0.010** / +0.000 | 1/2 (1.00) | -0.010 (0) |" in text
 
 
 # -- the pretrained regime: image sets, cached features, the check split, the null arm -------

@@ -223,7 +223,7 @@ def test_nothing_eligible_and_an_ineligible_control_changes_nothing(control):
 
 
 def test_without_a_control_the_answer_is_recommend_weights():
-    advice = held_out.recommend_with_lr_control(BASE, NIR_ARMS, None, 0.0)
+    advice = held_out.recommend_with_lr_control(BASE, NIR_ARMS, None)
     expected = recommend_weight(BASE, NIR_ARMS)
     assert advice == {**expected, "lr_factor": 1.0, "control": None}
 
@@ -234,6 +234,7 @@ def test_without_a_control_the_answer_is_recommend_weights():
         (BASE[:3], 0.5, "the learning-rate control has results of 3 seeds, the baseline of 5"),
         (BASE, 1.0, r"factor must be in \(0, 1\), got 1.0"),
         (BASE, 0.0, r"factor must be in \(0, 1\), got 0.0"),
+        (BASE, None, r"factor must be in \(0, 1\), got None"),
     ],
 )
 def test_a_control_that_cannot_be_paired_is_refused(control, factor, message):
