@@ -176,8 +176,8 @@ def run(
             and the proxies' Adam steps are split between ProxyAnchor's gradient and the whole
             loss's: ``"pa_scale"`` takes the step's scale (Adam's second moment) from
             ProxyAnchor's gradient alone and its direction (first moment) from the whole loss,
-            so NIR moves the parameters without changing the step size; ``"pa_direction"`` the
-            reverse, so NIR changes only the step size. ``"both"`` feeds the whole loss to both
+            so the term's gradient enters the steps unscaled by its own size; ``"pa_direction"``
+            the reverse, so NIR changes only the step sizes. ``"both"`` feeds the whole loss to both
             moments: plain Adam, computed the same way (a check of the split). The flow trains
             with plain Adam in every case.
 
