@@ -211,9 +211,9 @@ def run(
     if adam_moments is not None:
         if nir is None or adam_moments not in _ADAM_MOMENTS:
             raise ValueError(f"adam_moments takes {sorted(_ADAM_MOMENTS)} with a NIR arm, got {adam_moments!r}")
-        flow_ids = {id(p) for p in loss_fn.nir.parameters()}
-        split = _SplitAdam([g for g in opt.param_groups if id(g["params"][0]) not in flow_ids], adam_moments)
-        opt = torch.optim.Adam([g for g in opt.param_groups if id(g["params"][0]) in flow_ids])
+        # param_groups names the flow's group: it keeps plain Adam, the model and proxies split.
+        split = _SplitAdam([g for g in opt.param_groups if g.get("name") != "flow"], adam_moments)
+        opt = torch.optim.Adam([g for g in opt.param_groups if g.get("name") == "flow"])
     calc = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r"),
         k="max_bin_count",

@@ -63,6 +63,20 @@ def test_adam_moments_split_plain_adam_exactly_and_each_split_changes_the_run():
         quality.run_one("digits", "exp_nll:1x:adam=pa", seed=0, dim=8, lr=1e-3, epochs=1)
 
 
+@pytest.mark.parametrize("mode", ["both", "pa_scale", "pa_direction"])
+def test_split_adam_takes_each_moment_from_the_gradient_its_mode_names(mode):
+    """First step of Adam: m / sqrt(v) = g_m / |g_v| (bias-corrected), so the step is -lr * g_m / |g_v|."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    whole, alone = torch.tensor([4.0, -1.0]), torch.tensor([0.5, 2.0])
+    split = quality.held_out._SplitAdam([{"params": [p], "lr": 0.1}], mode)
+    p.grad = whole.clone()
+    split.step([alone])
+    g_m = alone if mode == "pa_direction" else whole
+    g_v = alone if mode == "pa_scale" else whole
+    expected = torch.tensor([1.0, -2.0]) - 0.1 * g_m / (g_v.abs() + 1e-8)
+    assert torch.allclose(p.detach(), expected) and p.grad is None
+
+
 def test_results_name_the_commit_and_mark_changed_code(monkeypatch):
     status = {"out": ""}
     monkeypatch.setattr(quality, "_git", lambda *a: "abc1234" if a[0] == "rev-parse" else status["out"])
